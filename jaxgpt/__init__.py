@@ -1,0 +1,1 @@
+"""jaxgpt: the four stages of training a GPT assistant, in JAX."""

@@ -1,0 +1,11 @@
+"""Test set-up: a CPU mesh of 8 emulated devices, set before JAX is imported."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+
+jax.config.update('jax_threefry_partitionable', True)
