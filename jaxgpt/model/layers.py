@@ -1,0 +1,188 @@
+"""Building blocks of the decoder: projections, norms, RoPE, attention, MLP, block.
+
+Every parameter carries logical axis names (`sharding_names`); `jaxgpt.sharding`
+maps them to mesh axes through the rules table in the config. Shapes are in the
+names: b batch, t query positions, s key positions, d model width, n query heads,
+k key/value heads, h head width, f MLP width, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt import sharding
+
+# Parameters are created unsharded and placed by jit(out_shardings=...) in
+# jaxgpt.model.init, so flax must not try to shard them eagerly at creation.
+nnx.use_eager_sharding(False)
+
+
+def _param(rngs, shape, axes, std, dtype):
+  if std == 'ones':
+    value = jnp.ones(shape, dtype)
+  elif std == 0.0:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=axes)
+
+
+class Proj(nnx.Module):
+  """A linear map written as one einsum, with an optional bias.
+
+  Parameters are kept in `param_dtype` and cast to the compute dtype at use.
+  """
+
+  def __init__(self, eqn, kernel_shape, kernel_axes, *, bias_shape=None, bias_axes=None,
+               std, dtype, param_dtype, rngs):
+    self.eqn = eqn
+    self.dtype = dtype
+    self.kernel = _param(rngs, kernel_shape, kernel_axes, std, param_dtype)
+    self.bias = (_param(rngs, bias_shape, bias_axes, 0.0, param_dtype)
+                 if bias_shape is not None else None)
+
+  def __call__(self, x):
+    y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Norm(nnx.Module):
+  """RMSNorm (llama) or LayerNorm with bias (gpt2), computed in float32."""
+
+  def __init__(self, d, *, kind, eps, param_dtype, rngs):
+    self.kind, self.eps = kind, eps
+    self.scale = _param(rngs, (d,), ('norm',), 'ones', param_dtype)
+    self.bias = _param(rngs, (d,), ('norm',), 0.0, param_dtype) if kind == 'layernorm' else None
+
+  def __call__(self, x_btd):
+    x = x_btd.astype(jnp.float32)
+    if self.kind == 'layernorm':
+      x = x - x.mean(-1, keepdims=True)
+    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(x_btd.dtype)
+
+
+def rope(x_btnh, positions_bt, theta):
+  """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
+  h = x_btnh.shape[-1]
+  inv_freq_h2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_bth2 = positions_bt[..., None].astype(jnp.float32) * inv_freq_h2
+  cos, sin = jnp.cos(angle_bth2)[:, :, None, :], jnp.sin(angle_bth2)[:, :, None, :]
+  x = x_btnh.astype(jnp.float32)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped key/value heads and an optional KV cache."""
+
+  def __init__(self, cfg, *, rngs):
+    d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
+    k = cfg.n_kv_heads
+    bias = cfg.family == 'gpt2'
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.q = Proj('btd,dnh->btnh', (d, n, h), ('embed', 'q_heads', 'head_dim'),
+                  bias_shape=(n, h) if bias else None, bias_axes=('q_heads', 'head_dim'),
+                  std=cfg.init_std, **kw)
+    self.k = Proj('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
+                  bias_shape=(k, h) if bias else None, bias_axes=('kv_heads', 'head_dim'),
+                  std=cfg.init_std, **kw)
+    self.v = Proj('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
+                  bias_shape=(k, h) if bias else None, bias_axes=('kv_heads', 'head_dim'),
+                  std=cfg.init_std, **kw)
+    self.o = Proj('btnh,nhd->btd', (n, h, d), ('q_heads', 'head_dim', 'embed'),
+                  bias_shape=(d,) if bias else None, bias_axes=('embed',),
+                  std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
+    """Returns (y_btd, new_cache). `cache` is (k_bskh, v_bskh) or None.
+
+    With a cache, the new keys/values are written at their positions and queries
+    attend to every cache slot at a position <= their own. Rows may be at
+    different positions (prompts of different lengths, right-padded).
+    """
+    cfg, rules = self.cfg, self.cfg.rules
+    q_btnh = sharding.constrain(self.q(x_btd), ('act_batch', 'act_seq', 'act_heads', None), rules)
+    k_btkh = sharding.constrain(self.k(x_btd), ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+    v_btkh = sharding.constrain(self.v(x_btd), ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+    if cfg.family == 'llama':
+      q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
+      k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
+
+    if cache is None:
+      new_cache = None
+      if segment_ids_bt is None:
+        mask, causal = None, True
+      else:
+        same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        mask, causal = same[:, None, :, :], True
+      k_bskh, v_bskh = k_btkh, v_btkh
+    else:
+      k_bskh, v_bskh = cache
+      rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
+      k_bskh = k_bskh.at[rows_b1, positions_bt].set(k_btkh.astype(k_bskh.dtype))
+      v_bskh = v_bskh.at[rows_b1, positions_bt].set(v_btkh.astype(v_bskh.dtype))
+      new_cache = (k_bskh, v_bskh)
+      slots_s = jnp.arange(k_bskh.shape[1])
+      mask = (slots_s[None, None, :] <= positions_bt[:, :, None])[:, None, :, :]
+      causal = False
+      k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
+
+    impl = None if cfg.attention == 'auto' else cfg.attention
+    y_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, is_causal=causal,
+                                          implementation=impl)
+    return self.o(y_btnh), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU (llama) or GELU (gpt2) feed-forward."""
+
+  def __init__(self, cfg, *, rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    gpt2 = cfg.family == 'gpt2'
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.gate = None if gpt2 else Proj('btd,df->btf', (d, f), ('embed', 'mlp'),
+                                       std=cfg.init_std, **kw)
+    self.up = Proj('btd,df->btf', (d, f), ('embed', 'mlp'),
+                   bias_shape=(f,) if gpt2 else None, bias_axes=('mlp',), std=cfg.init_std, **kw)
+    self.down = Proj('btf,fd->btd', (f, d), ('mlp', 'embed'),
+                     bias_shape=(d,) if gpt2 else None, bias_axes=('embed',),
+                     std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
+
+  def __call__(self, x_btd):
+    if self.gate is None:
+      h_btf = jax.nn.gelu(self.up(x_btd), approximate=True)
+    else:
+      h_btf = jax.nn.silu(self.gate(x_btd)) * self.up(x_btd)
+    h_btf = sharding.constrain(h_btf, ('act_batch', 'act_seq', 'act_mlp'), self.cfg.rules)
+    return self.down(h_btf)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg, *, rngs):
+    kind = 'layernorm' if cfg.family == 'gpt2' else 'rmsnorm'
+    self.cfg = cfg
+    self.attn_norm = Norm(cfg.d_model, kind=kind, eps=cfg.norm_eps,
+                          param_dtype=cfg.param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg.d_model, kind=kind, eps=cfg.norm_eps,
+                         param_dtype=cfg.param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
+    a_btd, new_cache = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, cache)
+    x_btd = x_btd + a_btd
+    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    x_btd = sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'), self.cfg.rules)
+    return x_btd, new_cache

@@ -1,0 +1,173 @@
+"""The decoder-only transformer shared by every stage (GPT-2 and LLaMA families).
+
+Layers are stored stacked along a leading 'layers' axis whatever `scan_layers`
+says: the switch only picks `jax.lax.scan` (one compiled body) or an unrolled
+Python loop, so checkpoints and parameter trees are the same either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt import config as config_lib
+from jaxgpt import sharding
+from jaxgpt.model.layers import Block, Norm, Proj, _param
+
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Resolved, hashable model settings (a static attribute of every module)."""
+  family: str
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  max_seq_len: int
+  rope_theta: float
+  norm_eps: float
+  dtype: Any
+  param_dtype: Any
+  scan_layers: bool
+  remat: str
+  init_std: float
+  attention: str
+  rules: tuple
+  scalar_head: bool = False
+
+  @classmethod
+  def from_config(cls, cfg, *, scalar_head=False) -> 'ModelConfig':
+    """Build from the full experiment config (model fields + mesh rules)."""
+    m = cfg.model
+    return cls(
+        family=m.family, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads if m.family == 'llama' else m.n_heads,
+        head_dim=config_lib.head_dim(m), d_ff=m.d_ff, max_seq_len=m.max_seq_len,
+        rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps),
+        dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+        scan_layers=bool(m.scan_layers), remat=m.remat, init_std=float(m.init_std),
+        attention=m.attention, rules=sharding.rules_tuple(cfg.mesh.rules),
+        scalar_head=scalar_head)
+
+
+class Transformer(nnx.Module):
+  """Token embedding, a stack of blocks, final norm, LM head and an optional scalar head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    gpt2 = cfg.family == 'gpt2'
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+                        cfg.init_std, cfg.param_dtype)
+    self.pos_embed = (_param(rngs, (cfg.max_seq_len, cfg.d_model), ('positions', 'embed'),
+                             cfg.init_std / 2, cfg.param_dtype) if gpt2 else None)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = Norm(cfg.d_model, kind='layernorm' if gpt2 else 'rmsnorm',
+                           eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    # GPT-2 ties the output head to the input embedding.
+    self.lm_head = None if gpt2 else Proj(
+        'btd,dv->btv', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+        std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    # Reward model / value function: one scalar per position read from the final hidden state.
+    self.scalar_head = Proj('btd,d->bt', (cfg.d_model,), ('embed',), bias_shape=(),
+                            bias_axes=(), std=cfg.init_std, dtype=jnp.float32,
+                            param_dtype=cfg.param_dtype, rngs=rngs) if cfg.scalar_head else None
+
+  # -- pieces ---------------------------------------------------------------------------
+
+  def embed_tokens(self, tokens_bt, positions_bt):
+    # Gather from an explicitly all-gathered table: a gather from a table sharded on
+    # both axes makes XLA replicate it implicitly anyway, with a warning.
+    table_vd = sharding.constrain(self.embed[...].astype(self.cfg.dtype), (None, None),
+                                  self.cfg.rules)
+    x_btd = jnp.take(table_vd, tokens_bt, axis=0)
+    if self.pos_embed is not None:
+      x_btd = x_btd + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(self.cfg.dtype)
+    return sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'), self.cfg.rules)
+
+  def logits(self, h_btd):
+    """float32 logits from final hidden states."""
+    if self.lm_head is None:
+      w_vd = self.embed[...].astype(self.cfg.dtype)
+      logits_btv = jnp.einsum('btd,vd->btv', h_btd, w_vd, preferred_element_type=jnp.float32)
+    else:
+      w_dv = self.lm_head.kernel[...].astype(self.cfg.dtype)
+      logits_btv = jnp.einsum('btd,dv->btv', h_btd, w_dv, preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_btv, ('act_batch', 'act_seq', 'act_vocab'), self.cfg.rules)
+
+  def scalars(self, h_btd):
+    """float32 scalar per position (reward / value), from final hidden states."""
+    return self.scalar_head(h_btd.astype(jnp.float32))
+
+  def _run_blocks(self, x_btd, positions_bt, segment_ids_bt, cache):
+    """Applies every block; `cache` is None or (k_lbskh, v_lbskh)."""
+    cfg = self.cfg
+    graphdef, layer_params = nnx.split(self.blocks)
+
+    def layer(x_btd, params_and_cache):
+      params, layer_cache = params_and_cache
+      y_btd, new_cache = nnx.merge(graphdef, params)(x_btd, positions_bt, segment_ids_bt,
+                                                     layer_cache)
+      return y_btd, new_cache
+
+    if cfg.remat != 'none':
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      return jax.lax.scan(layer, x_btd, (layer_params, cache))
+    new_caches = []
+    for i in range(cfg.n_layers):
+      slice_i = jax.tree.map(lambda a: a[i], (layer_params, cache))
+      x_btd, new_cache = layer(x_btd, slice_i)
+      new_caches.append(new_cache)
+    if cache is None:
+      return x_btd, None
+    return x_btd, jax.tree.map(lambda *xs: jnp.stack(xs), *new_caches)
+
+  # -- entry points ---------------------------------------------------------------------
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """Final-norm hidden states (b, t, d) of a full forward pass."""
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    x_btd = self.embed_tokens(tokens_bt, positions_bt)
+    x_btd, _ = self._run_blocks(x_btd, positions_bt, segment_ids_bt, None)
+    return self.final_norm(x_btd)
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """float32 logits (b, t, v) of a full forward pass."""
+    return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+
+  def decode(self, tokens_bt, positions_bt, cache):
+    """KV-cache forward: prefill (t > 1) or one step (t = 1).
+
+    `cache` is (k_lbskh, v_lbskh) from `init_cache`; returns (hidden_btd, new_cache).
+    """
+    x_btd = self.embed_tokens(tokens_bt, positions_bt)
+    x_btd, new_cache = self._run_blocks(x_btd, positions_bt, None, cache)
+    return self.final_norm(x_btd), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+  """Zeroed KV cache for `batch` rows of up to `length` positions."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.dtype
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

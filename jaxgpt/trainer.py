@@ -1,0 +1,138 @@
+"""Train state and the pure, jitted train step shared by the stages.
+
+The state is a plain pytree `{'step', 'params', 'opt_state', 'rng'}`; a stage
+supplies a loss function `loss_fn(model, batch) -> (loss_sum, sums)` where `sums`
+holds per-step additive quantities and must include 'weight' (the normaliser,
+e.g. the number of target tokens). The step adds losses and gradients over
+micro-batches and divides once by the total weight of the whole step, so
+accumulation gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgpt import losses
+from jaxgpt import model as model_lib
+from jaxgpt import sharding
+
+LossFn = Callable[..., tuple]
+
+
+def state_shardings(abstract_state, param_shardings, optimizer, mesh):
+  """Shardings for the whole train state: optimizer moments follow their parameters."""
+  repl = sharding.replicated(mesh)
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state['opt_state'],
+                              param_shardings, transform_non_params=lambda _: repl)
+  return {'step': repl, 'params': param_shardings, 'opt_state': opt, 'rng': repl}
+
+
+def create_train_state(mcfg, mesh, optimizer, seed: int, params=None):
+  """(graphdef, state, shardings) with every array created in its sharding.
+
+  `params` (already sharded) is used instead of a fresh init when given, e.g. the
+  previous stage's weights.
+  """
+  graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
+  param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
+
+  def init(params):
+    if params is None:
+      params = model_lib.fresh_params(mcfg, seed)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': optimizer.init(params), 'rng': jax.random.PRNGKey(seed)}
+
+  abstract_state = jax.eval_shape(init, abstract_params)
+  shardings = state_shardings(abstract_state, param_sh, optimizer, mesh)
+  with jax.set_mesh(mesh):
+    if params is None:
+      state = jax.jit(lambda: init(None), out_shardings=shardings)()
+    else:
+      state = jax.jit(init, in_shardings=(param_sh,), out_shardings=shardings)(params)
+  return graphdef, state, shardings
+
+
+def _split_micro_batches(batch, n: int):
+  """(B, ...) -> (n, B/n, ...) taking every n-th row, so each micro-batch keeps the
+  rows each device already holds (no resharding)."""
+  def one(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(one, batch)
+
+
+def make_grad_fn(graphdef, loss_fn: LossFn, micro_batches: int, rules):
+  """(params, batch) -> (grads, sums): gradients of the step's normalised loss."""
+
+  def sum_grads(params, batch):
+    def f(p):
+      return loss_fn(model_lib.merge(graphdef, p), batch)
+    (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return grads, sums
+
+  def grad_fn(params, batch):
+    if micro_batches == 1:
+      grads, sums = sum_grads(params, batch)
+    else:
+      micro = _split_micro_batches(batch, micro_batches)
+
+      def body(acc, mb):
+        mb = jax.tree.map(
+            lambda x: sharding.constrain(x, ('act_batch',) + (None,) * (x.ndim - 1), rules), mb)
+        g, s = sum_grads(params, mb)
+        return jax.tree.map(jnp.add, acc, (g, s)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sum_grads, params, first))
+      (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    denom = jnp.maximum(sums['weight'], 1.0)
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+    return grads, sums
+
+  return grad_fn
+
+
+def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, rules,
+                    lr_schedule=None):
+  """The pure step `(state, batch) -> (state, metrics)`; metrics are step means."""
+  grad_fn = make_grad_fn(graphdef, loss_fn, micro_batches, rules)
+
+  def train_step(state, batch):
+    grads, sums = grad_fn(state['params'], batch)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    denom = jnp.maximum(sums['weight'], 1.0)
+    metrics = {k: v / denom for k, v in sums.items() if k != 'weight'}
+    metrics['weight'] = sums['weight']
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    if lr_schedule is not None:
+      metrics['lr'] = lr_schedule(state['step'])
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+                 'rng': state['rng']}
+    return new_state, metrics
+
+  return train_step
+
+
+def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False) -> LossFn:
+  """Masked next-token cross-entropy over batch['weights'] (pretraining and SFT)."""
+
+  def loss_fn(model, batch):
+    segment_ids = batch['segment_ids'] if use_segment_ids else None
+    logits_btv = model(batch['inputs'], batch['positions'], segment_ids)
+    loss_sum, nll_sum = losses.masked_lm_loss_sum(logits_btv, batch['targets'],
+                                                  batch['weights'], z_loss)
+    return loss_sum, {'loss': nll_sum, 'weight': batch['weights'].sum()}
+
+  return loss_fn
+
+
+def jit_train_step(train_step, shardings, mesh, rules, batch_keys):
+  """Compile once with explicit in/out shardings; the old state is donated."""
+  batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in batch_keys}
+  return jax.jit(train_step, in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))

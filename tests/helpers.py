@@ -1,0 +1,58 @@
+"""Tiny configs and shared builders for the tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jaxgpt import config as config_lib
+
+
+def tiny_config(family='llama', *, mesh=(1, 1, 1), scan=True, remat='none', micro_batches=1,
+                batch_size=16, seq_len=16, vocab=256):
+  """A model small enough to compile in a second, with dims every test mesh divides."""
+  cfg = config_lib.base_config()
+  m = cfg.model
+  m.family = family
+  m.vocab_size = vocab
+  m.d_model = 64
+  m.n_layers = 2
+  m.n_heads = 8
+  m.n_kv_heads = 4 if family == 'llama' else 8
+  m.d_ff = 128
+  m.max_seq_len = 32
+  m.scan_layers = scan
+  m.remat = remat
+  cfg.tokenizer.vocab_size = vocab
+  cfg.data.seq_len = seq_len
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  t = cfg.train
+  t.batch_size = batch_size
+  t.micro_batches = micro_batches
+  t.steps = 10
+  t.warmup_steps = 2
+  t.lr = 1e-2
+  return cfg
+
+
+def random_batch(cfg, seed=0, *, segments=False):
+  """A (B, T) LM batch with random tokens and a few zero weights."""
+  rng = np.random.default_rng(seed)
+  b, t, v = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
+  tokens = rng.integers(0, v, size=(b, t + 1)).astype(np.int32)
+  weights = (rng.random((b, t)) > 0.1).astype(np.float32)
+  if segments:
+    boundary = rng.integers(1, t, size=(b, 1))
+    segment_ids = np.where(np.arange(t)[None] < boundary, 1, 2).astype(np.int32)
+    positions = np.where(segment_ids == 1, np.arange(t)[None],
+                         np.arange(t)[None] - boundary).astype(np.int32)
+  else:
+    segment_ids = np.ones((b, t), np.int32)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': weights,
+          'segment_ids': segment_ids, 'positions': positions}
+
+
+def devices_for(mesh_shape):
+  n = int(np.prod(mesh_shape))
+  return jax.devices()[:n]
