@@ -113,6 +113,21 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_tokens = 48
   t.peak_flops = 0.0          # per device; 0 -> measured with a matmul at start
 
+  # Later stages train with config.train, except for the fields set here.
+  c.sft = sft = ml_collections.ConfigDict()
+  sft.data = 'embedded'        # 'embedded' or comma-separated JSONL paths/globs/directories
+  sft.task_examples = 20000    # task-suite examples mixed into the embedded data
+  sft.on_bad_row = 'error'     # error | skip (skipped rows are counted)
+  sft.on_long_row = 'truncate'  # truncate | drop (counted either way)
+  sft.packing = True           # several conversations per row with segment ids, else padding
+  sft.val_fraction = 0.02
+  sft.steps = 500
+  sft.lr = 1e-3
+  sft.warmup_steps = 50
+  sft.eval_per_task = 40       # held-out prompts per task for eval.json
+  sft.few_shot = 3             # Q/A examples in the base model's few-shot document
+  sft.eval_tokens = 16         # max new tokens when answering a task prompt
+
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.every_steps = 500
   ck.every_minutes = 10.0
@@ -144,6 +159,17 @@ def check_known_fields(cfg) -> None:
       close = difflib.get_close_matches(name, known, n=1)
       hint = f" Did you mean '{close[0]}'?" if close else ''
       raise ConfigError(f"config: unknown field '{name}'.{hint}")
+
+
+def stage_train_config(cfg, stage: str):
+  """config.train with the stage's own steps / lr / warm-up (for stages after pretrain)."""
+  t = ml_collections.ConfigDict(cfg.train.to_dict())
+  section = cfg.get(stage)
+  if section is not None:
+    for field in ('steps', 'lr', 'warmup_steps'):
+      if field in section:
+        t[field] = section[field]
+  return t
 
 
 def head_dim(m) -> int:
@@ -195,7 +221,9 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       raise ConfigError(
           f'config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}.')
     if head_dim(m) % 2:
-      raise ConfigError(f'config.model: RoPE needs an even head_dim, got {head_dim(m)}.')
+      raise ConfigError(
+          f'config.model.head_dim={head_dim(m)} must be even for RoPE'
+          + (' (it is d_model / n_heads; set config.model.head_dim).' if not m.head_dim else '.'))
   if cfg.data.seq_len > m.max_seq_len:
     raise ConfigError(
         f'config.data.seq_len={cfg.data.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}.')
@@ -215,6 +243,10 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
         f'config.train.batch_size={t.batch_size} / micro_batches={t.micro_batches} = '
         f'{t.batch_size // t.micro_batches} rows per micro-batch is not divisible by the '
         f'data-parallel size data*fsdp={batch_shards}; change config.train.batch_size.')
+  if cfg.sft.on_bad_row not in ('error', 'skip'):
+    raise ConfigError(f"config.sft.on_bad_row='{cfg.sft.on_bad_row}' must be error or skip.")
+  if cfg.sft.on_long_row not in ('truncate', 'drop'):
+    raise ConfigError(f"config.sft.on_long_row='{cfg.sft.on_long_row}' must be truncate or drop.")
   if t.decay not in ('matrices', 'all', 'none'):
     raise ConfigError(f"config.train.decay='{t.decay}' must be matrices, all or none.")
   return sizes

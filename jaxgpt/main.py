@@ -1,0 +1,27 @@
+r"""Runs an experiment: `python -m jaxgpt.main --config experiments/tiny.py --workdir DIR`.
+
+Any config field can be overridden with `--config.a.b=value`; `config.stage` picks
+the stage (pretrain, sft, ... or all). Kept short on purpose: everything else is
+in `jaxgpt.run`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxgpt import run
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes everything.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (one process per host).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
+  run.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,127 @@
+"""Console progress, DIR/<stage>/metrics.jsonl, TensorBoard events; tokens/s and MFU.
+
+MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs are analytic (XLA's
+cost_analysis counts a scanned layer once): 6 N per token for the matmuls of the
+forward and backward passes plus 12 L d_attn T per token for attention scores
+and values (PaLM, appendix B). The peak is config.train.peak_flops per device, or
+measured at start with a large matmul on all local devices at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def flops_per_token(mcfg, seq_len: int, n_params: int) -> float:
+  """Training FLOPs per token: 6 N (non-embedding-lookup params) + attention."""
+  lookup = mcfg.vocab_size * mcfg.d_model if mcfg.family == 'llama' else 0
+  matmul_params = n_params - lookup  # gpt2's tied table is also its output matmul
+  attn = 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
+  return 6 * matmul_params + attn
+
+
+def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a batched matmul spread over every local device (all cores busy)."""
+  devices = jax.local_devices()
+  mesh = jax.make_mesh((len(devices),), ('d',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
+  a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sh)
+  f = jax.jit(lambda a: jnp.einsum('bij,bjk->bik', a, a), out_shardings=sh)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 * len(devices) / best
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class MetricsWriter:
+  """Writes one JSON object per log step (and per evaluation) and a progress line.
+
+  Only process 0 writes files; every process keeps quiet otherwise.
+  """
+
+  def __init__(self, directory: str, *, stage: str, total_steps: int, start_step: int):
+    self.stage = stage
+    self.total_steps = total_steps
+    self.start_step = start_step
+    self.start_time = time.monotonic()
+    self.is_main = jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self.is_main:
+      os.makedirs(directory, exist_ok=True)
+      self._jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(directory)
+      self._samples = open(os.path.join(directory, 'samples.jsonl'), 'a', encoding='utf-8')
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.is_main:
+      return
+    row = {'step': int(step)}
+    for k, v in metrics.items():
+      v = float(np.asarray(v))
+      row[k] = v
+      self._tb.add_scalar(f'{self.stage}/{k}', v, step)
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+
+  def progress(self, step: int, metrics: dict) -> None:
+    """One console line: bar, loss, tokens/s, MFU, ETA."""
+    if not self.is_main:
+      return
+    done = step - self.start_step
+    elapsed = time.monotonic() - self.start_time
+    eta = elapsed / max(done, 1) * (self.total_steps - step)
+    width = 20
+    filled = int(width * step / max(self.total_steps, 1))
+    bar = '#' * filled + '.' * (width - filled)
+    parts = [f'[{self.stage}] {step:>6d}/{self.total_steps} [{bar}]']
+    if 'loss' in metrics:
+      parts.append(f'loss {float(metrics["loss"]):.4f}')
+    if 'tokens_per_sec' in metrics:
+      parts.append(f'{float(metrics["tokens_per_sec"]):,.0f} tok/s')
+    if 'mfu' in metrics:
+      parts.append(f'MFU {100 * float(metrics["mfu"]):.1f}%')
+    parts.append(f'ETA {_fmt_time(eta)}')
+    print(' | '.join(parts), flush=True)
+
+  def log_text(self, line: str) -> None:
+    if self.is_main:
+      print(line, flush=True)
+
+  def samples(self, step: int, pairs: list[tuple[str, str]]) -> None:
+    """Sample completions: printed, and kept in samples.jsonl."""
+    if not self.is_main:
+      return
+    for prompt, completion in pairs:
+      print(f'  > {prompt!r} -> {completion!r}', flush=True)
+      self._samples.write(json.dumps({'step': step, 'prompt': prompt,
+                                      'completion': completion}) + '\n')
+      self._tb.add_text(f'{self.stage}/samples', f'{prompt} → {completion}', step)
+    self._samples.flush()
+
+  def close(self) -> None:
+    if self.is_main:
+      self._jsonl.close()
+      self._samples.close()
+      self._tb.close()
+    sys.stdout.flush()

@@ -1,0 +1,385 @@
+"""Jitted autoregressive decoding with the KV cache (evaluation, chat, PPO rollouts).
+
+One compiled program per (batch, prompt length) shape and `SamplingConfig`:
+
+1. prefill: the right-padded prompts (B, P) run through `model.decode` once, filling
+   cache slots 0..P-1. Row b's first new token is sampled from the logits at index
+   `lengths[b] - 1`;
+2. a `jax.lax.while_loop` feeds back one token per step: the token sampled at step i-1
+   is written at position `lengths[b] + i - 1` (overwriting prompt padding before it is
+   ever attended to) and the logits it yields give the token of step i. The loop ends
+   after `max_new_tokens` steps or as soon as every row has emitted a stop id.
+
+Per row, the response is every sampled token up to and including the first stop id
+(the stop token is part of the response: a policy must learn to emit it). After it the
+row's `tokens` are `pad_id`, its `logprobs` 0 and its `response_mask` 0; the row keeps
+running through the batched forward but nothing of it is recorded.
+
+Log-probs. `SampleOutput.logprobs[b, i]` is log p(token | prefix) under the *unmodified*
+model distribution: softmax of the raw float32 logits at temperature 1, without top-k /
+top-p filtering, i.e. exactly what `jaxgpt.losses.token_log_probs` gives for the same
+token on a full training forward of prompt + response. That is what PPO needs (the
+behaviour policy's log-probs for the importance ratio and the KL to the reference
+model); temperature and filtering only decide *which* token is drawn.
+
+Token choice (`SamplingConfig`), applied in this order:
+
+* temperature == 0: greedy, `argmax` of the raw logits; ties go to the lowest id.
+  top_k / top_p are ignored.
+* otherwise logits / temperature, then top-k, then top-p, then one categorical draw:
+  - top-k keeps exactly `min(top_k, V)` tokens: the largest logits, ties broken towards
+    the lower token id (`jax.lax.top_k`'s documented order);
+  - top-p (nucleus) keeps the shortest prefix of the tokens sorted by (logit descending,
+    id ascending) whose probability mass — of the tempered distribution, renormalised
+    over the top-k survivors — reaches `top_p`; the most likely token is always kept.
+    Inside a group of tied logits the cut keeps the lower ids, so the support is
+    deterministic. (Token r of the sorted list is kept iff the mass of tokens 0..r-1 is
+    < top_p.)
+
+`filter_logits` is that filtering on its own (tests check the support on crafted
+logits). Randomness: the step-i draw uses `jax.random.fold_in(rng, i)`, so a seed fixes
+the whole output; with `jax_threefry_partitionable` the result does not depend on the
+mesh.
+
+Sharding. `sample` runs on the mesh the parameters live on, with the training
+parameters in place: `in_shardings` are the parameters' own shardings, prompts and
+outputs are batch-sharded (`act_batch`), and the cache (L, B, S, K, H) is constrained to
+(None, act_batch, act_seq, act_kv_heads, None) after every write. `decode_fn` is the
+pure function underneath, usable inside another jitted program (e.g. a PPO step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxgpt import config as config_lib
+from jaxgpt import model as model_lib
+from jaxgpt import sharding
+
+_CACHE_AXES = (None, 'act_batch', 'act_seq', 'act_kv_heads', None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static decoding settings; one compiled program per distinct value.
+
+  max_new_tokens: tokens sampled per row at most (the stop token included).
+  temperature: 0 -> greedy; otherwise logits are divided by it before filtering.
+  top_k: 0 -> off; else keep exactly this many tokens (ties -> lower ids).
+  top_p: 1.0 -> off; else nucleus sampling (see the module docstring).
+  stop_ids: a row stops after emitting any of these (e.g. <|end|>, <|endoftext|>).
+  pad_id: written in `tokens` after a row stopped.
+  """
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    set_ = functools.partial(object.__setattr__, self)
+    set_('stop_ids', tuple(int(i) for i in self.stop_ids))
+    set_('temperature', float(self.temperature))
+    set_('top_p', float(self.top_p))
+    if int(self.max_new_tokens) < 1:
+      raise ValueError(f'SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1.')
+    if self.temperature < 0 or not math.isfinite(self.temperature):
+      raise ValueError(f'SamplingConfig.temperature={self.temperature} must be >= 0 (0: greedy).')
+    if int(self.top_k) < 0:
+      raise ValueError(f'SamplingConfig.top_k={self.top_k} must be >= 0 (0: off).')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'SamplingConfig.top_p={self.top_p} must be in (0, 1] (1: off).')
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SampleOutput:
+  """What the sampler returns; every field is batch-major.
+
+  tokens: (B, N) int32 sampled ids, `pad_id` after a row's stop token.
+  logprobs: (B, N) float32 log p(token) under the unmodified model distribution
+    (temperature 1, no top-k/top-p), 0 where `response_mask` is 0.
+  response_mask: (B, N) int32, 1 on the response (up to and including the stop token).
+  lengths: (B,) int32 response lengths, `response_mask.sum(1)`.
+  finished: (B,) bool, the row emitted a stop id (False: cut at max_new_tokens).
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  response_mask: jax.Array
+  lengths: jax.Array
+  finished: jax.Array
+
+
+# -- token choice ---------------------------------------------------------------------------
+
+
+def filter_logits(logits_bv, top_k: int = 0, top_p: float = 1.0):
+  """`logits_bv` with -inf outside the top-k / top-p support (see the module docstring).
+
+  Apply temperature before calling: the top-p cut depends on it, the top-k one does not.
+  """
+  v = logits_bv.shape[-1]
+  k = min(int(top_k), v) if top_k else v
+  if k == v and top_p >= 1.0:
+    return logits_bv
+  # Sorted by value descending, ties by lower index first (documented for lax.top_k).
+  vals_bk, idx_bk = jax.lax.top_k(logits_bv, k)
+  keep_bk = jnp.ones(vals_bk.shape, bool)
+  if top_p < 1.0:
+    probs_bk = jax.nn.softmax(vals_bk.astype(jnp.float32), axis=-1)
+    mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+    keep_bk = (mass_before_bk < top_p) | (jnp.arange(k) == 0)
+  rows_b1 = jnp.arange(logits_bv.shape[0])[:, None]
+  keep_bv = jnp.zeros(logits_bv.shape, bool).at[rows_b1, idx_bk].set(keep_bk)
+  return jnp.where(keep_bv, logits_bv, -jnp.inf)
+
+
+def next_token(logits_bv, key, settings: SamplingConfig):
+  """(tokens_b int32, logprobs_b float32) from one step's raw float32 logits.
+
+  The log-prob is that of the chosen token under softmax(raw logits).
+  """
+  logits_bv = logits_bv.astype(jnp.float32)
+  if settings.temperature == 0.0:
+    tokens_b = jnp.argmax(logits_bv, axis=-1)
+  else:
+    scaled_bv = filter_logits(logits_bv / settings.temperature, settings.top_k, settings.top_p)
+    tokens_b = jax.random.categorical(key, scaled_bv, axis=-1)
+  tokens_b = tokens_b.astype(jnp.int32)
+  logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+  logprobs_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
+  return tokens_b, logprobs_b
+
+
+def _is_stop(tokens_b, stop_ids):
+  if not stop_ids:
+    return jnp.zeros(tokens_b.shape, bool)
+  return jnp.any(tokens_b[:, None] == jnp.asarray(stop_ids, jnp.int32)[None, :], axis=-1)
+
+
+# -- the decoding program -------------------------------------------------------------------
+
+
+def decode_fn(graphdef, mcfg, settings: SamplingConfig):
+  """The pure `(params, prompts_bp, lengths_b, rng) -> SampleOutput` (jit it, or call it
+  inside a jitted function under `jax.set_mesh`).
+
+  prompts_bp: (B, P) int32, right-padded; lengths_b: (B,) int32 in [1, P];
+  positions up to P + max_new_tokens - 2 are used, so P + max_new_tokens must not
+  exceed `mcfg.max_seq_len` (`sample` checks it).
+  """
+  rules = mcfg.rules
+  n_new = int(settings.max_new_tokens)
+
+  def constrain_cache(cache):
+    return tuple(sharding.constrain(c, _CACHE_AXES, rules) for c in cache)
+
+  def step_logits(params, tokens_bt, positions_bt, cache, take_bt=None):
+    model = model_lib.merge(graphdef, params)
+    hidden_btd, cache = model.decode(tokens_bt, positions_bt, constrain_cache(cache))
+    if take_bt is not None:  # prefill: one position per row, before the LM head
+      hidden_btd = jnp.take_along_axis(hidden_btd, take_bt[:, :, None], axis=1)
+    logits_bv = model.logits(hidden_btd)[:, 0]
+    # Gather the vocabulary for the sort / argmax; rows stay batch-sharded.
+    logits_bv = sharding.constrain(logits_bv, ('act_batch', None), rules)
+    return logits_bv, constrain_cache(cache)
+
+  def run(params, prompts_bp, lengths_b, rng):
+    b, p = prompts_bp.shape
+    prompts_bp = prompts_bp.astype(jnp.int32)
+    lengths_b = lengths_b.astype(jnp.int32)
+    cache = model_lib.init_cache(mcfg, b, p + n_new)
+    positions_bp = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    logits_bv, cache = step_logits(params, prompts_bp, positions_bp, cache,
+                                   take_bt=(lengths_b - 1)[:, None])
+    tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, 0), settings)
+
+    batch_axes = ('act_batch', None)
+    tokens_bn = jnp.full((b, n_new), settings.pad_id, jnp.int32).at[:, 0].set(tok_b)
+    logprobs_bn = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_b)
+    mask_bn = jnp.zeros((b, n_new), jnp.int32).at[:, 0].set(1)
+    done_b = _is_stop(tok_b, settings.stop_ids)
+
+    def cond(carry):
+      i, _, _, _, _, done_b = carry
+      return (i < n_new) & ~jnp.all(done_b)
+
+    def body(carry):
+      i, cache, tokens_bn, logprobs_bn, mask_bn, done_b = carry
+      prev_b = jax.lax.dynamic_index_in_dim(tokens_bn, i - 1, axis=1, keepdims=False)
+      # Finished rows hold pad_id, which may be outside the vocabulary (e.g. -1): they
+      # still run through the batched forward, so feed them a valid id.
+      prev_b = jnp.clip(prev_b, 0, mcfg.vocab_size - 1)
+      logits_bv, cache = step_logits(params, prev_b[:, None], (lengths_b + i - 1)[:, None],
+                                     cache)
+      tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, i), settings)
+      live_b = ~done_b
+      tok_b = jnp.where(live_b, tok_b, settings.pad_id)
+      lp_b = jnp.where(live_b, lp_b, 0.0)
+
+      def put(x_bn, x_b):
+        x_bn = jax.lax.dynamic_update_index_in_dim(x_bn, x_b.astype(x_bn.dtype), i, axis=1)
+        return sharding.constrain(x_bn, batch_axes, rules)
+
+      done_b = done_b | (live_b & _is_stop(tok_b, settings.stop_ids))
+      return (i + 1, cache, put(tokens_bn, tok_b), put(logprobs_bn, lp_b),
+              put(mask_bn, live_b), done_b)
+
+    carry = (jnp.int32(1), cache, tokens_bn, logprobs_bn, mask_bn, done_b)
+    _, _, tokens_bn, logprobs_bn, mask_bn, done_b = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(tokens=tokens_bn, logprobs=logprobs_bn, response_mask=mask_bn,
+                        lengths=mask_bn.sum(axis=1, dtype=jnp.int32), finished=done_b)
+
+  return run
+
+
+# -- compiled entry point -------------------------------------------------------------------
+
+
+def _mesh_and_param_shardings(params):
+  leaves, treedef = jax.tree.flatten(params)
+  shardings = [x.sharding for x in leaves]
+  named = [s for s in shardings if isinstance(s, NamedSharding)]
+  if named:
+    mesh = named[0].mesh
+    if any(s.mesh != mesh for s in named):
+      raise ValueError('sampling: the parameters live on more than one mesh.')
+    shardings = [s if isinstance(s, NamedSharding) else NamedSharding(mesh, P())
+                 for s in shardings]
+  else:  # plain device_put arrays: a one-device mesh of their device
+    devices = leaves[0].sharding.device_set
+    if len(devices) != 1:
+      raise ValueError('sampling: parameters must carry NamedShardings (use init_params).')
+    mesh = jax.make_mesh((1, 1, 1), config_lib.MESH_AXES, devices=list(devices),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shardings = [NamedSharding(mesh, P())] * len(leaves)
+  return mesh, treedef, tuple(shardings)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(graphdef, mcfg, settings, mesh, param_treedef, param_shardings):
+  batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
+  param_sh = jax.tree.unflatten(param_treedef, param_shardings)
+  out_sh = SampleOutput(tokens=batch_sh, logprobs=batch_sh, response_mask=batch_sh,
+                        lengths=batch_sh, finished=batch_sh)
+  return jax.jit(decode_fn(graphdef, mcfg, settings),
+                 in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
+                 out_shardings=out_sh)
+
+
+def batch_multiple(mesh, rules) -> int:
+  """The batch size must be a multiple of this (the devices `act_batch` spreads rows over)."""
+  axes = sharding.logical_to_spec(('act_batch',), rules)[0]
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def sample(graphdef, params, mcfg, prompts_bp, lengths_b, rng,
+           settings: SamplingConfig) -> SampleOutput:
+  """Decode a batch of right-padded prompts on the parameters' mesh (see the module doc).
+
+  prompts_bp: (B, P) int ids, right-padded (the padding value is irrelevant);
+  lengths_b: (B,) prompt lengths in [1, P]; rng: a PRNG key (unused when greedy).
+  B must be a multiple of `batch_multiple(mesh, mcfg.rules)`. Compiled once per
+  (B, P) and `settings` (and parameter tree / shardings); later calls reuse it.
+  """
+  mesh, treedef, param_shardings = _mesh_and_param_shardings(params)
+  b, p = np.shape(prompts_bp)
+  n = settings.max_new_tokens
+  if p + n > mcfg.max_seq_len:
+    raise ValueError(
+        f'sampling: prompt length {p} + max_new_tokens {n} = {p + n} exceeds '
+        f'config.model.max_seq_len={mcfg.max_seq_len}; shorten the prompts or the response.')
+  if np.shape(lengths_b) != (b,):
+    raise ValueError(f'sampling: lengths has shape {np.shape(lengths_b)}, expected ({b},).')
+  host_lengths = np.asarray(jax.device_get(lengths_b))
+  if host_lengths.min() < 1 or host_lengths.max() > p:
+    raise ValueError(f'sampling: prompt lengths must be in [1, {p}], got {host_lengths.tolist()}.')
+  mult = batch_multiple(mesh, mcfg.rules)
+  if b % mult:
+    raise ValueError(f'sampling: batch {b} is not a multiple of the {mult} devices rows are '
+                     'sharded over (act_batch); pad the batch.')
+  fn = _jitted(graphdef, mcfg, settings, mesh, treedef, param_shardings)
+  batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
+  prompts_bp = jax.device_put(np.asarray(jax.device_get(prompts_bp), np.int32), batch_sh)
+  lengths_b = jax.device_put(host_lengths.astype(np.int32), batch_sh)
+  rng = jax.device_put(rng, sharding.replicated(mesh))
+  with jax.set_mesh(mesh):
+    return fn(params, prompts_bp, lengths_b, rng)
+
+
+# -- host-side convenience ------------------------------------------------------------------
+
+
+def default_stop_ids(tokenizer) -> tuple[int, ...]:
+  """<|end|> (if the tokenizer has it) and end-of-text."""
+  ids = []
+  try:
+    ids.append(tokenizer.end_of_turn_id)
+  except ValueError:  # a LLaMA-layout tokenizer without chat tokens
+    pass
+  ids.append(tokenizer.eot_id)
+  return tuple(dict.fromkeys(ids))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, *, bucket: int = 16,
+                max_len: int | None = None, batch_multiple: int = 1):
+  """(ids (B', P) int32, lengths (B',) int32): right-padded to a multiple of `bucket`
+  (capped at `max_len`), rows padded to a multiple of `batch_multiple` with one-token
+  dummy prompts (drop `ids[len(prompts):]` results)."""
+  lens = [len(p) for p in prompts]
+  if not prompts or min(lens) < 1:
+    raise ValueError('sampling: every prompt needs at least one token (e.g. <|endoftext|>).')
+  longest = max(lens)
+  width = -(-longest // bucket) * bucket
+  if max_len is not None:
+    if longest > max_len:
+      raise ValueError(f'sampling: a prompt has {longest} tokens, more than the {max_len} '
+                       'that fit before the response; shorten it or ask for fewer tokens.')
+    width = min(width, max_len)
+  rows = -(-len(prompts) // batch_multiple) * batch_multiple
+  ids = np.full((rows, width), pad_id, np.int32)
+  lengths = np.ones((rows,), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+    lengths[i] = len(p)
+  return ids, lengths
+
+
+def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  stop_ids: Sequence[int] | None = None, seed: int = 0,
+                  bucket: int = 16) -> list[str]:
+  """Completions of `prompts` (strings, encoded with special tokens allowed, or id lists),
+  decoded up to (not including) the first stop id. Greedy by default.
+
+  Prompts are right-padded to a multiple of `bucket` tokens to limit recompiles.
+  """
+  if isinstance(prompts, (str, bytes)):
+    raise TypeError('generate_text: prompts is a list of strings or of id lists.')
+  ids = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+  stops = default_stop_ids(tokenizer) if stop_ids is None else tuple(stop_ids)
+  settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=tokenizer.pad_id)
+  mesh = _mesh_and_param_shardings(params)[0]
+  prompt_ids, lengths = pad_prompts(ids, tokenizer.pad_id, bucket=bucket,
+                                    max_len=mcfg.max_seq_len - max_new_tokens,
+                                    batch_multiple=batch_multiple(mesh, mcfg.rules))
+  out = sample(graphdef, params, mcfg, prompt_ids, lengths, jax.random.PRNGKey(seed), settings)
+  tokens, n, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+  texts = []
+  for row in range(len(ids)):
+    keep = int(n[row]) - int(bool(finished[row]))  # drop the stop token itself
+    texts.append(tokenizer.decode(tokens[row, :keep].tolist()))
+  return texts

@@ -1,0 +1,205 @@
+"""The one training loop, shared by every stage.
+
+A stage hands over a `Stage` (its model settings, loss, data and sampler) and the
+loop does the rest the same way for all: resume or initialise the state, step,
+log, evaluate, sample, checkpoint, and stop cleanly on SIGTERM / Ctrl-C (saving
+first, so a pre-empted job resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import metrics as metrics_lib
+from jaxgpt import model as model_lib
+from jaxgpt import optim, sharding, trainer
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a stage gives the loop."""
+  name: str                      # 'pretrain', 'sft', ...: the run lives in WORKDIR/<name>
+  cfg: Any                       # the full experiment config
+  train_cfg: Any                 # config.train with the stage's overrides
+  mcfg: model_lib.ModelConfig
+  mesh: jax.sharding.Mesh
+  loss_fn: trainer.LossFn        # (model, batch) -> (loss_sum, sums incl. 'loss', 'weight')
+  data: Any                      # .train_iter (grain iterator), .val_batches(n), .stats
+  init_params: Callable[[], Any] | None = None   # starting weights; None -> random init
+  sample_fn: Callable[[Any, Any], list[tuple[str, str]]] | None = None  # (graphdef, params)
+  meta: dict = dataclasses.field(default_factory=dict)  # stored with every checkpoint
+
+
+@dataclasses.dataclass
+class Result:
+  graphdef: Any
+  state: Any
+  shardings: Any
+  final_metrics: dict
+
+
+class _StopFlag:
+  """Turns SIGTERM (pre-emption) into a clean stop after the current step."""
+
+  def __init__(self):
+    self.stop = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.stop = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def stage_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the data-parallel axes."""
+  sh = sharding.batch_sharding(mesh, rules)
+  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}
+
+
+def evaluate(eval_step, params, batches, mesh, rules) -> dict[str, float]:
+  """Mean validation loss and perplexity over the given batches."""
+  total: dict[str, float] = {}
+  for b in batches:
+    sums = jax.device_get(eval_step(params, global_batch(b, mesh, rules)))
+    for k, v in sums.items():
+      total[k] = total.get(k, 0.0) + float(v)
+  if not total or total.get('weight', 0) == 0:
+    return {}
+  out = {f'val_{k}': v / total['weight'] for k, v in total.items() if k != 'weight'}
+  if 'val_loss' in out:
+    out['val_perplexity'] = math.exp(min(out['val_loss'], 50.0))
+  return out
+
+
+def train(stage: Stage, workdir: str) -> Result:
+  """Runs (or resumes) the stage to config steps; returns the final state."""
+  cfg, t, mesh, rules = stage.cfg, stage.train_cfg, stage.mesh, stage.mcfg.rules
+  out_dir = stage_dir(workdir, stage.name)
+  ckpt = ckpt_lib.Checkpointer(
+      os.path.join(out_dir, 'checkpoints'), every_steps=cfg.checkpoint.every_steps,
+      every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep)
+  optimizer = optim.make_optimizer(t)
+  graphdef, abstract_state, shardings = trainer.abstract_train_state(stage.mcfg, mesh, optimizer)
+  n_params = model_lib.count_params(abstract_state['params'])
+
+  latest = ckpt.latest_step()
+  if latest is not None:
+    target = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
+    state, _ = ckpt.restore(latest, target, stage.data.train_iter)
+    print(f'[{stage.name}] resumed from {ckpt.directory}/{latest}', flush=True)
+  else:
+    params = stage.init_params() if stage.init_params is not None else None
+    _, state, _ = trainer.create_train_state(stage.mcfg, mesh, optimizer, cfg.seed, params)
+  start = int(jax.device_get(state['step']))
+  print(f'[{stage.name}] {n_params:,} parameters; mesh {dict(mesh.shape)}; '
+        f'steps {start} -> {t.steps}', flush=True)
+
+  step_fn = trainer.make_train_step(graphdef, optimizer, stage.loss_fn, t.micro_batches, rules,
+                                    lr_schedule=optim.schedule(t))
+  first = next(stage.data.train_iter) if start < t.steps else None
+  batch_keys = list(first.keys()) if first is not None else ['inputs']
+  jit_step = trainer.jit_train_step(step_fn, shardings, mesh, rules, batch_keys)
+  eval_step = trainer.make_eval_step(graphdef, stage.loss_fn, shardings['params'], mesh, rules,
+                                     batch_keys)
+  val_batches = stage.data.val_batches(t.eval_batches)
+  writer = metrics_lib.MetricsWriter(out_dir, stage=stage.name, total_steps=t.steps,
+                                     start_step=start)
+  peak = (t.peak_flops * jax.device_count()) if t.peak_flops else None
+  if peak is None:
+    peak = metrics_lib.measure_peak_flops(stage.mcfg.dtype) * jax.process_count()
+  step_flops = metrics_lib.flops_per_token(stage.mcfg, cfg.data.seq_len, n_params)
+  meta = dict(stage.meta, stage=stage.name, n_params=n_params)
+
+  saved_step = start
+
+  def save(step):
+    nonlocal saved_step
+    ckpt.save(step, state, stage.data.train_iter, dict(meta, step=step))
+    saved_step = step
+
+  final_metrics: dict = {}
+  step = start
+  with jax.set_mesh(mesh), _StopFlag() as stop:
+    timer_start, timer_step, tokens = None, step, 0
+    try:
+      while step < t.steps:
+        local = first if first is not None else next(stage.data.train_iter)
+        first = None
+        state, metrics = jit_step(state, global_batch(local, mesh, rules))
+        step += 1
+        tokens += int(local['inputs'].size) * jax.process_count()
+        if timer_start is None:  # the first step includes compilation: time from here
+          jax.block_until_ready(metrics)
+          timer_start, timer_step, tokens = time.perf_counter(), step, 0
+        if step % t.log_every == 0 or step == t.steps:
+          metrics = jax.device_get(metrics)
+          if not np.isfinite(metrics['loss']):
+            raise FloatingPointError(
+                f'[{stage.name}] loss is {metrics["loss"]} at step {step}; stopping without '
+                f'saving (last good checkpoint: {ckpt.latest_step()}). Lower config.train.lr '
+                'or raise config.train.warmup_steps.')
+          elapsed = time.perf_counter() - timer_start
+          if step > timer_step and elapsed > 0:
+            metrics['tokens_per_sec'] = tokens / elapsed
+            metrics['mfu'] = metrics['tokens_per_sec'] * step_flops / peak
+          writer.write(step, metrics)
+          writer.progress(step, metrics)
+          final_metrics.update(metrics)
+          timer_start, timer_step, tokens = time.perf_counter(), step, 0
+        if val_batches and (step % t.eval_every == 0 or step == t.steps):
+          val = evaluate(eval_step, state['params'], val_batches, mesh, rules)
+          writer.write(step, val)
+          writer.log_text(f'[{stage.name}] step {step}: ' +
+                          ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
+          final_metrics.update(val)
+        if stage.sample_fn is not None and (step % t.sample_every == 0 or step == t.steps):
+          writer.samples(step, stage.sample_fn(graphdef, state['params']))
+        if ckpt.due(step) or step == t.steps:
+          save(step)
+        if timer_step != step and (step % t.eval_every == 0 or step % t.sample_every == 0):
+          # Evaluation and sampling are not training: restart the throughput clock.
+          timer_start, timer_step, tokens = time.perf_counter(), step, 0
+        if stop.stop:
+          if saved_step != step:
+            save(step)
+          writer.log_text(f'[{stage.name}] SIGTERM: saved step {step}; re-run to resume.')
+          break
+    except KeyboardInterrupt:
+      writer.log_text(f'[{stage.name}] interrupted: saving step {step}; re-run to resume.')
+      if saved_step != step:
+        save(step)
+      raise
+    finally:
+      ckpt.close()
+      writer.close()
+  if start >= t.steps:
+    print(f'[{stage.name}] already at step {start}; raise config.train.steps to continue.',
+          flush=True)
+  elif jax.process_index() == 0:
+    with open(os.path.join(out_dir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
+      json.dump({k: float(v) for k, v in final_metrics.items()}, f, indent=1)
+  return Result(graphdef, state, shardings, final_metrics)

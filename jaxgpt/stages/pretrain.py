@@ -1,0 +1,38 @@
+"""Stage 1, pretraining: next-token prediction on packed raw text."""
+
+from __future__ import annotations
+
+from jaxgpt import sampling, trainer
+from jaxgpt.data.pretrain import make_pretrain_data
+from jaxgpt.stages import common, loop
+
+NAME = 'pretrain'
+
+
+def text_sampler(tok, mcfg, prompts, max_new_tokens, seed=0):
+  """Completions of fixed prompts, each started like a document (after <|endoftext|>)."""
+  prompt_ids = [[tok.eot_id] + tok.encode(p, allow_special=False) for p in prompts]
+
+  def sample(graphdef, params):
+    outs = sampling.generate_text(graphdef, params, mcfg, tok, prompt_ids,
+                                  max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
+                                  seed=seed)
+    return list(zip(prompts, outs))
+  return sample
+
+
+def build(cfg, workdir: str) -> loop.Stage:
+  tok = common.tokenizer_for(cfg, workdir)
+  data = make_pretrain_data(cfg, tok, **common.process_info())
+  print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
+  mesh, mcfg = common.mesh_and_model(cfg)
+  t = cfg.train
+  return loop.Stage(
+      name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
+      loss_fn=trainer.lm_loss_fn(t.z_loss, cfg.data.segment_ids), data=data,
+      sample_fn=text_sampler(tok, mcfg, list(t.sample_prompts), t.sample_tokens),
+      meta={'tokenizer': tok.path, 'data_stats': data.stats})
+
+
+def run(cfg, workdir: str) -> loop.Result:
+  return loop.train(build(cfg, workdir), workdir)

@@ -1,0 +1,100 @@
+"""Stage 2, supervised fine-tuning: the same cross-entropy, on assistant tokens only.
+
+Starts from the pretraining stage's final checkpoint (WORKDIR/pretrain, or
+config.checkpoint.init_from), trains on chat transcripts, then writes
+WORKDIR/sft/eval.json: held-out task accuracy of the base model asked directly,
+the base model given a few-shot document, and the SFT model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import config as config_lib
+from jaxgpt import evaluation, optim, sampling, tasks, trainer
+from jaxgpt.data import chat
+from jaxgpt.data.sft import make_sft_data
+from jaxgpt.data.tokenizer import Tokenizer
+from jaxgpt.stages import common, loop
+
+NAME = 'sft'
+PREVIOUS = 'pretrain'
+
+
+def init_dir(cfg, workdir: str) -> str:
+  return cfg.checkpoint.init_from or common.final_checkpoint_dir(workdir, PREVIOUS)
+
+
+def base_params(cfg, workdir, mesh, mcfg):
+  """(params, meta) of the pretrained model, placed in this run's shardings."""
+  opt = optim.make_optimizer(cfg.train)
+  _, abstract, shardings = trainer.abstract_train_state(mcfg, mesh, opt)
+  target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  params, meta, _ = ckpt_lib.restore_latest_params(init_dir(cfg, workdir), target,
+                                                   what=f'{NAME} initial weights')
+  return params, meta
+
+
+def chat_sampler(tok, mcfg, max_new_tokens):
+  """Greedy answers to a few held-out task prompts, shown while training."""
+  questions = [e.prompt for e in tasks.heldout_eval_set(1, seed=1)[:4]]
+  prompts = [chat.render_prompt([{'role': 'user', 'content': q}], tok) for q in questions]
+
+  def sample(graphdef, params):
+    return list(zip(questions, sampling.generate_text(graphdef, params, mcfg, tok, prompts,
+                                                      max_new_tokens=max_new_tokens)))
+  return sample
+
+
+def tokenizer_from(cfg, workdir, base_meta) -> Tokenizer:
+  """The pretraining run's tokenizer (its checkpoint records which), unless config names one."""
+  path = cfg.tokenizer.path or base_meta.get('tokenizer') or os.path.join(workdir,
+                                                                          'tokenizer.model')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{NAME}: tokenizer {path} not found; set config.tokenizer.path.')
+  return Tokenizer.load(path)
+
+
+def run(cfg, workdir: str) -> loop.Result:
+  mesh, mcfg = common.mesh_and_model(cfg)
+  params0, base_meta = base_params(cfg, workdir, mesh, mcfg)
+  tok = tokenizer_from(cfg, workdir, base_meta)
+  data = make_sft_data(cfg, tok, **common.process_info())
+  print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
+  t = config_lib.stage_train_config(cfg, NAME)
+  stage = loop.Stage(
+      name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
+      loss_fn=trainer.lm_loss_fn(t.z_loss, use_segment_ids=bool(cfg.sft.packing)), data=data,
+      init_params=lambda: params0, sample_fn=chat_sampler(tok, mcfg, cfg.sft.eval_tokens),
+      meta={'tokenizer': tok.path, 'init_from': init_dir(cfg, workdir),
+            'config': cfg.to_json_best_effort()})
+  result = loop.train(stage, workdir)
+  write_eval(cfg, workdir, tok, mcfg, result.graphdef, params0, result.state['params'])
+  return result
+
+
+def write_eval(cfg, workdir, tok, mcfg, graphdef, base, sft) -> dict:
+  """Held-out accuracy of base (zero- and few-shot) and SFT models -> WORKDIR/sft/eval.json."""
+  s = cfg.sft
+  eval_set = tasks.heldout_eval_set(s.eval_per_task, seed=cfg.seed)
+  kw = dict(max_new_tokens=s.eval_tokens, shots=s.few_shot, seed=cfg.seed)
+  report = {
+      'base_zero_shot': evaluation.task_accuracy(graphdef, base, mcfg, tok, 'zero_shot',
+                                                 eval_set, **kw),
+      'base_few_shot': evaluation.task_accuracy(graphdef, base, mcfg, tok, 'few_shot',
+                                                eval_set, **kw),
+      'sft': evaluation.task_accuracy(graphdef, sft, mcfg, tok, 'chat', eval_set, **kw),
+  }
+  report['n_prompts'] = len(eval_set)
+  if jax.process_index() == 0:
+    path = os.path.join(loop.stage_dir(workdir, NAME), 'eval.json')
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=1)
+    print(f'[{NAME}] held-out task accuracy: ' + ', '.join(
+        f'{k} {v["accuracy"]:.1%}' for k, v in report.items() if isinstance(v, dict)) +
+          f'  ({path})', flush=True)
+  return report

@@ -1,0 +1,179 @@
+"""Every config mistake fails at start-up with a message that names the field."""
+
+import importlib.util
+import pathlib
+import re
+
+import jax
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import helpers
+from jaxgpt import config as config_lib
+from jaxgpt import model as model_lib
+from jaxgpt import sharding
+from jaxgpt.config import ConfigError
+
+# ml_collections loads experiment files with the deprecated importlib load_module().
+pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py'))
+
+
+def _set(**fields):
+  """A config change: dotted field name -> value."""
+  def change(cfg):
+    for name, value in fields.items():
+      *parents, leaf = name.split('.')
+      node = cfg
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return change
+
+
+def _unknown_section(cfg):
+  cfg.optimizer = ml_collections.ConfigDict({'lr': 1e-3})
+
+
+# (id, change to tiny_config, devices, a regex the message must match)
+CASES = [
+    ('unknown-field', _set(**{'model.n_layerz': 3}), 1,
+     r"unknown field 'model\.n_layerz'\. Did you mean 'model\.n_layers'\?"),
+    ('unknown-train-field', _set(**{'train.learning_rate': 1e-3}), 1,
+     r"unknown field 'train\.learning_rate'"),
+    ('unknown-section', _unknown_section, 1, r"unknown field 'optimizer\.lr'"),
+    ('stage', _set(stage='pretrian'), 1, r"config\.stage='pretrian' must be one of"),
+    ('family', _set(**{'model.family': 'gpt3'}), 1, r"config\.model\.family='gpt3'"),
+    ('remat', _set(**{'model.remat': 'everything'}), 1, r"config\.model\.remat='everything'"),
+    ('dtype', _set(**{'model.dtype': 'float16'}), 1, r"config\.model\.dtype='float16'"),
+    ('param-dtype', _set(**{'model.param_dtype': 'int8'}), 1,
+     r"config\.model\.param_dtype='int8'"),
+    ('heads-divide-width', _set(**{'model.n_heads': 7}), 1,
+     r'config\.model\.n_heads=7 does not divide config\.model\.d_model=64'),
+    ('kv-heads-divide-heads', _set(**{'model.n_kv_heads': 3}), 1,
+     r'config\.model\.n_kv_heads=3 must divide config\.model\.n_heads=8'),
+    ('kv-heads-zero', _set(**{'model.n_kv_heads': 0}), 1, r'config\.model\.n_kv_heads=0'),
+    ('odd-rope-head-dim', _set(**{'model.head_dim': 7}), 1,
+     r'config\.model\.head_dim=7 must be even for RoPE'),
+    ('odd-rope-derived', _set(**{'model.d_model': 72}), 1,
+     r'config\.model\.head_dim=9 must be even for RoPE \(it is d_model / n_heads'),
+    ('seq-len', _set(**{'data.seq_len': 64}), 1,
+     r'config\.data\.seq_len=64 exceeds config\.model\.max_seq_len=32'),
+    ('tokenizer-vocab', _set(**{'tokenizer.vocab_size': 300}), 1,
+     r'config\.tokenizer\.vocab_size=300 exceeds config\.model\.vocab_size=256'),
+    ('mesh-product', _set(**{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 1}), 8,
+     r'config\.mesh: data\*fsdp\*tensor = 4 but there are 8 devices'),
+    ('mesh-two-free', _set(**{'mesh.data': -1, 'mesh.fsdp': -1}), 8,
+     r"config\.mesh: at most one axis may be -1, got \['data', 'fsdp'\]"),
+    ('mesh-zero', _set(**{'mesh.tensor': 0}), 8, r'config\.mesh\.tensor=0'),
+    ('mesh-free-indivisible', _set(**{'mesh.fsdp': -1, 'mesh.tensor': 3}), 8,
+     r'config\.mesh: fixed axes multiply to 3, which does not divide the 8 devices'),
+    ('micro-batches', _set(**{'train.micro_batches': 3}), 1,
+     r'config\.train\.batch_size=16 is not divisible by config\.train\.micro_batches=3'),
+    ('micro-batches-zero', _set(**{'train.micro_batches': 0}), 1,
+     r'config\.train\.micro_batches=0'),
+    ('micro-batch-vs-data-parallel',
+     _set(**{'train.batch_size': 8, 'train.micro_batches': 2, 'mesh.data': 2,
+             'mesh.fsdp': 4, 'mesh.tensor': 1}), 8,
+     r'config\.train\.batch_size=8 / micro_batches=2 = 4 rows per micro-batch is not divisible'
+     r' by the data-parallel size data\*fsdp=8'),
+    ('sft-bad-row', _set(**{'sft.on_bad_row': 'ignore'}), 1, r"config\.sft\.on_bad_row='ignore'"),
+    ('sft-long-row', _set(**{'sft.on_long_row': 'cut'}), 1, r"config\.sft\.on_long_row='cut'"),
+    ('decay', _set(**{'train.decay': 'biases'}), 1, r"config\.train\.decay='biases'"),
+]
+
+
+@pytest.mark.parametrize('change,devices,message', [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_validate_names_the_field(change, devices, message):
+  cfg = helpers.tiny_config()
+  if devices > 1:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+  config_lib.validate(cfg, devices)  # the unchanged config is fine
+  change(cfg)
+  with pytest.raises(ConfigError, match=message) as err:
+    config_lib.validate(cfg, devices)
+  assert '\n' not in str(err.value)  # one line
+
+
+def test_check_known_fields_alone():
+  cfg = config_lib.base_config()
+  config_lib.check_known_fields(cfg)
+  cfg.data.segment_id = True
+  with pytest.raises(ConfigError, match=r"'data\.segment_id'\. Did you mean 'data\.segment_ids'"):
+    config_lib.check_known_fields(cfg)
+
+
+def test_mesh_shape_resolves_the_free_axis():
+  cfg = helpers.tiny_config()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, -1, 2
+  assert config_lib.mesh_shape(cfg, 8) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  cfg.mesh.fsdp = 2
+  assert config_lib.mesh_shape(cfg, 8) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  with pytest.raises(ConfigError, match=r'config\.mesh: data\*fsdp\*tensor = 8 but there are 4'):
+    config_lib.mesh_shape(cfg, 4)
+
+
+@pytest.mark.parametrize('fields,mesh,field', [
+    (dict(n_kv_heads=2), (1, 2, 4), 'config.model.n_kv_heads=2'),
+    (dict(vocab_size=250), (1, 2, 4), 'config.model.vocab_size=250'),
+    (dict(d_ff=130), (1, 2, 4), 'config.model.d_ff=130'),
+    (dict(d_model=36, n_heads=2, n_kv_heads=2), (1, 8, 1), 'config.model.d_model=36'),
+], ids=['kv-heads', 'vocab', 'd-ff', 'd-model'])
+def test_param_shardings_name_the_dim_the_mesh_cannot_split(fields, mesh, field):
+  cfg = helpers.tiny_config(mesh=mesh, batch_size=8)
+  cfg.model.update(fields)
+  cfg.tokenizer.vocab_size = min(cfg.tokenizer.vocab_size, cfg.model.vocab_size)
+  config_lib.validate(cfg, 8)  # consistent on its own; only the mesh cannot split it
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  _, abstract, logical = model_lib.abstract_model(mcfg)
+  mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh))
+  with pytest.raises(ConfigError, match=re.escape(field) + r' \(parameter .*\) is not divisible'):
+    sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_experiment_files_validate(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config_lib.validate(module.get_config(), len(jax.devices()))
+
+
+# -- command-line overrides (--config.a.b=value), parsed by ml_collections' absl flag -----
+
+def parse_flags(*args):
+  argv = ['main', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_override_of_a_known_field_applies():
+  cfg = parse_flags(f'--config={ROOT}/experiments/tiny.py:smoke', '--config.model.n_layers=3',
+                    '--config.mesh.fsdp=-1', '--config.mesh.data=1')
+  assert cfg.model.n_layers == 3 and cfg.model.d_model == 64  # the 'smoke' argument applied
+  config_lib.validate(cfg, 8)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.n_layerz=3', r'n_layerz.*Did you mean "n_layers"'),
+    ('--config.modle.n_layers=3', r'modle.*Did you mean "model"'),
+])
+def test_override_of_an_unknown_field_fails(override, message):
+  with pytest.raises((AttributeError, KeyError), match=re.compile(message, re.S)):
+    parse_flags(f'--config={ROOT}/experiments/tiny.py', override)
+
+
+def test_override_with_a_bad_value_fails_naming_the_flag():
+  with pytest.raises(flags.IllegalFlagValueError, match=r'--config\.model\.n_layers=abc'):
+    parse_flags(f'--config={ROOT}/experiments/tiny.py', '--config.model.n_layers=abc')
+  cfg = parse_flags(f'--config={ROOT}/experiments/tiny.py', '--config.model.n_kv_heads=4')
+  with pytest.raises(ConfigError, match=r'config\.model\.n_kv_heads=4 must divide'):
+    config_lib.validate(cfg, 8)
