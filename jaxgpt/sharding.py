@@ -21,7 +21,7 @@ _AXIS_FIELDS = {
     'embed': 'config.model.d_model',
     'mlp': 'config.model.d_ff',
     'q_heads': 'config.model.n_heads',
-    'kv_heads': 'config.model.n_kv_heads',
+    'kv_heads': 'config.model.n_kv_heads (n_heads for gpt2)',
     'head_dim': 'config.model.head_dim',
     'positions': 'config.model.max_seq_len',
     'layers': 'config.model.n_layers',

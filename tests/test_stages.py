@@ -1,0 +1,131 @@
+"""End to end: the pretraining and SFT stages on the real embedded data, tiny sizes.
+
+Runs the same code as `python -m jaxgpt.main --config experiments/tiny.py:smoke`,
+in-process, on the 8-device CPU mesh.
+"""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import run as run_lib
+from jaxgpt.config import ConfigError
+
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location(
+    'tiny_experiment', os.path.join(os.path.dirname(__file__), '..', 'experiments', 'tiny.py'))
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+def smoke_config(**overrides):
+  cfg = tiny.get_config('smoke')
+  for dotted, value in overrides.items():
+    node = cfg
+    *parents, leaf = dotted.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def read_jsonl(path):
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A finished 6-step pretraining run (tokenizer trained from the embedded corpus)."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  results = run_lib.run(smoke_config(), workdir)
+  return workdir, results['pretrain']
+
+
+def test_pretrain_writes_metrics_checkpoints_and_samples(pretrained):
+  workdir, result = pretrained
+  stage_dir = os.path.join(workdir, 'pretrain')
+  rows = read_jsonl(os.path.join(stage_dir, 'metrics.jsonl'))
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == [2, 4, 6]
+  for key in ('loss', 'tokens_per_sec', 'mfu', 'lr', 'grad_norm'):
+    assert all(key in r for r in train_rows[1:]), key
+  val_rows = [r for r in rows if 'val_loss' in r]
+  assert [r['step'] for r in val_rows] == [3, 6]
+  assert np.isfinite(val_rows[-1]['val_loss'])
+  assert glob.glob(os.path.join(stage_dir, 'events.out.tfevents.*'))
+  assert sorted(os.listdir(os.path.join(stage_dir, 'checkpoints'))) == ['3', '6']
+  samples = read_jsonl(os.path.join(stage_dir, 'samples.jsonl'))
+  assert {s['prompt'] for s in samples} == set(tiny.get_config('smoke').train.sample_prompts)
+  assert int(result.state['step']) == 6
+
+
+def test_rerun_of_finished_run_changes_nothing(pretrained):
+  workdir, result = pretrained
+  again = run_lib.run(smoke_config(), workdir)['pretrain']
+  for a, b in zip(jax.tree.leaves(result.state['params']), jax.tree.leaves(again.state['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_equals_uninterrupted_run(pretrained, tmp_path):
+  """Run 4 steps, stop, re-run to 8 == an uninterrupted 8-step run (same data order)."""
+  tokenizer = os.path.join(pretrained[0], 'tokenizer.model')
+  # A constant learning rate after warm-up, so the schedule does not depend on train.steps.
+  common = {'tokenizer.path': tokenizer, 'train.min_lr_ratio': 1.0, 'train.eval_every': 100,
+            'train.sample_every': 100, 'checkpoint.every_steps': 100}
+  split = str(tmp_path / 'split')
+  run_lib.run(smoke_config(**common, **{'train.steps': 4}), split)
+  resumed = run_lib.run(smoke_config(**common, **{'train.steps': 8}), split)['pretrain']
+  straight = run_lib.run(smoke_config(**common, **{'train.steps': 8}),
+                         str(tmp_path / 'straight'))['pretrain']
+  assert int(resumed.state['step']) == int(straight.state['step']) == 8
+  for a, b in zip(jax.tree.leaves(resumed.state['params']),
+                  jax.tree.leaves(straight.state['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sft_stage_from_pretrained_writes_eval(pretrained):
+  workdir, _ = pretrained
+  cfg = smoke_config(**{'stage': 'sft', 'sft.steps': 4, 'sft.task_examples': 400,
+                        'sft.eval_per_task': 2})
+  result = run_lib.run(cfg, workdir)['sft']
+  assert int(result.state['step']) == 4
+  with open(os.path.join(workdir, 'sft', 'eval.json'), encoding='utf-8') as f:
+    report = json.load(f)
+  for key in ('base_zero_shot', 'base_few_shot', 'sft'):
+    assert 0.0 <= report[key]['accuracy'] <= 1.0
+    assert len(report[key]['per_task']) == 8
+  rows = read_jsonl(os.path.join(workdir, 'sft', 'metrics.jsonl'))
+  assert any('val_loss' in r for r in rows)
+
+
+def test_sft_without_pretrained_checkpoint_says_what_to_run(tmp_path):
+  with pytest.raises(ckpt_lib.CheckpointError, match='Run that stage first'):
+    run_lib.run(smoke_config(stage='sft'), str(tmp_path))
+
+
+def test_damaged_checkpoint_fails_naming_it(pretrained, tmp_path):
+  """A damaged newest checkpoint is reported with its path; nothing is overwritten."""
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(pretrained[0], workdir)
+  step_dir = os.path.join(workdir, 'pretrain', 'checkpoints', '6', 'state')
+  for path in glob.glob(os.path.join(step_dir, '**', '*'), recursive=True):
+    if os.path.isfile(path) and 'manifest' in path:
+      with open(path, 'wb') as f:
+        f.write(b'garbage')
+  cfg = smoke_config(**{'train.steps': 8})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoints/6.*move it aside'):
+    run_lib.run(cfg, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'pretrain', 'checkpoints'))) == ['3', '6']
+
+
+def test_unimplemented_stage_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match='config.stage'):
+    run_lib.run(smoke_config(stage='ppo'), str(tmp_path))
