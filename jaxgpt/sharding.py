@@ -21,7 +21,7 @@ _AXIS_FIELDS = {
     'embed': 'config.model.d_model',
     'mlp': 'config.model.d_ff',
     'q_heads': 'config.model.n_heads',
-    'kv_heads': 'config.model.n_kv_heads (n_heads for gpt2)',
+    'kv_heads': 'config.model.n_kv_heads',
     'head_dim': 'config.model.head_dim',
     'positions': 'config.model.max_seq_len',
     'layers': 'config.model.n_layers',
@@ -89,9 +89,10 @@ def param_shardings(abstract_params, logical_specs, mesh, rules):
       size = _axis_size(mesh, mesh_axes)
       if dim % size:
         field = _AXIS_FIELDS.get(logical_name, f"axis '{logical_name}'")
+        note = ' (gpt2 uses config.model.n_heads)' if logical_name == 'kv_heads' else ''
         raise config_lib.ConfigError(
-            f'{field}={dim} (parameter {jax.tree_util.keystr(path)}) is not divisible by '
-            f'mesh axes {mesh_axes} of size {size}; change config.mesh or {field}.')
+            f'{field}={dim}{note} (parameter {jax.tree_util.keystr(path)}) is not divisible '
+            f'by mesh axes {mesh_axes} of size {size}; change config.mesh or {field}.')
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(
