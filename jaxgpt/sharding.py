@@ -91,8 +91,8 @@ def param_shardings(abstract_params, logical_specs, mesh, rules):
         field = _AXIS_FIELDS.get(logical_name, f"axis '{logical_name}'")
         note = ' (gpt2 uses config.model.n_heads)' if logical_name == 'kv_heads' else ''
         raise config_lib.ConfigError(
-            f'{field}={dim}{note} (parameter {jax.tree_util.keystr(path)}) is not divisible '
-            f'by mesh axes {mesh_axes} of size {size}; change config.mesh or {field}.')
+            f'{field}={dim} (parameter {jax.tree_util.keystr(path)}) is not divisible '
+            f'by mesh axes {mesh_axes} of size {size}; change config.mesh or {field}{note}.')
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(
