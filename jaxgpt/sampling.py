@@ -174,8 +174,8 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
   inside a jitted function under `jax.set_mesh`).
 
   prompts_bp: (B, P) int32, right-padded; lengths_b: (B,) int32 in [1, P];
-  positions up to P + max_new_tokens - 2 are used, so P + max_new_tokens must not
-  exceed `mcfg.max_seq_len` (`sample` checks it).
+  The cache holds P + max_new_tokens slots; `sample` requires P + max_new_tokens <=
+  `mcfg.max_seq_len`, so that prompt + response also fits the training forward (PPO).
   """
   rules = mcfg.rules
   n_new = int(settings.max_new_tokens)
@@ -359,12 +359,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, *, bucket: int = 
 
 def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  stop_ids: Sequence[int] | None = None, seed: int = 0,
-                  bucket: int = 16) -> list[str]:
+                  stop_ids: Sequence[int] | None = None, seed: int = 0, bucket: int = 16,
+                  batch_size: int | None = None) -> list[str]:
   """Completions of `prompts` (strings, encoded with special tokens allowed, or id lists),
   decoded up to (not including) the first stop id. Greedy by default.
 
-  Prompts are right-padded to a multiple of `bucket` tokens to limit recompiles.
+  Prompts are right-padded to a multiple of `bucket` tokens to limit recompiles;
+  `batch_size` (default: all at once) decodes them in chunks of that many rows, every
+  chunk the same shape (one compilation). Stop ids default to `default_stop_ids`.
   """
   if isinstance(prompts, (str, bytes)):
     raise TypeError('generate_text: prompts is a list of strings or of id lists.')
@@ -373,13 +375,18 @@ def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens:
   settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=tokenizer.pad_id)
   mesh = _mesh_and_param_shardings(params)[0]
+  mult = batch_multiple(mesh, mcfg.rules)
+  rows = -(-min(batch_size or len(ids), len(ids)) // mult) * mult
   prompt_ids, lengths = pad_prompts(ids, tokenizer.pad_id, bucket=bucket,
                                     max_len=mcfg.max_seq_len - max_new_tokens,
-                                    batch_multiple=batch_multiple(mesh, mcfg.rules))
-  out = sample(graphdef, params, mcfg, prompt_ids, lengths, jax.random.PRNGKey(seed), settings)
-  tokens, n, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+                                    batch_multiple=rows)
+  key = jax.random.PRNGKey(seed)
   texts = []
-  for row in range(len(ids)):
-    keep = int(n[row]) - int(bool(finished[row]))  # drop the stop token itself
-    texts.append(tokenizer.decode(tokens[row, :keep].tolist()))
+  for start in range(0, len(ids), rows):
+    out = sample(graphdef, params, mcfg, prompt_ids[start:start + rows],
+                 lengths[start:start + rows], jax.random.fold_in(key, start), settings)
+    tokens, n, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+    for row in range(min(rows, len(ids) - start)):
+      keep = int(n[row]) - int(bool(finished[row]))  # drop the stop token itself
+      texts.append(tokenizer.decode(tokens[row, :keep].tolist()))
   return texts

@@ -316,6 +316,9 @@ def test_generate_text_pads_and_stops():
     if ids[-1] == stop:
       ids = ids[:-1]
     assert texts[b] == ''.join(chr(i) for i in ids)
+  # In chunks of 2 rows (2 calls of one compiled shape): the same texts.
+  assert sampling.generate_text(s.graphdef, s.params, s.mcfg, ByteTokenizer(), prompts,
+                                max_new_tokens=N, stop_ids=(stop,), batch_size=2) == texts
 
 
 def test_rejects_bad_shapes():
