@@ -2,7 +2,6 @@
 
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -25,8 +24,6 @@ def _cfg(tmp_path, *, seq_len=48, batch_size=4, **sft_fields):
   cfg.data.seq_len = seq_len
   cfg.data.tfds_dir = str(tmp_path / 'tfds')
   cfg.train.batch_size = batch_size
-  if 'sft' not in cfg:
-    cfg.sft = ml_collections.ConfigDict()
   for k, v in sft_fields.items():
     cfg.sft[k] = v
   return cfg

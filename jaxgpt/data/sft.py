@@ -65,21 +65,13 @@ FORMAT_VERSION = '1.0.0'
 BAD_ROW_POLICIES = ('error', 'skip')
 LONG_ROW_POLICIES = ('truncate', 'drop')
 
-# The `config.sft` fields this module reads, with their defaults (see `sft_options`).
-SFT_DEFAULTS = {
-    'data': 'embedded',        # 'embedded' | comma-separated paths/globs of .jsonl files
-    'task_examples': 20_000,   # embedded only: train-split task examples mixed in
-    'on_bad_row': 'error',     # error | skip
-    'on_long_row': 'truncate', # truncate | drop
-    'packing': True,           # several conversations a row (segment ids) vs one, padded
-    'val_fraction': 0.02,      # share of conversations held out for validation loss
-}
+# The `config.sft` fields this module reads (defaults and meanings: jaxgpt/config.py).
+_FIELDS = ('data', 'task_examples', 'on_bad_row', 'on_long_row', 'packing', 'val_fraction')
 
 
 def sft_options(config) -> dict[str, Any]:
-  """`config.sft` with defaults for fields it does not (yet) have, validated."""
-  sft = config.get('sft', None) if hasattr(config, 'get') else None
-  opts = {k: (sft.get(k, v) if sft is not None else v) for k, v in SFT_DEFAULTS.items()}
+  """The `config.sft` fields this module reads, validated."""
+  opts = {k: config.sft[k] for k in _FIELDS}
   for field, allowed in (('on_bad_row', BAD_ROW_POLICIES), ('on_long_row', LONG_ROW_POLICIES)):
     if opts[field] not in allowed:
       raise ValueError(f'config.sft.{field}={opts[field]!r} must be one of {allowed}.')
@@ -363,9 +355,9 @@ def make_sft_data(config, tokenizer, *, process_index: int = 0,
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
   local_batch = pretrain.local_batch_size(config, process_count)
-  seed = int(config.data.get('shuffle_seed', 0))
+  seed = int(config.data.shuffle_seed)
 
-  rows, counts = load_rows(opts, seed=int(config.get('seed', 0)))
+  rows, counts = load_rows(opts, seed=int(config.seed))
   if not rows:
     raise ValueError(f"SFT data {opts['data']!r}: no valid conversation (counts: {counts}).")
   builder = prepare(rows, config, float(opts['val_fraction']))
@@ -391,7 +383,7 @@ def make_sft_data(config, tokenizer, *, process_index: int = 0,
   ds = _rows(ds.to_iter_dataset(_READ), seq_len, packing, local_batch, seed=seed,
              shuffle_bins=True)
   train = ds.batch(local_batch, drop_remainder=True)
-  workers = int(config.data.get('worker_count', 0))
+  workers = int(config.data.worker_count)
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
       flags.FLAGS.mark_as_parsed()
