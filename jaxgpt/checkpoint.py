@@ -115,3 +115,22 @@ def restore_latest_params(directory: str, abstract_state, *, what: str):
   finally:
     ckpt.close()
   return state['params'], meta, step
+
+
+def restore_params(directory: str, step: int, abstract_params):
+  """Only the parameters of checkpoint `directory/<step>` (no optimizer state, no data
+  iterator), placed by the shardings of `abstract_params` (ShapeDtypeStructs carrying
+  them, see `abstract_with_shardings`): what inference needs.
+  """
+  path = os.path.join(os.path.abspath(directory), str(step), 'state')
+  target = {'params': abstract_params}
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+  except Exception as e:  # orbax raises many types for a damaged or mismatched directory
+    raise CheckpointError(
+        f'cannot read the parameters of checkpoint {path}: {type(e).__name__}: {e}. '
+        'config.model.* must match the run that wrote it.') from e
+  return restored['params']

@@ -390,3 +390,95 @@ def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens:
       keep = int(n[row]) - int(bool(finished[row]))  # drop the stop token itself
       texts.append(tokenizer.decode(tokens[row, :keep].tolist()))
   return texts
+
+
+# -- streaming (interactive chat) -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_fns(graphdef, mcfg, choice: SamplingConfig, mesh, param_treedef, param_shardings):
+  """Jitted (prefill, step) with a cache of `mcfg.max_seq_len` slots: the step compiles
+  once, the prefill once per prompt-width bucket."""
+  rules = mcfg.rules
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  repl = sharding.replicated(mesh)
+  cache_sh = NamedSharding(mesh, sharding.logical_to_spec(_CACHE_AXES, rules))
+  param_sh = jax.tree.unflatten(param_treedef, param_shardings)
+
+  def forward(params, tokens_bt, positions_bt, cache, take_b1=None):
+    model = model_lib.merge(graphdef, params)
+    cache = tuple(sharding.constrain(c, _CACHE_AXES, rules) for c in cache)
+    hidden_btd, cache = model.decode(tokens_bt, positions_bt, cache)
+    if take_b1 is not None:
+      hidden_btd = jnp.take_along_axis(hidden_btd, take_b1[:, :, None], axis=1)
+    logits_bv = sharding.constrain(model.logits(hidden_btd)[:, 0], ('act_batch', None), rules)
+    return logits_bv, tuple(sharding.constrain(c, _CACHE_AXES, rules) for c in cache)
+
+  def prefill(params, prompts_bw, length, rng):
+    b, w = prompts_bw.shape
+    cache = model_lib.init_cache(mcfg, b, mcfg.max_seq_len)
+    positions_bw = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
+    take_b1 = jnp.full((b, 1), length - 1, jnp.int32)
+    logits_bv, cache = forward(params, prompts_bw, positions_bw, cache, take_b1)
+    return next_token(logits_bv, jax.random.fold_in(rng, 0), choice)[0], cache
+
+  def step(params, prev_b, position, cache, rng, i):
+    b = prev_b.shape[0]
+    positions_b1 = jnp.full((b, 1), position, jnp.int32)
+    logits_bv, cache = forward(params, prev_b[:, None], positions_b1, cache)
+    return next_token(logits_bv, jax.random.fold_in(rng, i), choice)[0], cache
+
+  out_sh = (batch_sh, (cache_sh, cache_sh))
+  jit_prefill = jax.jit(prefill, in_shardings=(param_sh, batch_sh, repl, repl),
+                        out_shardings=out_sh)
+  jit_step = jax.jit(step, in_shardings=(param_sh, batch_sh, repl, (cache_sh, cache_sh), repl,
+                                         repl),
+                     out_shardings=out_sh, donate_argnums=(3,))
+  return jit_prefill, jit_step
+
+
+def stream(graphdef, params, mcfg, prompt_ids: Sequence[int], *, settings: SamplingConfig,
+           seed: int = 0, bucket: int = 64):
+  """Yields the sampled ids of one prompt one at a time, as they are generated.
+
+  Greedy, the ids are exactly `sample`'s for this prompt; otherwise they come from the
+  same distribution (draw i uses `fold_in(PRNGKey(seed), i)`; the draws themselves may
+  differ from a batched `sample`). As in `sample`, the stop id is yielded too; it ends
+  the stream. The host drives the loop: one prefill, then one jitted single-token step
+  per id (the next step is dispatched before the current id is read back). The KV cache has `mcfg.max_seq_len` slots whatever
+  the prompt, so the step compiles once per session (the prefill once per
+  `bucket`-multiple of prompt width). At most `settings.max_new_tokens` ids, and never
+  past `mcfg.max_seq_len` positions (prompt + response). The single row is repeated to
+  `batch_multiple` rows on a data-parallel mesh.
+  """
+  ids = [int(t) for t in prompt_ids]
+  n_prompt = len(ids)
+  if n_prompt < 1:
+    raise ValueError('sampling.stream: the prompt needs at least one token.')
+  room = mcfg.max_seq_len - n_prompt
+  if room < 1:
+    raise ValueError(f'sampling.stream: the prompt has {n_prompt} tokens, leaving no room '
+                     f'in config.model.max_seq_len={mcfg.max_seq_len}; shorten it.')
+  n_new = min(int(settings.max_new_tokens), room)
+  mesh, treedef, param_shardings = _mesh_and_param_shardings(params)
+  choice = SamplingConfig(max_new_tokens=1, temperature=settings.temperature,
+                          top_k=settings.top_k, top_p=settings.top_p)
+  prefill, step = _stream_fns(graphdef, mcfg, choice, mesh, treedef, param_shardings)
+  rows = batch_multiple(mesh, mcfg.rules)
+  width = min(-(-n_prompt // bucket) * bucket, mcfg.max_seq_len)
+  prompts_bw = np.zeros((rows, width), np.int32)
+  prompts_bw[:, :n_prompt] = ids
+  rng = jax.device_put(jax.random.PRNGKey(seed), sharding.replicated(mesh))
+  stops = set(settings.stop_ids)
+  with jax.set_mesh(mesh):
+    tok_b, cache = prefill(params, prompts_bw, np.int32(n_prompt), rng)
+  for i in range(n_new):
+    current_b = tok_b
+    if i + 1 < n_new:  # dispatch the next step before reading this token: overlap
+      with jax.set_mesh(mesh):
+        tok_b, cache = step(params, current_b, np.int32(n_prompt + i), cache, rng,
+                            np.int32(i + 1))
+    token = int(np.asarray(jax.device_get(current_b))[0])
+    yield token
+    if token in stops:
+      return

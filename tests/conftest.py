@@ -12,3 +12,17 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """`stage=all` of experiments/tiny.py:smoke, shared by the tests that need a finished
+  run: 6 pretraining steps (tokenizer trained from the embedded corpus), then 4 SFT
+  steps and the evaluation. (workdir, {stage: loop.Result})."""
+  import helpers  # pylint: disable=import-outside-toplevel
+  from jaxgpt import run as run_lib  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp('smoke_run'))
+  return workdir, run_lib.run(helpers.smoke_config(), workdir)

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import jax
 import numpy as np
 
 from jaxgpt import config as config_lib
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+
+
+def load_experiment(name):
+  """The module experiments/<name>.py (experiments are files, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      f'experiment_{name}', os.path.join(ROOT, 'experiments', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def set_fields(cfg, **dotted):
+  """cfg with dotted-name fields set, e.g. set_fields(cfg, **{'train.steps': 4})."""
+  for name, value in dotted.items():
+    *parents, leaf = name.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def smoke_config(**dotted):
+  """experiments/tiny.py:smoke (seconds-long, real data) with dotted overrides."""
+  return set_fields(load_experiment('tiny').get_config('smoke'), **dotted)
 
 
 def tiny_config(family='llama', *, mesh=(1, 1, 1), scan=True, remat='none', micro_batches=1,

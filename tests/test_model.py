@@ -1,7 +1,6 @@
 """The decoder: KV-cache decoding, document masking, learning, the 7B shape, scalar head."""
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -139,10 +138,7 @@ def test_tiny_model_overfits_one_batch():
 # -- LLaMA-7B, abstractly -----------------------------------------------------------------
 
 def _experiment(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return helpers.load_experiment(name).get_config()
 
 
 def test_llama_7b_abstract_state_has_6_7b_params_and_allocates_nothing():

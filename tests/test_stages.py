@@ -12,27 +12,13 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
+
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import run as run_lib
 from jaxgpt.config import ConfigError
 
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location(
-    'tiny_experiment', os.path.join(os.path.dirname(__file__), '..', 'experiments', 'tiny.py'))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
-
-
-def smoke_config(**overrides):
-  cfg = tiny.get_config('smoke')
-  for dotted, value in overrides.items():
-    node = cfg
-    *parents, leaf = dotted.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+smoke_config = helpers.smoke_config
 
 
 def read_jsonl(path):
@@ -41,10 +27,8 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  """A finished 6-step pretraining run (tokenizer trained from the embedded corpus)."""
-  workdir = str(tmp_path_factory.mktemp('run'))
-  results = run_lib.run(smoke_config(), workdir)
+def pretrained(smoke_run):
+  workdir, results = smoke_run
   return workdir, results['pretrain']
 
 
@@ -62,13 +46,13 @@ def test_pretrain_writes_metrics_checkpoints_and_samples(pretrained):
   assert glob.glob(os.path.join(stage_dir, 'events.out.tfevents.*'))
   assert sorted(os.listdir(os.path.join(stage_dir, 'checkpoints'))) == ['3', '6']
   samples = read_jsonl(os.path.join(stage_dir, 'samples.jsonl'))
-  assert {s['prompt'] for s in samples} == set(tiny.get_config('smoke').train.sample_prompts)
+  assert {s['prompt'] for s in samples} == set(smoke_config().train.sample_prompts)
   assert int(result.state['step']) == 6
 
 
 def test_rerun_of_finished_run_changes_nothing(pretrained):
   workdir, result = pretrained
-  again = run_lib.run(smoke_config(), workdir)['pretrain']
+  again = run_lib.run(smoke_config(stage='pretrain'), workdir)['pretrain']
   for a, b in zip(jax.tree.leaves(result.state['params']), jax.tree.leaves(again.state['params'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -79,6 +63,7 @@ def test_resume_equals_uninterrupted_run(pretrained, tmp_path):
   # A constant learning rate after warm-up, so the schedule does not depend on train.steps.
   common = {'tokenizer.path': tokenizer, 'train.min_lr_ratio': 1.0, 'train.eval_every': 100,
             'train.sample_every': 100, 'checkpoint.every_steps': 100}
+  common['stage'] = 'pretrain'
   split = str(tmp_path / 'split')
   run_lib.run(smoke_config(**common, **{'train.steps': 4}), split)
   resumed = run_lib.run(smoke_config(**common, **{'train.steps': 8}), split)['pretrain']
@@ -90,12 +75,9 @@ def test_resume_equals_uninterrupted_run(pretrained, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sft_stage_from_pretrained_writes_eval(pretrained):
-  workdir, _ = pretrained
-  cfg = smoke_config(**{'stage': 'sft', 'sft.steps': 4, 'sft.task_examples': 400,
-                        'sft.eval_per_task': 2})
-  result = run_lib.run(cfg, workdir)['sft']
-  assert int(result.state['step']) == 4
+def test_sft_stage_from_pretrained_writes_eval(smoke_run):
+  workdir, results = smoke_run
+  assert int(results['sft'].state['step']) == 4
   with open(os.path.join(workdir, 'sft', 'eval.json'), encoding='utf-8') as f:
     report = json.load(f)
   for key in ('base_zero_shot', 'base_few_shot', 'sft'):
@@ -120,7 +102,7 @@ def test_damaged_checkpoint_fails_naming_it(pretrained, tmp_path):
     if os.path.isfile(path) and 'manifest' in path:
       with open(path, 'wb') as f:
         f.write(b'garbage')
-  cfg = smoke_config(**{'train.steps': 8})
+  cfg = smoke_config(**{'train.steps': 8, 'stage': 'pretrain'})
   with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoints/6.*move it aside'):
     run_lib.run(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'pretrain', 'checkpoints'))) == ['3', '6']

@@ -31,7 +31,8 @@ def build(cfg, workdir: str) -> loop.Stage:
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
       loss_fn=trainer.lm_loss_fn(t.z_loss, cfg.data.segment_ids), data=data,
       sample_fn=text_sampler(tok, mcfg, list(t.sample_prompts), t.sample_tokens),
-      meta={'tokenizer': tok.path, 'data_stats': data.stats})
+      meta={'tokenizer': tok.path, 'data_stats': data.stats,
+            'config': cfg.to_json_best_effort()})
 
 
 def run(cfg, workdir: str) -> loop.Result:

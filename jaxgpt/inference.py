@@ -1,0 +1,197 @@
+"""Loading a trained stage for inference (shared by `jaxgpt.sample` and `jaxgpt.chat`).
+
+`load(workdir, stage)` reads the newest checkpoint of WORKDIR/<stage>/checkpoints:
+the experiment config recorded in its meta (so no experiment file is needed), only the
+parameters (no optimizer state, no data iterator), and the tokenizer the run used.
+
+The inference mesh puts every device on the 'data' axis (parameters replicated, rows
+spread over devices) unless `mesh` overrides some axes, e.g. {'tensor': 8} or the
+`--mesh=tensor=8` flag for a model that does not fit on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+from absl import flags
+
+from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import config as config_lib
+from jaxgpt import model as model_lib
+from jaxgpt import sharding
+from jaxgpt.data import tokenizer as tokenizer_lib
+
+# Stages whose checkpoint holds a language model one can sample from.
+GENERATIVE_STAGES = ('pretrain', 'sft', 'ppo')
+
+
+class InferenceError(RuntimeError):
+  """A run cannot be loaded; the message says why and which command creates it."""
+
+
+class Loaded(NamedTuple):
+  graphdef: Any
+  params: Any
+  mcfg: model_lib.ModelConfig
+  tokenizer: tokenizer_lib.Tokenizer
+  cfg: ml_collections.ConfigDict
+
+
+def _train_command(workdir: str, stage: str) -> str:
+  """The command that trains `stage` into `workdir` (with the run's own experiment file)."""
+  extra = '' if stage == 'pretrain' else f' --config.stage={stage}'
+  return f'python -m jaxgpt.main --config experiments/tiny.py --workdir {workdir}{extra}'
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, 'checkpoints')
+
+
+def check_stage(stage: str) -> None:
+  if stage == 'reward':
+    raise InferenceError(
+        "stage 'reward' holds a reward model, which scores text and cannot generate it; "
+        f'use one of {GENERATIVE_STAGES}.')
+  if stage not in GENERATIVE_STAGES:
+    raise InferenceError(f'unknown stage {stage!r}; use one of {GENERATIVE_STAGES}.')
+
+
+def latest_checkpoint(workdir: str, stage: str) -> tuple[str, int, dict]:
+  """(checkpoints directory, newest finished step, its meta) of WORKDIR/<stage>; fails
+  saying what to run when there is none."""
+  check_stage(stage)
+  if not os.path.isdir(workdir):
+    raise InferenceError(
+        f'workdir {workdir} does not exist; train a model first, e.g.: '
+        f'{_train_command(workdir, "pretrain")}')
+  directory = checkpoint_dir(workdir, stage)
+  if not os.path.isdir(directory):
+    present = sorted(s for s in GENERATIVE_STAGES if os.path.isdir(checkpoint_dir(workdir, s)))
+    raise InferenceError(
+        f'{workdir} has no {stage} stage ({directory} does not exist; stages with '
+        f'checkpoints here: {present or "none"}); create it with, e.g.: '
+        f'{_train_command(workdir, stage)}')
+  reader = ckpt_lib.Checkpointer(directory, async_save=False)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      raise InferenceError(
+          f'{directory} holds no finished checkpoint; run (or resume) the stage, e.g.: '
+          f'{_train_command(workdir, stage)}')
+    try:
+      meta = reader.read_meta(step)
+    except Exception as e:  # orbax raises many types for a damaged directory
+      raise InferenceError(f'cannot read {directory}/{step}/meta: {type(e).__name__}: {e}') \
+          from e
+  finally:
+    reader.close()
+  return directory, step, meta
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+  """'tensor=2,data=-1' -> {'tensor': 2, 'data': -1}; '' -> {}."""
+  out: dict[str, int] = {}
+  for part in (text or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    name, sep, value = part.partition('=')
+    name = name.strip()
+    if not sep or name not in config_lib.MESH_AXES:
+      raise InferenceError(
+          f'--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS one of '
+          f'{config_lib.MESH_AXES}, e.g. --mesh=data=1,tensor=8.')
+    try:
+      out[name] = int(value)
+    except ValueError:
+      raise InferenceError(f'--mesh {text!r}: size {value!r} of {name} is not an integer.') \
+          from None
+  return out
+
+
+def config_from_meta(meta: dict, where: str) -> ml_collections.ConfigDict:
+  """The experiment config recorded in a checkpoint's meta (JSON), rules as tuples."""
+  raw = meta.get('config')
+  if raw is None:
+    raise InferenceError(
+        f'{where}: the checkpoint does not record its config (written before checkpoints '
+        'did); re-run the stage with a newer jaxgpt, or convert it.')
+  recorded = json.loads(raw) if isinstance(raw, str) else dict(raw)
+  # Fields added to the schema after the checkpoint was written keep their defaults.
+  d = _merged(config_lib.base_config().to_dict(), recorded)
+  d['mesh']['rules'] = sharding.rules_tuple(d['mesh']['rules'])
+  return ml_collections.ConfigDict(d)
+
+
+def _merged(base: dict, override: dict) -> dict:
+  out = dict(base)
+  for k, v in override.items():
+    out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+  return out
+
+
+def _tokenizer(workdir: str, meta: dict, model_vocab: int) -> tokenizer_lib.Tokenizer:
+  candidates = [p for p in (meta.get('tokenizer'), os.path.join(workdir, 'tokenizer.model'))
+                if p]
+  for path in candidates:
+    if os.path.exists(path):
+      tok = tokenizer_lib.Tokenizer.load(path)
+      tokenizer_lib.check_vocab(tok, model_vocab)
+      return tok
+  raise InferenceError(f'tokenizer not found (looked at {candidates}).')
+
+
+def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) -> Loaded:
+  """(graphdef, params, mcfg, tokenizer, cfg) of the newest checkpoint of WORKDIR/<stage>.
+
+  `mesh` overrides axes of the inference mesh (default data=-1, fsdp=1, tensor=1).
+  """
+  jax.config.update('jax_threefry_partitionable', True)  # as in training: mesh-independent
+  directory, step, meta = latest_checkpoint(workdir, stage)
+  cfg = config_from_meta(meta, f'{directory}/{step}')
+  overrides = parse_mesh(mesh) if isinstance(mesh, str) or mesh is None else dict(mesh)
+  unknown = set(overrides) - set(config_lib.MESH_AXES)
+  if unknown:
+    raise InferenceError(f'mesh overrides {sorted(unknown)}: axes are {config_lib.MESH_AXES}.')
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  for axis, size in overrides.items():
+    cfg.mesh[axis] = int(size)
+  try:
+    device_mesh = sharding.make_mesh(cfg)
+  except config_lib.ConfigError as e:
+    raise InferenceError(f'inference mesh {overrides}: {e}') from e
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  graphdef, abstract, logical = model_lib.abstract_model(mcfg)
+  try:
+    shardings = sharding.param_shardings(abstract, logical, device_mesh, mcfg.rules)
+  except config_lib.ConfigError as e:
+    raise InferenceError(f'inference mesh {dict(device_mesh.shape)}: {e}') from e
+  params = ckpt_lib.restore_params(directory, step,
+                                   ckpt_lib.abstract_with_shardings(abstract, shardings))
+  tok = _tokenizer(workdir, meta, mcfg.vocab_size)
+  return Loaded(graphdef, params, mcfg, tok, cfg)
+
+
+# -- flags shared by the command-line tools ---------------------------------------------------
+
+
+def define_flags() -> None:
+  """The flags `jaxgpt.sample` and `jaxgpt.chat` share (each defined once per process)."""
+  specs = [
+      (flags.DEFINE_string, 'workdir', None, 'Run directory written by jaxgpt.main.'),
+      (flags.DEFINE_string, 'stage', 'sft', f'Which stage to load: one of {GENERATIVE_STAGES}.'),
+      (flags.DEFINE_string, 'mesh', '', 'Inference mesh overrides, e.g. "data=1,tensor=8" '
+       '(default: every device on the data axis).'),
+      (flags.DEFINE_integer, 'max_new_tokens', 128, 'Most tokens generated per response.'),
+      (flags.DEFINE_float, 'temperature', 0.8, '0 -> greedy.'),
+      (flags.DEFINE_integer, 'top_k', 40, '0 -> off.'),
+      (flags.DEFINE_float, 'top_p', 1.0, '1 -> off.'),
+      (flags.DEFINE_integer, 'seed', 0, 'Sampling seed.'),
+  ]
+  for define, name, default, help_text in specs:
+    if name not in flags.FLAGS:
+      define(name, default, help_text)
