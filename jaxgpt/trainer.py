@@ -117,6 +117,9 @@ def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, ru
     metrics = {k: v / denom for k, v in sums.items() if k != 'weight'}
     metrics['weight'] = sums['weight']
     metrics['grad_norm'] = optax.tree.norm(grads)
+    # The loop refuses to checkpoint a state whose parameters overflowed.
+    metrics['params_finite'] = jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda p: jnp.all(jnp.isfinite(p)), params))
     if lr_schedule is not None:
       metrics['lr'] = lr_schedule(state['step'])
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,

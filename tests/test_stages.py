@@ -111,3 +111,14 @@ def test_damaged_checkpoint_fails_naming_it(pretrained, tmp_path):
 def test_unimplemented_stage_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match='config.stage'):
     run_lib.run(smoke_config(stage='ppo'), str(tmp_path))
+
+
+def test_diverged_run_stops_without_saving(pretrained, tmp_path):
+  """A non-finite loss stops the run before any checkpoint of the diverged state."""
+  tokenizer = os.path.join(pretrained[0], 'tokenizer.model')
+  cfg = smoke_config(**{'stage': 'pretrain', 'tokenizer.path': tokenizer, 'train.lr': 1e30,
+                        'train.warmup_steps': 0, 'train.clip_norm': 0.0,
+                        'train.log_every': 100, 'checkpoint.every_steps': 2})
+  with pytest.raises(FloatingPointError, match=r'stopping without saving'):
+    run_lib.run(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / 'pretrain' / 'checkpoints') == []

@@ -136,8 +136,18 @@ def train(stage: Stage, workdir: str) -> Result:
 
   saved_step = start
 
+  def check_finite(step, metrics):
+    loss, params_ok = jax.device_get((metrics['loss'], metrics['params_finite']))
+    if not (np.isfinite(loss) and params_ok):
+      what = f'loss is {loss}' if not np.isfinite(loss) else 'parameters are not finite'
+      raise FloatingPointError(
+          f'[{stage.name}] {what} at step {step}; stopping without saving (last good '
+          f'checkpoint: {ckpt.latest_step()}). Lower config.train.lr or raise '
+          'config.train.warmup_steps.')
+
   def save(step):
     nonlocal saved_step
+    check_finite(step, metrics)  # never save a diverged state
     ckpt.save(step, state, stage.data.train_iter, dict(meta, step=step))
     saved_step = step
 
@@ -157,18 +167,15 @@ def train(stage: Stage, workdir: str) -> Result:
           timer_start, timer_step, tokens = time.perf_counter(), step, 0
         if step % t.log_every == 0 or step == t.steps:
           metrics = jax.device_get(metrics)
-          if not np.isfinite(metrics['loss']):
-            raise FloatingPointError(
-                f'[{stage.name}] loss is {metrics["loss"]} at step {step}; stopping without '
-                f'saving (last good checkpoint: {ckpt.latest_step()}). Lower config.train.lr '
-                'or raise config.train.warmup_steps.')
+          check_finite(step, metrics)
+          logged = {k: v for k, v in metrics.items() if k != 'params_finite'}
           elapsed = time.perf_counter() - timer_start
           if step > timer_step and elapsed > 0:
-            metrics['tokens_per_sec'] = tokens / elapsed
-            metrics['mfu'] = metrics['tokens_per_sec'] * step_flops / peak
-          writer.write(step, metrics)
-          writer.progress(step, metrics)
-          final_metrics.update(metrics)
+            logged['tokens_per_sec'] = tokens / elapsed
+            logged['mfu'] = logged['tokens_per_sec'] * step_flops / peak
+          writer.write(step, logged)
+          writer.progress(step, logged)
+          final_metrics.update(logged)
           timer_start, timer_step, tokens = time.perf_counter(), step, 0
         if val_batches and (step % t.eval_every == 0 or step == t.steps):
           val = evaluate(eval_step, state['params'], val_batches, mesh, rules)
