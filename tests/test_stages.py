@@ -122,3 +122,36 @@ def test_diverged_run_stops_without_saving(pretrained, tmp_path):
   with pytest.raises(FloatingPointError, match=r'stopping without saving'):
     run_lib.run(cfg, str(tmp_path))
   assert os.listdir(tmp_path / 'pretrain' / 'checkpoints') == []
+
+
+def test_sigterm_saves_and_the_rerun_resumes(pretrained, tmp_path):
+  """Pre-emption: SIGTERM mid-run saves the current step; the same command resumes."""
+  import re
+  import signal
+  import subprocess
+  import sys
+  tokenizer = os.path.join(pretrained[0], 'tokenizer.model')
+  cmd = [sys.executable, '-m', 'jaxgpt.main', f'--config={helpers.ROOT}/experiments/tiny.py:smoke',
+         f'--workdir={tmp_path}', '--config.stage=pretrain', f'--config.tokenizer.path={tokenizer}',
+         '--config.train.log_every=1', '--config.train.eval_every=100000',
+         '--config.train.sample_every=100000', '--config.checkpoint.every_steps=100000',
+         '--config.train.peak_flops=1e12']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+  proc = subprocess.Popen(cmd + ['--config.train.steps=100000'], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=helpers.ROOT)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if re.search(r'\[pretrain\]\s+3/100000', line):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = ''.join(lines) + proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  saved = int(re.search(r'SIGTERM: saved step (\d+)', out).group(1))
+  assert saved >= 3
+  assert os.listdir(tmp_path / 'pretrain' / 'checkpoints') == [str(saved)]
+  again = subprocess.run(cmd + [f'--config.train.steps={saved + 2}'], capture_output=True,
+                         text=True, env=env, cwd=helpers.ROOT, timeout=300)
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert f'resumed from {tmp_path}/pretrain/checkpoints/{saved}' in again.stdout
+  assert f'steps {saved} -> {saved + 2}' in again.stdout
