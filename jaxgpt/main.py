@@ -5,10 +5,12 @@ the stage (pretrain, sft, ... or all). Kept short on purpose: everything else is
 in `jaxgpt.run`.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import run
+from jaxgpt import checkpoint, config, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes everything.')
@@ -20,7 +22,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
-  run.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+  try:
+    run.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+  except (config.ConfigError, checkpoint.CheckpointError, FloatingPointError) as e:
+    # Mistakes the message fully explains: no traceback, just what to change.
+    print(f'jaxgpt: {e}', file=sys.stderr, flush=True)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':

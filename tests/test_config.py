@@ -1,5 +1,6 @@
 """Every config mistake fails at start-up with a message that names the field."""
 
+import os
 import pathlib
 import re
 
@@ -166,3 +167,17 @@ def test_override_with_a_bad_value_fails_naming_the_flag():
   cfg = parse_flags(f'--config={ROOT}/experiments/tiny.py', '--config.model.n_kv_heads=3')
   with pytest.raises(ConfigError, match=r'config\.model\.n_kv_heads=3 must divide'):
     config_lib.validate(cfg, 8)
+
+
+def test_main_reports_a_config_error_in_one_line(tmp_path):
+  """`python -m jaxgpt.main` with an impossible mesh: exit 1, the message, no traceback."""
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jaxgpt.main', f'--config={ROOT}/experiments/tiny.py',
+       f'--workdir={tmp_path}', '--config.mesh.data=3'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''})
+  assert proc.returncode == 1
+  assert 'jaxgpt: config.mesh: data*fsdp*tensor = 3 but there are 1 devices' in proc.stderr
+  assert 'Traceback' not in proc.stderr
