@@ -195,3 +195,29 @@ def test_scalar_head_gives_one_float32_per_position():
   head = jax.device_get(params['scalar_head'])
   np.testing.assert_allclose(scalars, hidden @ head['kernel'] + head['bias'], rtol=1e-5,
                              atol=1e-5)
+
+
+# -- bfloat16 compute ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('family', ['llama', 'gpt2'])
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(family):
+  """compute dtype bf16 (as gpt2_124m / llama_7b use): the step stays close to fp32 and
+  parameters and optimizer state stay float32, on a sharded mesh."""
+  out = {}
+  for dtype in ('float32', 'bfloat16'):
+    cfg = helpers.tiny_config(family, mesh=(2, 2, 2), remat='dots_saveable')
+    cfg.model.dtype = dtype
+    mesh = sharding.make_mesh(cfg, helpers.devices_for((2, 2, 2)))
+    mcfg = model_lib.ModelConfig.from_config(cfg)
+    opt = optim.make_optimizer(cfg.train)
+    graphdef, state, shardings = trainer.create_train_state(mcfg, mesh, opt, seed=0)
+    batch = helpers.random_batch(cfg)
+    step = trainer.jit_train_step(trainer.make_train_step(graphdef, opt, trainer.lm_loss_fn(), 1,
+                                                          mcfg.rules),
+                                  shardings, mesh, mcfg.rules, batch.keys())
+    with jax.set_mesh(mesh):
+      new_state, metrics = step(state, batch)
+    out[dtype] = jax.device_get(metrics)
+    assert {x.dtype for x in jax.tree.leaves(new_state['params'])} == {jnp.dtype('float32')}
+  np.testing.assert_allclose(out['bfloat16']['loss'], out['float32']['loss'], rtol=1e-2)
+  np.testing.assert_allclose(out['bfloat16']['grad_norm'], out['float32']['grad_norm'], rtol=3e-2)
