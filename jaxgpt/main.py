@@ -7,6 +7,7 @@ in `jaxgpt.run`.
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,7 +16,12 @@ from jaxgpt import checkpoint, config, run
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes everything.')
 _DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() (one process per host).')
+    'distributed', False,
+    'Call jax.distributed.initialize() (one process per host). On TPU pods, SLURM and Open '
+    'MPI JAX finds its peers itself; elsewhere give the three flags below.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -23,7 +29,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
   try:
-    run.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+    if _DISTRIBUTED.value:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    run.run(_CONFIG.value, _WORKDIR.value)
   except (config.ConfigError, checkpoint.CheckpointError, FloatingPointError) as e:
     # Mistakes the message fully explains: no traceback, just what to change.
     print(f'jaxgpt: {e}', file=sys.stderr, flush=True)

@@ -23,10 +23,8 @@ def _stage_module(name: str):
   return module
 
 
-def run(cfg, workdir: str, *, distributed: bool = False) -> dict:
+def run(cfg, workdir: str) -> dict:
   """Validates the config, then runs each stage; returns {stage: loop.Result}."""
-  if distributed:
-    jax.distributed.initialize()
   jax.config.update('jax_threefry_partitionable', True)
   config_lib.validate(cfg, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
