@@ -58,6 +58,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxgpt import config as config_lib
@@ -385,7 +386,9 @@ def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens:
   for start in range(0, len(ids), rows):
     out = sample(graphdef, params, mcfg, prompt_ids[start:start + rows],
                  lengths[start:start + rows], jax.random.fold_in(key, start), settings)
-    tokens, n, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+    # Rows live on every process's devices: gather them (a device_get when single-process).
+    tokens, n, finished = multihost_utils.process_allgather(
+        (out.tokens, out.lengths, out.finished), tiled=True)
     for row in range(min(rows, len(ids) - start)):
       keep = int(n[row]) - int(bool(finished[row]))  # drop the stop token itself
       texts.append(tokenizer.decode(tokens[row, :keep].tolist()))
