@@ -4,7 +4,7 @@ Width 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32000, context 2048; Adam
 (beta2 0.95, weight decay 0.1), peak lr 3e-4 with 2000 warm-up steps and cosine decay
 to 10%, global-norm clip 1.0, 4M tokens per step. Launch on every host of a pod:
 
-  python -m jaxgpt.main --config experiments/llama_7b.py --workdir gs://bucket/llama7b \
+  python -m jaxgpt.main --config experiments/llama_7b.py --workdir /mnt/shared/llama7b \
       --config.tokenizer.path=/path/to/tokenizer.model --config.data.tfds_name=my_corpus
 
 `get_config('v5p-64')`-style arguments are not needed: the mesh puts every device on
