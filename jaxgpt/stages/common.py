@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
@@ -19,7 +20,11 @@ def mesh_and_model(cfg, *, scalar_head=False):
 
 def tokenizer_for(cfg, workdir: str) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: config.tokenizer.path, or WORKDIR/tokenizer.model
-  (trained from the pretraining corpus the first time)."""
+  (trained from the pretraining corpus the first time, by process 0 alone)."""
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      load_or_train_tokenizer(cfg, workdir)
+    multihost_utils.sync_global_devices('jaxgpt: tokenizer ready')
   tok = load_or_train_tokenizer(cfg, workdir)
   tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
   return tok
