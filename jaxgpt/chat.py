@@ -15,9 +15,7 @@ from typing import Iterable, Iterator, TextIO
 
 from absl import app, flags, logging
 
-from jaxgpt import config as config_lib
 from jaxgpt import inference, sampling
-from jaxgpt.checkpoint import CheckpointError
 from jaxgpt.data import chat as chat_template
 
 inference.define_flags()
@@ -209,8 +207,7 @@ def main(argv):
     session = Session(loaded, system=_SYSTEM.value, max_new_tokens=FLAGS.max_new_tokens,
                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                       seed=FLAGS.seed)
-  except (inference.InferenceError, CheckpointError, config_lib.ConfigError, ValueError,
-          OSError) as e:
+  except inference.USER_ERRORS as e:
     print(f'chat: {e}', file=sys.stderr, flush=True)
     return 1
   interactive = sys.stdin.isatty()

@@ -33,6 +33,11 @@ class InferenceError(RuntimeError):
   """A run cannot be loaded; the message says why and which command creates it."""
 
 
+# What the command-line tools report as a one-line message instead of a traceback.
+USER_ERRORS = (InferenceError, ckpt_lib.CheckpointError, config_lib.ConfigError, ValueError,
+               OSError)
+
+
 class Loaded(NamedTuple):
   graphdef: Any
   params: Any

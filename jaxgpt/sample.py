@@ -16,9 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxgpt import config as config_lib
 from jaxgpt import inference, sampling
-from jaxgpt.checkpoint import CheckpointError
 from jaxgpt.data import chat
 
 inference.define_flags()
@@ -83,8 +81,7 @@ def main(argv):
                            max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                            top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
                            batch_size=_BATCH_SIZE.value)
-  except (inference.InferenceError, CheckpointError, config_lib.ConfigError, ValueError,
-          OSError) as e:
+  except inference.USER_ERRORS as e:
     print(f'sample: {e}', file=sys.stderr, flush=True)
     return 1
   for i, (prompt, completion) in enumerate(zip(prompts, completions), 1):
