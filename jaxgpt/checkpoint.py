@@ -12,18 +12,16 @@ import os
 import time
 
 import grain
-import jax
 import orbax.checkpoint as ocp
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  """WORKDIR/<stage>/checkpoints: where a stage's run keeps its checkpoints."""
+  return os.path.join(workdir, stage, 'checkpoints')
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be read; the message names it and what to do."""
-
-
-def abstract_with_shardings(state, shardings):
-  """ShapeDtypeStructs carrying the target shardings: what to restore into."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
 
 
 class Checkpointer:
@@ -91,9 +89,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_latest_params(directory: str, abstract_state, *, what: str):
+def restore_latest_params(directory: str, abstract_params, *, what: str):
   """(params, meta, step) of the newest checkpoint under `directory`, e.g. the previous
-  stage's, restored into the target shardings of `abstract_state`.
+  stage's: only the parameters, restored into the shardings `abstract_params` carries.
 
   A missing or incompatible checkpoint fails with a message saying what to run.
   """
@@ -106,21 +104,20 @@ def restore_latest_params(directory: str, abstract_state, *, what: str):
     step = ckpt.latest_step()
     if step is None:
       raise CheckpointError(f'{what}: {directory} holds no finished checkpoint.')
-    try:
-      state, meta = ckpt.restore(step, abstract_state)
-    except CheckpointError as e:
-      raise CheckpointError(
-          f'{what}: {directory}/{step} does not fit this model (config.model.* must match '
-          f'the run that wrote it): {e}') from e
+    meta = ckpt.read_meta(step)
   finally:
     ckpt.close()
-  return state['params'], meta, step
+  try:
+    params = restore_params(directory, step, abstract_params)
+  except CheckpointError as e:
+    raise CheckpointError(f'{what}: {e}') from e
+  return params, meta, step
 
 
 def restore_params(directory: str, step: int, abstract_params):
   """Only the parameters of checkpoint `directory/<step>` (no optimizer state, no data
   iterator), placed by the shardings of `abstract_params` (ShapeDtypeStructs carrying
-  them, see `abstract_with_shardings`): what inference needs.
+  them, see `sharding.abstract_with_shardings`): what inference needs.
   """
   path = os.path.join(os.path.abspath(directory), str(step), 'state')
   target = {'params': abstract_params}

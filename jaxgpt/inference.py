@@ -52,10 +52,6 @@ def _train_command(workdir: str, stage: str) -> str:
   return f'python -m jaxgpt.main --config experiments/tiny.py --workdir {workdir}{extra}'
 
 
-def checkpoint_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, 'checkpoints')
-
-
 def check_stage(stage: str) -> None:
   if stage == 'reward':
     raise InferenceError(
@@ -73,9 +69,9 @@ def latest_checkpoint(workdir: str, stage: str) -> tuple[str, int, dict]:
     raise InferenceError(
         f'workdir {workdir} does not exist; train a model first, e.g.: '
         f'{_train_command(workdir, "pretrain")}')
-  directory = checkpoint_dir(workdir, stage)
+  directory = ckpt_lib.stage_dir(workdir, stage)
   if not os.path.isdir(directory):
-    present = sorted(s for s in GENERATIVE_STAGES if os.path.isdir(checkpoint_dir(workdir, s)))
+    present = sorted(s for s in GENERATIVE_STAGES if os.path.isdir(ckpt_lib.stage_dir(workdir, s)))
     raise InferenceError(
         f'{workdir} has no {stage} stage ({directory} does not exist; stages with '
         f'checkpoints here: {present or "none"}); create it with, e.g.: '
@@ -170,13 +166,11 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) 
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh {overrides}: {e}') from e
   mcfg = model_lib.ModelConfig.from_config(cfg)
-  graphdef, abstract, logical = model_lib.abstract_model(mcfg)
   try:
-    shardings = sharding.param_shardings(abstract, logical, device_mesh, mcfg.rules)
+    graphdef, target = model_lib.abstract_sharded_params(mcfg, device_mesh)
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh {dict(device_mesh.shape)}: {e}') from e
-  params = ckpt_lib.restore_params(directory, step,
-                                   ckpt_lib.abstract_with_shardings(abstract, shardings))
+  params = ckpt_lib.restore_params(directory, step, target)
   tok = _tokenizer(workdir, meta, mcfg.vocab_size)
   return Loaded(graphdef, params, mcfg, tok, cfg)
 

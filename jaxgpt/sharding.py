@@ -104,5 +104,11 @@ def batch_sharding(mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(('act_batch',), rules))
 
 
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings: what to restore or compile for."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

@@ -32,7 +32,7 @@ def test_restore_into_another_mesh(tmp_path, target_mesh):
 
   _, _, _, abstract, shardings = _state_on(target_mesh)
   reader = ckpt_lib.Checkpointer(str(tmp_path))
-  restored, meta = reader.restore(7, ckpt_lib.abstract_with_shardings(abstract, shardings))
+  restored, meta = reader.restore(7, sharding.abstract_with_shardings(abstract, shardings))
   reader.close()
   assert meta == {'note': 'x'}
   for a, b, sh in zip(jax.tree.leaves(state), jax.tree.leaves(restored),

@@ -21,7 +21,7 @@ from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
 from jaxgpt import inference, optim
 from jaxgpt import sample as sample_cli
-from jaxgpt import sampling, trainer
+from jaxgpt import sampling, sharding, trainer
 from jaxgpt.data import chat as chat_template
 
 PROMPTS = ['What is 2 + 3?', 'ROMEO:']
@@ -70,7 +70,7 @@ def test_load_restores_the_checkpoint_params_config_and_tokenizer(workdir, sft):
       mcfg, mesh, optim.make_optimizer(config_lib.stage_train_config(cfg, 'sft')))
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'sft', 'checkpoints'), async_save=False)
   try:
-    state, meta = ckpt.restore(ckpt.latest_step(), ckpt_lib.abstract_with_shardings(
+    state, meta = ckpt.restore(ckpt.latest_step(), sharding.abstract_with_shardings(
         abstract, shardings))
   finally:
     ckpt.close()

@@ -1,7 +1,7 @@
 """The decoder shared by every stage."""
 
-from jaxgpt.model.params import abstract_model, count_params, fresh_params, init_params, merge
+from jaxgpt.model.params import abstract_model, abstract_sharded_params, count_params, fresh_params, init_params, merge
 from jaxgpt.model.transformer import ModelConfig, Transformer, init_cache
 
-__all__ = ['ModelConfig', 'Transformer', 'abstract_model', 'count_params', 'fresh_params', 'init_cache',
+__all__ = ['ModelConfig', 'Transformer', 'abstract_model', 'abstract_sharded_params', 'count_params', 'fresh_params', 'init_cache',
            'init_params', 'merge']

@@ -31,6 +31,14 @@ def fresh_params(mcfg: ModelConfig, seed: int):
   return nnx.to_pure_dict(nnx.state(Transformer(mcfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
 
+def abstract_sharded_params(mcfg: ModelConfig, mesh):
+  """(graphdef, ShapeDtypeStructs carrying each parameter's sharding on `mesh`): the
+  target to restore parameters into."""
+  graphdef, abstract_params, logical = abstract_model(mcfg)
+  shardings = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
+  return graphdef, sharding.abstract_with_shardings(abstract_params, shardings)
+
+
 def merge(graphdef, params) -> Transformer:
   """The module view of a parameter tree (inside or outside jit)."""
   return nnx.merge(graphdef, params)

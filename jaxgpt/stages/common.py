@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import jax
 from jax.experimental import multihost_utils
@@ -36,7 +35,3 @@ def process_info() -> dict[str, int]:
 
 def format_stats(stats: dict) -> str:
   return ', '.join(f'{k} {v:,}' for k, v in stats.items() if isinstance(v, (int, float)))
-
-
-def final_checkpoint_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, 'checkpoints')

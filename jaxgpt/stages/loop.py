@@ -100,7 +100,7 @@ def train(stage: Stage, workdir: str) -> Result:
   cfg, t, mesh, rules = stage.cfg, stage.train_cfg, stage.mesh, stage.mcfg.rules
   out_dir = stage_dir(workdir, stage.name)
   ckpt = ckpt_lib.Checkpointer(
-      os.path.join(out_dir, 'checkpoints'), every_steps=cfg.checkpoint.every_steps,
+      ckpt_lib.stage_dir(workdir, stage.name), every_steps=cfg.checkpoint.every_steps,
       every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep)
   optimizer = optim.make_optimizer(t)
   graphdef, abstract_state, shardings = trainer.abstract_train_state(stage.mcfg, mesh, optimizer)
@@ -108,7 +108,7 @@ def train(stage: Stage, workdir: str) -> Result:
 
   latest = ckpt.latest_step()
   if latest is not None:
-    target = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
+    target = sharding.abstract_with_shardings(abstract_state, shardings)
     state, _ = ckpt.restore(latest, target, stage.data.train_iter)
     print(f'[{stage.name}] resumed from {ckpt.directory}/{latest}', flush=True)
   else:

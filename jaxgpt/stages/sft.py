@@ -15,7 +15,8 @@ import jax
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
-from jaxgpt import evaluation, optim, sampling, tasks, trainer
+from jaxgpt import evaluation, sampling, tasks, trainer
+from jaxgpt import model as model_lib
 from jaxgpt.data import chat
 from jaxgpt.data.sft import make_sft_data
 from jaxgpt.data.tokenizer import Tokenizer
@@ -26,14 +27,12 @@ PREVIOUS = 'pretrain'
 
 
 def init_dir(cfg, workdir: str) -> str:
-  return cfg.checkpoint.init_from or common.final_checkpoint_dir(workdir, PREVIOUS)
+  return cfg.checkpoint.init_from or ckpt_lib.stage_dir(workdir, PREVIOUS)
 
 
 def base_params(cfg, workdir, mesh, mcfg):
   """(params, meta) of the pretrained model, placed in this run's shardings."""
-  opt = optim.make_optimizer(cfg.train)
-  _, abstract, shardings = trainer.abstract_train_state(mcfg, mesh, opt)
-  target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  _, target = model_lib.abstract_sharded_params(mcfg, mesh)
   params, meta, _ = ckpt_lib.restore_latest_params(init_dir(cfg, workdir), target,
                                                    what=f'{NAME} initial weights')
   return params, meta
