@@ -204,8 +204,8 @@ def train(stage: Stage, workdir: str) -> Result:
       ckpt.close()
       writer.close()
   if start >= t.steps:
-    print(f'[{stage.name}] already at step {start}; raise config.train.steps to continue.',
-          flush=True)
+    field = 'config.train.steps' if stage.name == 'pretrain' else f'config.{stage.name}.steps'
+    print(f'[{stage.name}] already at step {start}; raise {field} to continue.', flush=True)
   elif jax.process_index() == 0:
     with open(os.path.join(out_dir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
       json.dump({k: float(v) for k, v in final_metrics.items()}, f, indent=1)
