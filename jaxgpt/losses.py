@@ -34,3 +34,28 @@ def masked_lm_loss_sum(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0):
   if z_loss:
     loss_sum = loss_sum + z_loss * jnp.sum(jnp.square(logz_bt) * weights_bt)
   return loss_sum, nll_sum
+
+
+def pairwise_reward_loss_sum(r_chosen_b, r_rejected_b, weight_b, margin_b=None,
+                             center: float = 0.0):
+  """Bradley-Terry loss of a reward model on comparison pairs, summed with weights.
+
+  Per pair: -log sigmoid(r_chosen - r_rejected - margin), plus `center` *
+  (r_chosen + r_rejected)^2, which pins the scores' mean near 0 (the loss alone
+  only sees differences). `weight_b` is 1/(pairs of the pair's comparison set), so a
+  K-way ranking counts as one comparison and padding pairs (weight 0) count nothing.
+  Returns (loss_sum, sums) with the sums of 'loss' (the Bradley-Terry part),
+  'accuracy', 'chosen', 'rejected', 'margin' and 'weight', to divide once per step.
+  """
+  r_c = r_chosen_b.astype(jnp.float32)
+  r_r = r_rejected_b.astype(jnp.float32)
+  w = weight_b.astype(jnp.float32)
+  diff_b = r_c - r_r
+  shifted_b = diff_b if margin_b is None else diff_b - margin_b.astype(jnp.float32)
+  nll_sum = jnp.sum(w * jax.nn.softplus(-shifted_b))  # = -log sigmoid(shifted)
+  loss_sum = nll_sum
+  if center:
+    loss_sum = loss_sum + center * jnp.sum(w * jnp.square(r_c + r_r))
+  sums = {'loss': nll_sum, 'accuracy': jnp.sum(w * (diff_b > 0)), 'chosen': jnp.sum(w * r_c),
+          'rejected': jnp.sum(w * r_r), 'margin': jnp.sum(w * diff_b), 'weight': jnp.sum(w)}
+  return loss_sum, sums

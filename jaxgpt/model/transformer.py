@@ -46,9 +46,10 @@ class ModelConfig:
   attention: str
   rules: tuple
   scalar_head: bool = False
+  lm_head: bool = True      # False: a reward / value model, which never reads logits
 
   @classmethod
-  def from_config(cls, cfg, *, scalar_head=False) -> 'ModelConfig':
+  def from_config(cls, cfg, *, scalar_head=False, lm_head=True) -> 'ModelConfig':
     """Build from the full experiment config (model fields + mesh rules)."""
     m = cfg.model
     return cls(
@@ -60,7 +61,7 @@ class ModelConfig:
         dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
         scan_layers=bool(m.scan_layers), remat=m.remat, init_std=float(m.init_std),
         attention=m.attention, rules=sharding.rules_tuple(cfg.mesh.rules),
-        scalar_head=scalar_head)
+        scalar_head=scalar_head, lm_head=lm_head)
 
 
 class Transformer(nnx.Module):
@@ -82,13 +83,14 @@ class Transformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.final_norm = Norm(cfg.d_model, kind='layernorm' if gpt2 else 'rmsnorm',
                            eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
-    # GPT-2 ties the output head to the input embedding.
-    self.lm_head = None if gpt2 else Proj(
+    # GPT-2 ties the output head to the input embedding; a reward model has none.
+    self.lm_head = None if gpt2 or not cfg.lm_head else Proj(
         'btd,dv->btv', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
         std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    # Reward model / value function: one scalar per position read from the final hidden state.
+    # Reward model / value function: one scalar per position read from the final hidden
+    # state; N(0, 1/sqrt(d+1)) keeps the initial scores O(1) whatever the width.
     self.scalar_head = Proj('btd,d->bt', (cfg.d_model,), ('embed',), bias_shape=(),
-                            bias_axes=(), std=cfg.init_std, dtype=jnp.float32,
+                            bias_axes=(), std=(cfg.d_model + 1) ** -0.5, dtype=jnp.float32,
                             param_dtype=cfg.param_dtype, rngs=rngs) if cfg.scalar_head else None
 
   # -- pieces ---------------------------------------------------------------------------
@@ -105,6 +107,8 @@ class Transformer(nnx.Module):
 
   def logits(self, h_btd):
     """float32 logits from final hidden states."""
+    if not self.cfg.lm_head:
+      raise ValueError('this model was built without an LM head (a reward or value model).')
     if self.lm_head is None:
       w_vd = self.embed[...].astype(self.cfg.dtype)
       logits_btv = jnp.einsum('btd,vd->btv', h_btd, w_vd, preferred_element_type=jnp.float32)
@@ -142,6 +146,11 @@ class Transformer(nnx.Module):
       return x_btd, None
     return x_btd, jax.tree.map(lambda *xs: jnp.stack(xs), *new_caches)
 
+  def scalar_at(self, h_btd, index_b):
+    """float32 scalar of each row read at one position (e.g. its <|reward|> token)."""
+    h_b1d = jnp.take_along_axis(h_btd, index_b.astype(jnp.int32)[:, None, None], axis=1)
+    return self.scalars(h_b1d)[:, 0]
+
   # -- entry points ---------------------------------------------------------------------
 
   def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
@@ -155,6 +164,12 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
     """float32 logits (b, t, v) of a full forward pass."""
     return self.logits(self.hidden(tokens_bt, positions_bt, segment_ids_bt))
+
+  def score(self, tokens_bt, positions_bt, segment_ids_bt, readout_b):
+    """Reward-model scores (b,): the scalar head at each row's readout token. Nothing
+    after the readout can reach it (causal attention), and with segment ids padding on
+    either side is invisible to it."""
+    return self.scalar_at(self.hidden(tokens_bt, positions_bt, segment_ids_bt), readout_b)
 
   def decode(self, tokens_bt, positions_bt, cache):
     """KV-cache forward: prefill (t > 1) or one step (t = 1).
