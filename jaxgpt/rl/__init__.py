@@ -1,0 +1,1 @@
+"""Reinforcement learning from human feedback: the PPO math (algo) used by the ppo stage."""
