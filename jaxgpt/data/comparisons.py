@@ -1,0 +1,384 @@
+"""Stage 3 data: comparison rows (prompt, chosen, rejected), their JSONL formats, and the
+simulated labeler that ranks sampled responses the way human contractors would.
+
+Row formats, one JSON object a line (blank lines ignored, unknown extra fields ignored)::
+
+    {"prompt": "text" | "messages": [...], "chosen": "...", "rejected": "...",
+     "margin"?: number, "group"?: str|int, "task"?: str}                       (1: a pair)
+    {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}     (2: Anthropic HH)
+    {"prompt"|"messages", "responses": [str, ...], "ranking": [int, ...]}    (3: K-way ranking)
+
+A prompt given as text is one user turn; given as messages it must end with a user turn
+(earlier assistant turns are allowed). HH transcripts are split on the `\\n\\nHuman:` /
+`\\n\\nAssistant:` markers; both must end with an assistant turn and share every turn
+before it, and the two last assistant turns are the pair. In a ranking, `ranking[i]` is
+the rank of `responses[i]` (1 = best; equal ranks are ties and give no pair); it expands
+into every pair of different ranks, chosen = the better, in response order. A ranking's
+"margin", if any, applies to each of its pairs. Contents are stripped of surrounding
+whitespace.
+
+Groups. A comparison set (the pairs of one ranking, or rows sharing a "group") weighs 1
+in the loss in total (InstructGPT), and is never split across train and held-out. A row
+without "group" is its own set, named `path:line`. `task` is the given "task", else the
+task-suite task that produces the last user message (`tasks.task_of`), else ''.
+
+Bad rows. With `on_bad_row='error'` a bad row raises `sft.BadRowError` whose message
+starts with `path:line:` (1-based, blank lines counted); with `'skip'` it is left out and
+counted by kind: bad_json, bad_type (wrong JSON type, or both "prompt" and "messages"),
+missing_field, unknown_role, empty_prompt, prompt_end (messages do not end with a user
+turn), empty_response, identical (chosen == rejected, or one text ranked twice
+differently), ranking_length, bad_ranking (a rank that is not an integer >= 1),
+bad_margin (not a finite number), hh_format (an HH transcript that is not alternating
+marked turns ending with the assistant), hh_prefix (the two HH transcripts differ before
+their last turn). A well-formed ranking whose responses are all tied gives no pair: it is
+counted in `no_pair_rows`, not as bad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+from typing import Iterable, Sequence
+
+from jaxgpt import tasks
+from jaxgpt.data import chat
+from jaxgpt.data.sft import BAD_ROW_POLICIES, BadRowError
+
+__all__ = ['Comparison', 'read_comparisons', 'write_comparisons', 'has_repetition',
+           'labeler_key', 'label_samples', 'comparisons_from_samples', 'BadRowError']
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """One preference: after `prompt`, reply `chosen` is better than `rejected`."""
+  prompt: tuple[dict, ...]   # chat messages before the reply; ends with a user turn
+  chosen: str
+  rejected: str
+  margin: float = 0.0
+  group: str = ''            # comparison set id (pairs of one ranking share it)
+  task: str = ''             # task-suite task name when known
+
+
+# ----------------------------------------------------------------------------- parsing
+
+class _Bad(Exception):
+
+  def __init__(self, kind: str, reason: str):
+    super().__init__(reason)
+    self.kind, self.reason = kind, reason
+
+
+def _text(obj: dict, field: str) -> str:
+  if field not in obj:
+    raise _Bad('missing_field', f"missing field '{field}'")
+  value = obj[field]
+  if not isinstance(value, str):
+    raise _Bad('bad_type', f"'{field}' must be a string, got {type(value).__name__}")
+  return value.strip()
+
+
+def _prompt(obj: dict) -> tuple[dict, ...]:
+  """The prompt messages of a format 1 or 3 row."""
+  if 'prompt' in obj and 'messages' in obj:
+    raise _Bad('bad_type', "give either 'prompt' or 'messages', not both")
+  if 'prompt' in obj:
+    messages = [{'role': 'user', 'content': _text(obj, 'prompt')}]
+  else:
+    raw = obj['messages']
+    if not isinstance(raw, list) or not raw:
+      raise _Bad('bad_type', "'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(raw):
+      where = f'messages[{i}]'
+      if not isinstance(m, dict):
+        raise _Bad('bad_type', f'{where}: expected an object with "role" and "content"')
+      for field in ('role', 'content'):
+        if field not in m:
+          raise _Bad('missing_field', f"{where}: missing field '{field}'")
+      if m['role'] not in chat.ROLES:
+        raise _Bad('unknown_role',
+                   f"{where}: unknown role {m['role']!r} (roles: {', '.join(chat.ROLES)})")
+      if not isinstance(m['content'], str):
+        raise _Bad('bad_type', f'{where}: content must be a string, got '
+                   f"{type(m['content']).__name__}")
+      messages.append({'role': m['role'], 'content': m['content'].strip()})
+    if messages[-1]['role'] != 'user':
+      raise _Bad('prompt_end', "the prompt 'messages' must end with a user turn (the reply "
+                 "is 'chosen'/'rejected'), got a final "
+                 f"{messages[-1]['role']!r} turn")
+  if not messages[-1]['content']:
+    raise _Bad('empty_prompt', 'the last user turn of the prompt is empty')
+  return tuple(messages)
+
+
+def _margin(obj: dict) -> float:
+  value = obj.get('margin', 0.0)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise _Bad('bad_margin', f"'margin' must be a finite number, got {value!r}")
+  return float(value)
+
+
+def _group(obj: dict, default: str) -> str:
+  value = obj.get('group', '')
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise _Bad('bad_type', f"'group' must be a string or an integer, got {value!r}")
+  return str(value) if value != '' else default
+
+
+def _task(obj: dict, prompt: tuple[dict, ...]) -> str:
+  if 'task' in obj:
+    if not isinstance(obj['task'], str):
+      raise _Bad('bad_type', f"'task' must be a string, got {obj['task']!r}")
+    return obj['task']
+  return tasks.task_of(prompt[-1]['content']) or ''
+
+
+def _response(text: str, where: str) -> str:
+  if not text:
+    raise _Bad('empty_response', f'{where} is empty')
+  return text
+
+
+_HH_MARKERS = {'\n\nHuman:': 'user', '\n\nAssistant:': 'assistant'}
+_HH_SPLIT = re.compile('(' + '|'.join(re.escape(m) for m in _HH_MARKERS) + ')')
+
+
+def _hh_turns(transcript: str, field: str) -> list[dict]:
+  """An HH transcript as chat messages; it must start with a marker and end with Assistant."""
+  parts = _HH_SPLIT.split(transcript)
+  if parts[0].strip() or len(parts) < 3:
+    raise _Bad('hh_format', f"'{field}' must start with '\\n\\nHuman:' (Anthropic HH format)")
+  turns = [{'role': _HH_MARKERS[parts[i]], 'content': parts[i + 1].strip()}
+           for i in range(1, len(parts), 2)]
+  if turns[-1]['role'] != 'assistant':
+    raise _Bad('hh_format', f"'{field}' must end with an '\\n\\nAssistant:' turn")
+  return turns
+
+
+def _hh_pair(obj: dict) -> tuple[tuple[dict, ...], str, str]:
+  chosen, rejected = _hh_turns(_raw_text(obj, 'chosen'), 'chosen'), _hh_turns(
+      _raw_text(obj, 'rejected'), 'rejected')
+  if chosen[:-1] != rejected[:-1]:
+    raise _Bad('hh_prefix', "'chosen' and 'rejected' differ before their last assistant turn")
+  prompt = tuple(chosen[:-1])
+  if not prompt or prompt[-1]['role'] != 'user':
+    raise _Bad('hh_format', 'the last assistant turn must follow a Human turn')
+  if not prompt[-1]['content']:
+    raise _Bad('empty_prompt', 'the last Human turn is empty')
+  return prompt, chosen[-1]['content'], rejected[-1]['content']
+
+
+def _raw_text(obj: dict, field: str) -> str:
+  if field not in obj:
+    raise _Bad('missing_field', f"missing field '{field}'")
+  if not isinstance(obj[field], str):
+    raise _Bad('bad_type', f"'{field}' must be a string, got {type(obj[field]).__name__}")
+  return obj[field]
+
+
+def _ranking_pairs(obj: dict) -> list[tuple[str, str]]:
+  """(chosen, rejected) texts of a K-way ranking: every pair of different ranks."""
+  for field in ('responses', 'ranking'):
+    if field not in obj:
+      raise _Bad('missing_field', f"missing field '{field}'")
+  responses, ranking = obj['responses'], obj['ranking']
+  if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+    raise _Bad('bad_type', "'responses' must be a list of strings")
+  if not isinstance(ranking, list):
+    raise _Bad('bad_type', "'ranking' must be a list of integers")
+  if len(ranking) != len(responses):
+    raise _Bad('ranking_length', f"'ranking' has {len(ranking)} entries for "
+               f'{len(responses)} responses')
+  for r in ranking:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+      raise _Bad('bad_ranking', f"'ranking' entries must be integers >= 1 (1 = best), got {r!r}")
+  texts = [_response(r.strip(), f'responses[{i}]') for i, r in enumerate(responses)]
+  rank_of: dict[str, int] = {}
+  for i, (t, r) in enumerate(zip(texts, ranking)):
+    if rank_of.setdefault(t, r) != r:
+      raise _Bad('identical', f'responses[{i}] repeats an earlier response with another rank')
+  pairs = []
+  for i in range(len(texts)):
+    for j in range(i + 1, len(texts)):
+      if ranking[i] != ranking[j] and texts[i] != texts[j]:
+        pairs.append((texts[i], texts[j]) if ranking[i] < ranking[j] else (texts[j], texts[i]))
+  return pairs
+
+
+def parse_row(obj, default_group: str) -> list[Comparison]:
+  """The comparisons of one decoded row (any format); raises _Bad. [] = all tied."""
+  if not isinstance(obj, dict):
+    raise _Bad('bad_type', f'expected a JSON object, got {type(obj).__name__}')
+  if 'responses' in obj or 'ranking' in obj:
+    if 'prompt' not in obj and 'messages' not in obj:
+      raise _Bad('missing_field', "a ranking needs 'prompt' or 'messages'")
+    prompt = _prompt(obj)
+    pairs = _ranking_pairs(obj)
+  elif 'prompt' in obj or 'messages' in obj:
+    prompt = _prompt(obj)
+    chosen = _response(_text(obj, 'chosen'), "'chosen'")
+    rejected = _response(_text(obj, 'rejected'), "'rejected'")
+    pairs = [(chosen, rejected)]
+  elif 'chosen' in obj or 'rejected' in obj:
+    prompt, chosen, rejected = _hh_pair(obj)
+    pairs = [(_response(chosen, "the last assistant turn of 'chosen'"),
+              _response(rejected, "the last assistant turn of 'rejected'"))]
+  else:
+    raise _Bad('missing_field', "need 'prompt' or 'messages' with 'chosen'/'rejected' or "
+               "'responses'/'ranking', or HH 'chosen'/'rejected' transcripts")
+  for chosen, rejected in pairs:
+    if chosen == rejected:
+      raise _Bad('identical', 'chosen and rejected are the same text')
+  margin, group, task = _margin(obj), _group(obj, default_group), _task(obj, prompt)
+  return [Comparison(prompt, c, r, margin, group, task) for c, r in pairs]
+
+
+def read_comparisons(paths: Sequence[str],
+                     on_bad_row: str = 'error') -> tuple[list[Comparison], dict]:
+  """Comparisons of JSONL files in any of the three formats, and the counts.
+
+  counts: rows_read, bad_rows, bad_rows_by_kind (a dict), pairs, groups, no_pair_rows.
+  """
+  if on_bad_row not in BAD_ROW_POLICIES:
+    raise ValueError(f'on_bad_row={on_bad_row!r} must be one of {BAD_ROW_POLICIES}.')
+  out: list[Comparison] = []
+  counts = {'rows_read': 0, 'bad_rows': 0, 'bad_rows_by_kind': {}, 'no_pair_rows': 0}
+  for path in paths:
+    with open(path, 'rb') as f:
+      for lineno, raw in enumerate(f, start=1):
+        if not raw.strip():
+          continue
+        counts['rows_read'] += 1
+        try:
+          try:
+            obj = json.loads(raw.decode('utf-8'))
+          except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _Bad('bad_json', f'bad JSON: {e}') from None
+          rows = parse_row(obj, f'{path}:{lineno}')
+        except _Bad as bad:
+          if on_bad_row == 'error':
+            raise BadRowError(str(path), lineno, bad.kind, bad.reason) from None
+          counts['bad_rows'] += 1
+          by_kind = counts['bad_rows_by_kind']
+          by_kind[bad.kind] = by_kind.get(bad.kind, 0) + 1
+          continue
+        counts['no_pair_rows'] += not rows
+        out += rows
+  counts['pairs'] = len(out)
+  counts['groups'] = len({c.group for c in out})
+  return out, counts
+
+
+def _row(c: Comparison) -> dict:
+  single = len(c.prompt) == 1 and c.prompt[0]['role'] == 'user'
+  row = ({'prompt': c.prompt[0]['content']} if single else
+         {'messages': [{'role': m['role'], 'content': m['content']} for m in c.prompt]})
+  row.update(chosen=c.chosen, rejected=c.rejected, group=c.group, task=c.task)
+  if c.margin:
+    row['margin'] = c.margin
+  return row
+
+
+def write_comparisons(path: str, comparisons: Iterable[Comparison]) -> None:
+  """Writes format 1 rows atomically (temp file + rename): never a half file to reuse.
+
+  Reading the file back gives the same comparisons (contents are stored stripped, as
+  reading strips them; a comparison with group '' comes back as its own `path:line`).
+  """
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      for c in comparisons:
+        f.write(json.dumps(_row(c), ensure_ascii=False) + '\n')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- labeler
+
+_WORD = re.compile(r'\w+')
+_MAX_NGRAM = 4
+# A unit of 1-4 non-space characters repeated back to back, 3+ copies and 6+ characters
+# in all: 'abcabcabc', 'hahaha', 'xxxxxx'. Shorter runs ('111', 'aaab', 'lll') occur in
+# right answers of the task suite (sums, sorted letters) and are not flagged.
+_CHAR_RUNS = tuple(re.compile(rf'(\S{{{u}}})\1{{{max(2, -(-6 // u) - 1)},}}')
+                   for u in range(1, 5))
+
+
+def has_repetition(text: str) -> bool:
+  """Does the response repeat itself? The degenerate loops of a small sampler.
+
+  Rule: (a) a word or word n-gram (n <= 4; words are runs of letters/digits, compared
+  case-insensitively, punctuation ignored) immediately repeated ('71 71', 'no no no',
+  'the cat the cat'), or (b) a unit of 1-4 non-space characters repeated 3+ times back
+  to back over 6+ characters ('abcabcabc', 'hahaha'). '71', 'Yes', '111' are not.
+  """
+  words = _WORD.findall(text.lower())
+  for n in range(1, _MAX_NGRAM + 1):
+    for i in range(len(words) - 2 * n + 1):
+      if words[i:i + n] == words[i + n:i + 2 * n]:
+        return True
+  return any(rx.search(text) for rx in _CHAR_RUNS)
+
+
+def labeler_key(prompt: str, response: str, finished: bool) -> tuple:
+  """How the simulated labeler rates a response; larger is better (lexicographic).
+
+  Right first (the task checker), then finished (it ended its turn), then free of
+  repetition, then shorter.
+  """
+  return (tasks.check(None, prompt, response), bool(finished), not has_repetition(response),
+          -len(response))
+
+
+def label_samples(prompt: str, responses: Sequence[tuple[str, bool]], rng: random.Random,
+                  flip_fraction: float) -> list[tuple[int, int]]:
+  """(chosen_index, rejected_index) pairs over K sampled (text, finished) responses.
+
+  Identical texts are ties: only the first index of each distinct text takes part.
+  Every two distinct texts are compared by `labeler_key`; equal keys are decided by a
+  coin, and each pair is then flipped with probability flip_fraction (labeler noise).
+  Pairs come in index order (i < j); every draw comes from `rng`, so a seeded rng
+  gives the same labels.
+  """
+  if not 0.0 <= flip_fraction <= 1.0:
+    raise ValueError(f'flip_fraction={flip_fraction} must be in [0, 1] '
+                     '(config.reward.flip_fraction).')
+  first: dict[str, int] = {}
+  for i, (text, _) in enumerate(responses):
+    first.setdefault(text, i)
+  kept = sorted(first.values())
+  keys = {i: labeler_key(prompt, responses[i][0], responses[i][1]) for i in kept}
+  pairs = []
+  for a, i in enumerate(kept):
+    for j in kept[a + 1:]:
+      if keys[i] != keys[j]:
+        pair = (i, j) if keys[i] > keys[j] else (j, i)
+      else:
+        pair = (i, j) if rng.random() < 0.5 else (j, i)
+      if rng.random() < flip_fraction:
+        pair = pair[::-1]
+      pairs.append(pair)
+  return pairs
+
+
+def comparisons_from_samples(prompt: str, task: str, responses: Sequence[tuple[str, bool]],
+                             rng: random.Random, flip_fraction: float,
+                             group: str) -> list[Comparison]:
+  """The labelled pairs of one prompt's samples, as Comparisons of one group.
+
+  Texts are stripped first and empty ones left out, so that what is written is what
+  `read_comparisons` reads back (texts equal after stripping are ties).
+  """
+  kept = [(text.strip(), finished) for text, finished in responses if text.strip()]
+  messages = ({'role': 'user', 'content': prompt.strip()},)
+  return [Comparison(messages, kept[c][0], kept[r][0], 0.0, group, task)
+          for c, r in label_samples(prompt, kept, rng, flip_fraction)]

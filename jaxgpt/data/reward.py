@@ -1,0 +1,397 @@
+"""Stage 3 data: comparison pairs -> tokenized (chosen, rejected) batches for the reward model.
+
+Sequence. Each reply is rendered as the conversation prompt + assistant reply with the
+chat template, then one `<|reward|>` token: ``... <|assistant|>{reply}<|end|><|reward|>``.
+The model reads its scalar at that last token, which has seen the whole reply and the
+`<|end|>` closing it (so an unfinished reply looks different from a finished one). A
+sequence longer than seq_len loses prompt tokens from the left (`on_long_row='truncate'`;
+the `<|assistant|>`, reply, `<|end|>` and `<|reward|>` are always kept) or is dropped
+(`'drop'`); a pair is dropped when either side is dropped. Counted per pair: too_long
+(either side over seq_len), truncated (kept after cutting), dropped.
+
+Batch (one global step of B pairs; this process holds rows [p*b, (p+1)*b), b = B // P),
+numpy arrays:
+
+    tokens, positions, segment_ids   (b, 2, T) int32   [:, 0] chosen, [:, 1] rejected;
+                                     right-padded: pad_id, position 0, segment 0
+    readout                          (b, 2) int32      index of each `<|reward|>` token
+    margin, weight                   (b,) float32
+
+weight = 1 / (pairs kept in the pair's group), so every comparison set weighs 1 however
+many pairs it has (InstructGPT: the K(K-1)/2 pairs of one ranking are one example). A
+padding pair weighs 0 and holds a single pad token (segment 1, readout 0), so it is a
+valid sequence for the model and drops out of the loss.
+
+Train order. Every epoch the groups are shuffled (numpy, seeded by
+config.data.shuffle_seed and the epoch) and packed first-fit into batches of B pair slots
+(each group goes to the earliest batch with room), so the pairs of a group always share
+a global batch and few slots are left empty. A group of more than B pairs is cut into
+chunks of B (whole batches of its own) plus a remainder placed first-fit; its weights stay
+1 / (its pairs), so it still weighs 1 per epoch. Batches come in the order they were
+opened; empty slots are padding. The iterator is a grain IterDataset: a batch-plan source
+whose state is (epoch, batch), then a grain map that assembles the arrays, so
+`get_state()` / `set_state()` resume exactly and cost one epoch's plan.
+
+Validation: the held-out pairs in their order (no shuffle, no group packing), B a batch,
+the last batch padded with weight-0 pairs. `RewardData.heldout` lists them in that order:
+global row k*B + i of val batch k is heldout[k*B + i].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import heapq
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from jaxgpt.data import chat
+from jaxgpt.data.comparisons import Comparison, read_comparisons
+from jaxgpt.data.sft import BAD_ROW_POLICIES, LONG_ROW_POLICIES
+
+__all__ = ['encode_reply', 'split_comparisons', 'load_comparison_files', 'make_reward_data',
+           'RewardData', 'pack_groups']
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def encode_reply(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len: int,
+                 on_long_row: str) -> tuple[list[int] | None, bool]:
+  """(ids, truncated): prompt + assistant reply + `<|reward|>`, at most seq_len tokens.
+
+  Too long: 'truncate' drops prompt tokens from the left (the reply part, from its
+  `<|assistant|>` to `<|reward|>`, is always whole); when the reply part alone does not
+  fit, or with 'drop', the ids are None (truncated False).
+  """
+  if on_long_row not in LONG_ROW_POLICIES:
+    raise ValueError(f'on_long_row={on_long_row!r} must be one of {LONG_ROW_POLICIES}.')
+  # chat.render works message by message, so rendering the two parts apart gives the
+  # same ids as rendering the whole conversation, and tells where the reply starts.
+  prompt_ids = chat.render(list(prompt_messages), tokenizer)[0]
+  reply_ids = chat.render([{'role': 'assistant', 'content': reply}], tokenizer)[0]
+  ids = prompt_ids + reply_ids + [tokenizer.reward_id]
+  if len(ids) <= seq_len:
+    return ids, False
+  if on_long_row == 'drop' or len(reply_ids) + 1 > seq_len:
+    return None, False
+  return ids[len(ids) - seq_len:], True
+
+
+@dataclasses.dataclass
+class _Pairs:
+  """Tokenized pairs, flat in memory: sequence 2i is pair i's chosen, 2i + 1 its rejected."""
+  tokens: np.ndarray     # int32, all sequences back to back
+  offsets: np.ndarray    # int64, (2P + 1,)
+  margin: np.ndarray     # float32, (P,)
+  weight: np.ndarray     # float32, (P,)
+  groups: list           # per group: int64 array of its pair indices, in order
+
+  def __len__(self) -> int:
+    return len(self.margin)
+
+  def seq(self, s: int) -> np.ndarray:
+    return self.tokens[self.offsets[s]:self.offsets[s + 1]]
+
+
+def _tokenize(comparisons: Sequence[Comparison], tokenizer, seq_len: int,
+              on_long_row: str) -> tuple[_Pairs, list[Comparison], dict]:
+  """Encode every pair, apply the long-row policy, weigh by group; (pairs, kept, counts)."""
+  counts = {'too_long': 0, 'truncated': 0, 'dropped': 0}
+  seqs, kept, group_of = [], [], []
+  group_index: dict[str, int] = {}
+  for c in comparisons:
+    sides = [encode_reply(c.prompt, reply, tokenizer, seq_len, on_long_row)
+             for reply in (c.chosen, c.rejected)]
+    long = any(ids is None or cut for ids, cut in sides)
+    counts['too_long'] += long
+    if any(ids is None for ids, _ in sides):
+      counts['dropped'] += 1
+      continue
+    counts['truncated'] += long
+    seqs += [np.asarray(ids, np.int32) for ids, _ in sides]
+    kept.append(c)
+    group_of.append(group_index.setdefault(c.group, len(group_index)))
+  group_of = np.asarray(group_of, np.int64)
+  sizes = np.bincount(group_of, minlength=len(group_index))
+  lengths = [len(s) for s in seqs]
+  pairs = _Pairs(
+      tokens=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+      offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+      margin=np.asarray([c.margin for c in kept], np.float32),
+      weight=(1.0 / sizes[group_of]).astype(np.float32) if len(kept) else np.zeros(0, np.float32),
+      groups=np.split(np.argsort(group_of, kind='stable'), np.cumsum(sizes)[:-1])
+      if len(kept) else [])
+  return pairs, kept, counts
+
+
+# ----------------------------------------------------------------------------- batches
+
+def pack_groups(groups: Sequence[np.ndarray], order: Sequence[int],
+                batch_size: int) -> list[np.ndarray]:
+  """First-fit: each group (in `order`) into the earliest batch with room for it.
+
+  Returns (batch_size,) int64 arrays of pair indices, -1 on empty slots. A group larger
+  than a batch fills whole batches with chunks of batch_size and places its remainder.
+  """
+  B = batch_size
+  batches: list[list[int]] = []
+  by_free: list[list[int]] = [[] for _ in range(B + 1)]  # heaps: open batches by free slots
+
+  def place(chunk):
+    n, best = len(chunk), None
+    for free in range(n, B):
+      if by_free[free] and (best is None or by_free[free][0] < by_free[best][0]):
+        best = free
+    if best is None:
+      k, free = len(batches), B
+      batches.append([])
+    else:
+      k, free = heapq.heappop(by_free[best]), best
+    batches[k] += [int(i) for i in chunk]
+    if free - n:
+      heapq.heappush(by_free[free - n], k)
+
+  for g in order:
+    pairs = groups[g]
+    for start in range(0, len(pairs), B):
+      place(pairs[start:start + B])
+  out = []
+  for b in batches:
+    row = np.full(B, -1, np.int64)
+    row[:len(b)] = b
+    out.append(row)
+  return out
+
+
+def _epoch_plan(pairs: _Pairs, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+  order = np.random.default_rng([seed, epoch]).permutation(len(pairs.groups))
+  return pack_groups(pairs.groups, order, batch_size)
+
+
+def _assemble(pairs: _Pairs, slots: np.ndarray, seq_len: int, pad_id: int) -> dict:
+  """The batch arrays of pair slots (-1: a weight-0 padding pair)."""
+  b, T = len(slots), seq_len
+  tokens = np.full((b, 2, T), pad_id, np.int32)
+  positions = np.zeros((b, 2, T), np.int32)
+  segment_ids = np.zeros((b, 2, T), np.int32)
+  readout = np.zeros((b, 2), np.int32)
+  margin = np.zeros(b, np.float32)
+  weight = np.zeros(b, np.float32)
+  for r, p in enumerate(int(s) for s in slots):
+    if p < 0:
+      segment_ids[r, :, 0] = 1  # one pad token: a valid sequence, read at 0, weight 0
+      continue
+    for side in (0, 1):
+      ids = pairs.seq(2 * p + side)
+      n = len(ids)
+      tokens[r, side, :n] = ids
+      positions[r, side, :n] = np.arange(n)
+      segment_ids[r, side, :n] = 1
+      readout[r, side] = n - 1
+    margin[r], weight[r] = pairs.margin[p], pairs.weight[p]
+  return {'tokens': tokens, 'positions': positions, 'segment_ids': segment_ids,
+          'readout': readout, 'margin': margin, 'weight': weight}
+
+
+class _Assemble(grain.transforms.Map):
+
+  def __init__(self, pairs: _Pairs, seq_len: int, pad_id: int):
+    self._pairs, self._seq_len, self._pad_id = pairs, seq_len, pad_id
+
+  def map(self, slots):
+    return _assemble(self._pairs, slots, self._seq_len, self._pad_id)
+
+
+class _PlanIterator(grain.DatasetIterator):
+  """Endless local batch plans; state = the next (epoch, batch) of the global order."""
+
+  def __init__(self, ds: '_PlanDataset'):
+    super().__init__()
+    self._ds = ds
+    self._epoch, self._batch = 0, 0
+    self._plan_epoch, self._plan = None, None
+
+  def _plan_of(self, epoch: int) -> list[np.ndarray]:
+    if self._plan_epoch != epoch:
+      self._plan = _epoch_plan(self._ds.pairs, self._ds.batch_size, self._ds.seed, epoch)
+      self._plan_epoch = epoch
+    return self._plan
+
+  def __next__(self) -> np.ndarray:
+    plan = self._plan_of(self._epoch)
+    slots = plan[self._batch]
+    self._batch += 1
+    if self._batch == len(plan):  # the state after an epoch's last batch is (epoch + 1, 0)
+      self._epoch, self._batch = self._epoch + 1, 0
+    lo = self._ds.process_index * self._ds.local_batch
+    return slots[lo:lo + self._ds.local_batch]
+
+  def _fingerprint(self) -> dict:
+    return {'pairs': len(self._ds.pairs), 'groups': len(self._ds.pairs.groups),
+            'batch_size': self._ds.batch_size, 'seed': self._ds.seed}
+
+  def get_state(self) -> dict:
+    return {'epoch': self._epoch, 'batch': self._batch, **self._fingerprint()}
+
+  def set_state(self, state: dict) -> None:
+    want = self._fingerprint()
+    got = {k: state.get(k) for k in want}
+    if got != want:
+      raise ValueError(
+          f'reward data iterator: the checkpoint was saved for {got} but the data is '
+          f'{want}; resume with the same comparison data, config.reward.batch_size and '
+          'config.data.shuffle_seed, or start the reward stage in a new workdir.')
+    self._epoch, self._batch = int(state['epoch']), int(state['batch'])
+
+
+class _PlanDataset(grain.IterDataset):
+  """Source of the train pipeline: this process's pair slots of each global batch."""
+
+  def __init__(self, pairs: _Pairs, batch_size: int, local_batch: int, process_index: int,
+               seed: int):
+    super().__init__()
+    self.pairs, self.batch_size, self.local_batch = pairs, batch_size, local_batch
+    self.process_index, self.seed = process_index, seed
+
+  def __iter__(self) -> _PlanIterator:
+    return _PlanIterator(self)
+
+  def __str__(self) -> str:
+    return f'RewardBatchPlan(pairs={len(self.pairs)}, batch_size={self.batch_size})'
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class RewardData:
+  """The reward data of one process: a resumable train iterator, val batches, counts.
+
+  stats (ints): train_pairs, val_pairs, train_groups, val_groups (kept after the long-row
+  policy), too_long, truncated, dropped (pairs, both splits), train_batches (global
+  batches in the first epoch), split_groups (train groups larger than a batch).
+  """
+  train_iter: Any                   # grain DatasetIterator: next() -> batch; get/set_state
+  stats: dict
+  seq_len: int
+  local_batch: int
+  heldout: list                     # the kept held-out Comparisons, in val order
+  _val_fn: Any
+  _val_cache: dict = dataclasses.field(default_factory=dict)
+
+  def val_batches(self, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """The first max_batches validation batches (fewer if the held-out set is small)."""
+    if max_batches not in self._val_cache:
+      self._val_cache[max_batches] = self._val_fn(max_batches)
+    return self._val_cache[max_batches]
+
+
+def reward_shape(config, process_count: int = 1) -> tuple[int, int, int]:
+  """(B global pairs a step, b local pairs, T tokens a sequence) from config.reward."""
+  B = int(config.reward.batch_size or config.train.batch_size)
+  field = 'config.reward.batch_size' if config.reward.batch_size else 'config.train.batch_size'
+  if B < 1 or B % process_count:
+    raise ValueError(f'{field}={B} pairs a step must be positive and divisible by the '
+                     f'{process_count} processes.')
+  T = int(config.reward.seq_len or config.data.seq_len)
+  field = 'config.reward.seq_len' if config.reward.seq_len else 'config.data.seq_len'
+  if T < 4 or T > config.model.max_seq_len:
+    raise ValueError(f'{field}={T} tokens a sequence must be in [4, config.model.max_seq_len='
+                     f'{config.model.max_seq_len}].')
+  return B, B // process_count, T
+
+
+def make_reward_data(config, tokenizer, train: Sequence[Comparison],
+                     heldout: Sequence[Comparison], *, process_index: int = 0,
+                     process_count: int = 1) -> RewardData:
+  """The reward train iterator, validation batches and counts for this process."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+  on_long_row = config.reward.on_long_row
+  if on_long_row not in LONG_ROW_POLICIES:
+    raise ValueError(f'config.reward.on_long_row={on_long_row!r} must be one of '
+                     f'{LONG_ROW_POLICIES}.')
+  B, b, T = reward_shape(config, process_count)
+  seed = int(config.data.shuffle_seed)
+
+  train_pairs, _, c_train = _tokenize(train, tokenizer, T, on_long_row)
+  val_pairs, val_kept, c_val = _tokenize(heldout, tokenizer, T, on_long_row)
+  stats = {'train_pairs': len(train_pairs), 'val_pairs': len(val_pairs),
+           'train_groups': len(train_pairs.groups), 'val_groups': len(val_pairs.groups)}
+  for k in c_train:
+    stats[k] = c_train[k] + c_val[k]
+  if not len(train_pairs):
+    raise ValueError(
+        f'reward data: no training pair left of {len(train)} (stats: {stats}); give more '
+        'comparisons, raise config.reward.seq_len, or set config.reward.on_long_row=truncate.')
+  stats['train_batches'] = len(_epoch_plan(train_pairs, B, seed, 0))
+  stats['split_groups'] = sum(len(g) > B for g in train_pairs.groups)
+
+  plans = _PlanDataset(train_pairs, B, b, process_index, seed)
+  train_iter = iter(plans.map(_Assemble(train_pairs, T, tokenizer.pad_id)))
+
+  def val_fn(max_batches: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for start in range(0, min(len(val_pairs), max_batches * B), B):
+      slots = np.full(B, -1, np.int64)
+      chunk = np.arange(start, min(start + B, len(val_pairs)))
+      slots[:len(chunk)] = chunk
+      out.append(_assemble(val_pairs, slots[process_index * b:(process_index + 1) * b], T,
+                           tokenizer.pad_id))
+    return out
+
+  return RewardData(train_iter=train_iter, stats=stats, seq_len=T, local_batch=b,
+                    heldout=val_kept, _val_fn=val_fn)
+
+
+# ----------------------------------------------------------------------------- files
+
+def split_comparisons(comparisons: Sequence[Comparison],
+                      val_fraction: float) -> tuple[list[Comparison], list[Comparison]]:
+  """(train, heldout) by a SHA-256 of the group id: a group is never split, and the
+  split does not depend on row order or on the other rows."""
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f'val_fraction={val_fraction} must be in [0, 1) '
+                     '(config.reward.val_fraction).')
+  train, heldout = [], []
+  for c in comparisons:
+    digest = hashlib.sha256(c.group.encode('utf-8')).digest()
+    (heldout if int.from_bytes(digest[:8], 'big') < val_fraction * 2**64 else train).append(c)
+  return train, heldout
+
+
+def expand_paths(spec: str) -> list[str]:
+  """config.reward.data: comma-separated files, globs or directories (their *.jsonl)."""
+  out: list[str] = []
+  for part in (p.strip() for p in spec.split(',')):
+    if not part:
+      continue
+    if os.path.isdir(part):
+      found = sorted(glob.glob(os.path.join(part, '*.jsonl')))
+    else:
+      found = sorted(glob.glob(os.path.expanduser(part)))
+    if not found:
+      raise ValueError(f'config.reward.data: {part!r} matches no file; give JSONL '
+                       "paths, globs or directories, or 'embedded'.")
+    out += [f for f in found if f not in out]
+  if not out:
+    raise ValueError('config.reward.data is empty; give JSONL paths or \'embedded\'.')
+  return out
+
+
+def load_comparison_files(config) -> tuple[list[Comparison], list[Comparison], dict]:
+  """(train, heldout, counts) of the JSONL files named by config.reward.data."""
+  r = config.reward
+  if r.data == 'embedded':
+    raise ValueError("config.reward.data='embedded' is sampled by the reward stage, not "
+                     'read from files.')
+  if r.on_bad_row not in BAD_ROW_POLICIES:
+    raise ValueError(f'config.reward.on_bad_row={r.on_bad_row!r} must be one of '
+                     f'{BAD_ROW_POLICIES}.')
+  comparisons, counts = read_comparisons(expand_paths(r.data), r.on_bad_row)
+  train, heldout = split_comparisons(comparisons, float(r.val_fraction))
+  counts['train_pairs'], counts['heldout_pairs'] = len(train), len(heldout)
+  return train, heldout, counts
