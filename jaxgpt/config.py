@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.01
   d.shuffle_seed = 0
   d.worker_count = 0
+  d.qa_share = 0.0            # embedded source: share of pretraining documents that are
+                              # web-like Q/A pages built from train-split task instances
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000
@@ -127,6 +129,61 @@ def base_config() -> ml_collections.ConfigDict:
   sft.eval_per_task = 40       # held-out prompts per task for eval.json
   sft.few_shot = 3             # Q/A examples in the base model's few-shot document
   sft.eval_tokens = 16         # max new tokens when answering a task prompt
+
+  # Stage 3: the reward model (scalar read at a <|reward|> token after each response).
+  c.reward = r = ml_collections.ConfigDict()
+  r.data = 'embedded'          # 'embedded' (sampled from the SFT model, ranked by the
+                               # simulated labeler) or comma-separated JSONL paths/globs
+  r.prompts = 1200             # embedded: train-split task prompts to sample for
+  r.heldout_prompts = 160      # embedded: held-out task prompts for validation pairs
+  r.samples_per_prompt = 4     # embedded: K responses per prompt (temperature 1)
+  r.response_tokens = 16       # embedded: max new tokens per sampled response
+  r.flip_fraction = 0.05       # embedded: share of compared pairs the labeler flips
+  r.on_bad_row = 'error'       # error | skip (skipped rows are counted)
+  r.on_long_row = 'truncate'   # truncate (prompt from the left) | drop (counted either way)
+  r.val_fraction = 0.05        # own data: share of comparison sets held out
+  r.seq_len = 0                # tokens per sequence; 0 -> config.data.seq_len
+  r.batch_size = 0             # comparison pairs per step; 0 -> config.train.batch_size
+  r.steps = 300
+  r.lr = 5e-4
+  r.warmup_steps = 30
+  r.center = 0.0               # c in + c * (r_chosen + r_rejected)^2 (0: off)
+  r.eval_per_task = 40         # held-out prompts per task for eval.json
+  r.best_of = (1, 4, 16)       # best-of-N with the reward model in eval.json
+
+  # Stage 4: RLHF with PPO (policy from SFT, value model from the reward model).
+  c.ppo = p = ml_collections.ConfigDict()
+  p.prompts = 'embedded'       # 'embedded' (task-suite train split) or JSONL paths/globs
+  p.on_bad_row = 'error'       # error | skip
+  p.steps = 60                 # PPO iterations (rollout -> score -> advantages -> update)
+  p.rollout_batch = 64         # prompts per iteration
+  p.batch_size = 16            # rows per minibatch (one optimizer step each)
+  p.micro_batches = 1          # gradient accumulation inside a minibatch step
+  p.epochs = 4                 # passes over each rollout batch
+  p.response_tokens = 16       # max new tokens per rollout
+  p.temperature = 1.0          # rollout temperature; log-probs use logits / temperature
+  p.top_k = 0                  # must stay 0: rollouts sample the full distribution
+  p.top_p = 1.0                # must stay 1.0, for the same reason
+  p.lr = 1e-4                  # policy learning rate
+  p.value_lr = 1e-4
+  p.warmup_steps = 10          # in iterations
+  p.clip = 0.2                 # policy ratio clip
+  p.value_clip = 0.2
+  p.gamma = 1.0
+  p.lam = 0.95
+  p.kl_estimator = 'k1'        # k1 | k2 | k3 (per-token KL to the reference in the reward)
+  p.kl_coef = 0.05             # initial beta
+  p.kl_target = 6.0            # adaptive controller target (nats per response); 0 -> fixed beta
+  p.kl_horizon = 10000
+  p.kl_clamp = 10.0            # |log pi - log pi_ref| clamp inside the estimators
+  p.entropy_coef = 0.0
+  p.ptx_coef = 0.0             # pretraining-loss mix (PPO-ptx); 0 -> off
+  p.missing_eot_penalty = -1.0  # added to the score of a response cut at response_tokens
+  p.normalize_scores = True    # (score - mean) / std with the reward model's stored stats
+  p.value_from = 'reward'      # reward (a separate value model) | policy (head on its trunk)
+  p.frozen_dtype = 'float32'   # reference and reward models held in float32 | bfloat16
+  p.eval_per_task = 40         # held-out prompts per task for eval.json and the report
+  p.report_samples = 8         # samples per prompt for diversity in the report
 
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.every_steps = 500
@@ -166,8 +223,8 @@ def stage_train_config(cfg, stage: str):
   t = ml_collections.ConfigDict(cfg.train.to_dict())
   section = cfg.get(stage)
   if section is not None:
-    for field in ('steps', 'lr', 'warmup_steps'):
-      if field in section:
+    for field in ('steps', 'lr', 'warmup_steps', 'batch_size'):
+      if field in section and (field != 'batch_size' or section[field]):  # 0: train's
         t[field] = section[field]
   return t
 
@@ -249,4 +306,62 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
     raise ConfigError(f"config.sft.on_long_row='{cfg.sft.on_long_row}' must be truncate or drop.")
   if t.decay not in ('matrices', 'all', 'none'):
     raise ConfigError(f"config.train.decay='{t.decay}' must be matrices, all or none.")
+  _validate_reward(cfg, batch_shards)
+  _validate_ppo(cfg, batch_shards)
   return sizes
+
+
+def _choice(cfg, field: str, allowed) -> None:
+  section, name = field.split('.')
+  if cfg[section][name] not in allowed:
+    raise ConfigError(f"config.{field}={cfg[section][name]!r} must be one of {tuple(allowed)}.")
+
+
+def _rows_divide(field: str, rows: int, batch_shards: int) -> None:
+  if rows < 1 or rows % batch_shards:
+    raise ConfigError(
+        f'config.{field}={rows} is not a positive multiple of the data-parallel size '
+        f'data*fsdp={batch_shards}; change it or config.mesh.')
+
+
+def _validate_reward(cfg, batch_shards: int) -> None:
+  r = cfg.reward
+  _choice(cfg, 'reward.on_bad_row', ('error', 'skip'))
+  _choice(cfg, 'reward.on_long_row', ('truncate', 'drop'))
+  if not 0.0 <= r.flip_fraction < 0.5:
+    raise ConfigError(f'config.reward.flip_fraction={r.flip_fraction} must be in [0, 0.5).')
+  if r.samples_per_prompt < 2:
+    raise ConfigError(f'config.reward.samples_per_prompt={r.samples_per_prompt} must be >= 2 '
+                      '(a comparison needs two replies).')
+  if r.seq_len > cfg.model.max_seq_len:
+    raise ConfigError(f'config.reward.seq_len={r.seq_len} exceeds '
+                      f'config.model.max_seq_len={cfg.model.max_seq_len}.')
+  if not r.best_of or min(int(n) for n in r.best_of) < 1:
+    raise ConfigError(f'config.reward.best_of={tuple(r.best_of)} must be positive integers.')
+  _rows_divide('reward.batch_size' if r.batch_size else 'train.batch_size',
+               (r.batch_size or cfg.train.batch_size) // cfg.train.micro_batches, batch_shards)
+
+
+def _validate_ppo(cfg, batch_shards: int) -> None:
+  p = cfg.ppo
+  _choice(cfg, 'ppo.on_bad_row', ('error', 'skip'))
+  _choice(cfg, 'ppo.kl_estimator', ('k1', 'k2', 'k3'))
+  _choice(cfg, 'ppo.value_from', ('reward', 'policy'))
+  _choice(cfg, 'ppo.frozen_dtype', DTYPES)
+  if p.top_k != 0 or p.top_p != 1.0:
+    raise ConfigError(
+        f'config.ppo.top_k={p.top_k} / top_p={p.top_p}: PPO rollouts sample the full '
+        'distribution (top_k=0, top_p=1.0); filtering would make the policy that drew the '
+        'tokens differ from the one PPO scores. Lower config.ppo.temperature instead.')
+  if not p.temperature > 0:
+    raise ConfigError(f'config.ppo.temperature={p.temperature} must be > 0 (rollouts sample).')
+  if p.micro_batches < 1 or p.batch_size % p.micro_batches:
+    raise ConfigError(f'config.ppo.batch_size={p.batch_size} is not divisible by '
+                      f'config.ppo.micro_batches={p.micro_batches}.')
+  _rows_divide('ppo.batch_size', p.batch_size // p.micro_batches, batch_shards)
+  _rows_divide('ppo.rollout_batch', p.rollout_batch, batch_shards)
+  if p.rollout_batch % p.batch_size:
+    raise ConfigError(f'config.ppo.rollout_batch={p.rollout_batch} is not a multiple of '
+                      f'config.ppo.batch_size={p.batch_size} (minibatches per rollout).')
+  if p.epochs < 1 or p.response_tokens < 1:
+    raise ConfigError('config.ppo.epochs and config.ppo.response_tokens must be >= 1.')

@@ -27,6 +27,8 @@ from jaxgpt.data import tokenizer as tokenizer_lib
 
 # Stages whose checkpoint holds a language model one can sample from.
 GENERATIVE_STAGES = ('pretrain', 'sft', 'ppo')
+# Stages whose checkpoint holds a model that scores replies (`jaxgpt.score`).
+SCORING_STAGES = ('reward',)
 
 
 class InferenceError(RuntimeError):
@@ -52,26 +54,27 @@ def _train_command(workdir: str, stage: str) -> str:
   return f'python -m jaxgpt.main --config experiments/tiny.py --workdir {workdir}{extra}'
 
 
-def check_stage(stage: str) -> None:
-  if stage == 'reward':
+def check_stage(stage: str, allowed=GENERATIVE_STAGES) -> None:
+  if stage == 'reward' and allowed == GENERATIVE_STAGES:
     raise InferenceError(
-        "stage 'reward' holds a reward model, which scores text and cannot generate it; "
-        f'use one of {GENERATIVE_STAGES}.')
-  if stage not in GENERATIVE_STAGES:
-    raise InferenceError(f'unknown stage {stage!r}; use one of {GENERATIVE_STAGES}.')
+        "stage 'reward' holds a reward model, which scores text and cannot generate it "
+        f'(score with python -m jaxgpt.score); use one of {GENERATIVE_STAGES}.')
+  if stage not in allowed:
+    raise InferenceError(f'unknown stage {stage!r}; use one of {allowed}.')
 
 
-def latest_checkpoint(workdir: str, stage: str) -> tuple[str, int, dict]:
+def latest_checkpoint(workdir: str, stage: str,
+                      allowed=GENERATIVE_STAGES) -> tuple[str, int, dict]:
   """(checkpoints directory, newest finished step, its meta) of WORKDIR/<stage>; fails
   saying what to run when there is none."""
-  check_stage(stage)
+  check_stage(stage, allowed)
   if not os.path.isdir(workdir):
     raise InferenceError(
         f'workdir {workdir} does not exist; train a model first, e.g.: '
         f'{_train_command(workdir, "pretrain")}')
   directory = ckpt_lib.stage_dir(workdir, stage)
   if not os.path.isdir(directory):
-    present = sorted(s for s in GENERATIVE_STAGES if os.path.isdir(ckpt_lib.stage_dir(workdir, s)))
+    present = sorted(s for s in allowed if os.path.isdir(ckpt_lib.stage_dir(workdir, s)))
     raise InferenceError(
         f'{workdir} has no {stage} stage ({directory} does not exist; stages with '
         f'checkpoints here: {present or "none"}); create it with, e.g.: '
@@ -147,12 +150,14 @@ def _tokenizer(workdir: str, meta: dict, model_vocab: int) -> tokenizer_lib.Toke
 
 
 def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) -> Loaded:
-  """(graphdef, params, mcfg, tokenizer, cfg) of the newest checkpoint of WORKDIR/<stage>.
+  """(graphdef, params, mcfg, tokenizer, cfg) of the newest checkpoint of WORKDIR/<stage>:
+  a language model (pretrain, sft, ppo's policy) or the reward model (reward).
 
   `mesh` overrides axes of the inference mesh (default data=-1, fsdp=1, tensor=1).
   """
   jax.config.update('jax_threefry_partitionable', True)  # as in training: mesh-independent
-  directory, step, meta = latest_checkpoint(workdir, stage)
+  directory, step, meta = latest_checkpoint(workdir, stage,
+                                            GENERATIVE_STAGES + SCORING_STAGES)
   cfg = config_from_meta(meta, f'{directory}/{step}')
   overrides = parse_mesh(mesh) if isinstance(mesh, str) or mesh is None else dict(mesh)
   unknown = set(overrides) - set(config_lib.MESH_AXES)
@@ -165,7 +170,7 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) 
     device_mesh = sharding.make_mesh(cfg)
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh {overrides}: {e}') from e
-  mcfg = model_lib.ModelConfig.from_config(cfg)
+  mcfg = model_config(cfg, stage)
   try:
     graphdef, target = model_lib.abstract_sharded_params(mcfg, device_mesh)
   except config_lib.ConfigError as e:
@@ -176,6 +181,15 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) 
 
 
 # -- flags shared by the command-line tools ---------------------------------------------------
+
+
+def model_config(cfg, stage: str) -> model_lib.ModelConfig:
+  """The model a stage's checkpoint holds: the reward model has a scalar head and no LM
+  head; PPO's policy has a value head when config.ppo.value_from='policy'."""
+  if stage == 'reward':
+    return model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)
+  return model_lib.ModelConfig.from_config(
+      cfg, scalar_head=stage == 'ppo' and cfg.ppo.value_from == 'policy')
 
 
 def define_flags() -> None:

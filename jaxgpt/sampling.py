@@ -246,7 +246,8 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
 # -- compiled entry point -------------------------------------------------------------------
 
 
-def _mesh_and_param_shardings(params):
+def mesh_and_param_shardings(params):
+  """(mesh, param treedef, shardings tuple) of parameters placed by jit or device_put."""
   leaves, treedef = jax.tree.flatten(params)
   shardings = [x.sharding for x in leaves]
   named = [s for s in shardings if isinstance(s, NamedSharding)]
@@ -295,7 +296,7 @@ def sample(graphdef, params, mcfg, prompts_bp, lengths_b, rng,
   B must be a multiple of `batch_multiple(mesh, mcfg.rules)`. Compiled once per
   (B, P) and `settings` (and parameter tree / shardings); later calls reuse it.
   """
-  mesh, treedef, param_shardings = _mesh_and_param_shardings(params)
+  mesh, treedef, param_shardings = mesh_and_param_shardings(params)
   b, p = np.shape(prompts_bp)
   n = settings.max_new_tokens
   if p + n > mcfg.max_seq_len:
@@ -358,12 +359,19 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, *, bucket: int = 
   return ids, lengths
 
 
-def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  stop_ids: Sequence[int] | None = None, seed: int = 0, bucket: int = 16,
-                  batch_size: int | None = None) -> list[str]:
+def generate_text(graphdef, params, mcfg, tokenizer, prompts, **kw) -> list[str]:
   """Completions of `prompts` (strings, encoded with special tokens allowed, or id lists),
-  decoded up to (not including) the first stop id. Greedy by default.
+  decoded up to (not including) the first stop id. Greedy by default; keywords as
+  `generate`."""
+  return [text for text, _ in generate(graphdef, params, mcfg, tokenizer, prompts, **kw)]
+
+
+def generate(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop_ids: Sequence[int] | None = None, seed: int = 0, bucket: int = 16,
+             batch_size: int | None = None) -> list[tuple[str, bool]]:
+  """(completion text, finished) per prompt: the text up to (not including) the first
+  stop id, and whether a stop id came before `max_new_tokens` ran out.
 
   Prompts are right-padded to a multiple of `bucket` tokens to limit recompiles;
   `batch_size` (default: all at once) decodes them in chunks of that many rows, every
@@ -375,7 +383,7 @@ def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens:
   stops = default_stop_ids(tokenizer) if stop_ids is None else tuple(stop_ids)
   settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=tokenizer.pad_id)
-  mesh = _mesh_and_param_shardings(params)[0]
+  mesh = mesh_and_param_shardings(params)[0]
   mult = batch_multiple(mesh, mcfg.rules)
   rows = -(-min(batch_size or len(ids), len(ids)) // mult) * mult
   prompt_ids, lengths = pad_prompts(ids, tokenizer.pad_id, bucket=bucket,
@@ -391,7 +399,7 @@ def generate_text(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens:
         (out.tokens, out.lengths, out.finished), tiled=True)
     for row in range(min(rows, len(ids) - start)):
       keep = int(n[row]) - int(bool(finished[row]))  # drop the stop token itself
-      texts.append(tokenizer.decode(tokens[row, :keep].tolist()))
+      texts.append((tokenizer.decode(tokens[row, :keep].tolist()), bool(finished[row])))
   return texts
 
 
@@ -463,7 +471,7 @@ def stream(graphdef, params, mcfg, prompt_ids: Sequence[int], *, settings: Sampl
     raise ValueError(f'sampling.stream: the prompt has {n_prompt} tokens, leaving no room '
                      f'in config.model.max_seq_len={mcfg.max_seq_len}; shorten it.')
   n_new = min(int(settings.max_new_tokens), room)
-  mesh, treedef, param_shardings = _mesh_and_param_shardings(params)
+  mesh, treedef, param_shardings = mesh_and_param_shardings(params)
   choice = SamplingConfig(max_new_tokens=1, temperature=settings.temperature,
                           top_k=settings.top_k, top_p=settings.top_p)
   prefill, step = _stream_fns(graphdef, mcfg, choice, mesh, treedef, param_shardings)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 
 import jax
 from jax.experimental import multihost_utils
 
+from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
 from jaxgpt.data import tokenizer as tokenizer_lib
@@ -35,3 +37,38 @@ def process_info() -> dict[str, int]:
 
 def format_stats(stats: dict) -> str:
   return ', '.join(f'{k} {v:,}' for k, v in stats.items() if isinstance(v, (int, float)))
+
+
+def init_dir(cfg, workdir: str, previous: str) -> str:
+  """Where a stage's starting weights come from: config.checkpoint.init_from, or the
+  previous stage's checkpoints in the same workdir."""
+  return cfg.checkpoint.init_from or ckpt_lib.stage_dir(workdir, previous)
+
+
+def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), seed: int = 0):
+  """(params, meta) of the newest checkpoint in `directory`, placed in `mcfg`'s shardings
+  on `mesh`. Top-level entries named in `fresh` (e.g. a new 'scalar_head') are
+  initialised instead of read; entries the checkpoint has but `mcfg` lacks (the LM head
+  of an SFT model, for a reward model) are not read at all."""
+  graphdef, target = model_lib.abstract_sharded_params(mcfg, mesh)
+  del graphdef
+  wanted = {k: v for k, v in target.items() if k not in fresh}
+  params, meta, _ = ckpt_lib.restore_latest_params(directory, wanted, what=what)
+  if fresh:
+    shardings = {k: jax.tree.map(lambda x: x.sharding, target[k]) for k in fresh}
+    with jax.set_mesh(mesh):
+      new = jax.jit(lambda: {k: model_lib.fresh_params(mcfg, seed)[k] for k in fresh},
+                    out_shardings=shardings)()
+    params = dict(params, **new)
+  return params, meta
+
+
+def tokenizer_from(cfg, workdir: str, base_meta: dict, stage: str) -> tokenizer_lib.Tokenizer:
+  """The previous run's tokenizer (its checkpoint records which), unless config names one."""
+  path = cfg.tokenizer.path or base_meta.get('tokenizer') or os.path.join(workdir,
+                                                                          'tokenizer.model')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{stage}: tokenizer {path} not found; set config.tokenizer.path.')
+  tok = tokenizer_lib.Tokenizer.load(path)
+  tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
+  return tok

@@ -38,6 +38,13 @@ class Stage:
   init_params: Callable[[], Any] | None = None   # starting weights; None -> random init
   sample_fn: Callable[[Any, Any], list[tuple[str, str]]] | None = None  # (graphdef, params)
   meta: dict = dataclasses.field(default_factory=dict)  # stored with every checkpoint
+  # Tokens one process's batch feeds the model (for tokens/s) and training FLOPs per
+  # token (for MFU); None -> LM rows: batch['inputs'].size, 6N + attention at data.seq_len.
+  count_tokens: Callable[[dict], int] | None = None
+  flops_per_token: float | None = None
+  # (graphdef, state) -> extra meta for the final checkpoint (e.g. reward score stats).
+  final_meta: Callable[[Any, Any], dict] | None = None
+  perplexity: bool = True        # report val_perplexity = exp(val_loss) (LM stages)
 
 
 @dataclasses.dataclass
@@ -46,6 +53,7 @@ class Result:
   state: Any
   shardings: Any
   final_metrics: dict
+  steps_run: int = 0             # 0 when the stage had already finished
 
 
 class _StopFlag:
@@ -80,8 +88,8 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
   return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}
 
 
-def evaluate(eval_step, params, batches, mesh, rules) -> dict[str, float]:
-  """Mean validation loss and perplexity over the given batches."""
+def evaluate(eval_step, params, batches, mesh, rules, perplexity=True) -> dict[str, float]:
+  """Mean validation loss (and perplexity) over the given batches."""
   total: dict[str, float] = {}
   for b in batches:
     sums = jax.device_get(eval_step(params, global_batch(b, mesh, rules)))
@@ -90,7 +98,7 @@ def evaluate(eval_step, params, batches, mesh, rules) -> dict[str, float]:
   if not total or total.get('weight', 0) == 0:
     return {}
   out = {f'val_{k}': v / total['weight'] for k, v in total.items() if k != 'weight'}
-  if 'val_loss' in out:
+  if perplexity and 'val_loss' in out:
     out['val_perplexity'] = math.exp(min(out['val_loss'], 50.0))
   return out
 
@@ -131,7 +139,9 @@ def train(stage: Stage, workdir: str) -> Result:
   peak = (t.peak_flops * jax.device_count()) if t.peak_flops else None
   if peak is None:
     peak = metrics_lib.measure_peak_flops(stage.mcfg.dtype) * jax.process_count()
-  step_flops = metrics_lib.flops_per_token(stage.mcfg, cfg.data.seq_len, n_params)
+  step_flops = stage.flops_per_token or metrics_lib.flops_per_token(stage.mcfg, cfg.data.seq_len,
+                                                                    n_params)
+  count_tokens = stage.count_tokens or (lambda b: int(b['inputs'].size))
   meta = dict(stage.meta, stage=stage.name, n_params=n_params)
 
   saved_step = start
@@ -161,7 +171,7 @@ def train(stage: Stage, workdir: str) -> Result:
         first = None
         state, metrics = jit_step(state, global_batch(local, mesh, rules))
         step += 1
-        tokens += int(local['inputs'].size) * jax.process_count()
+        tokens += count_tokens(local) * jax.process_count()
         if timer_start is None:  # the first step includes compilation: time from here
           jax.block_until_ready(metrics)
           timer_start, timer_step, tokens = time.perf_counter(), step, 0
@@ -178,13 +188,15 @@ def train(stage: Stage, workdir: str) -> Result:
           final_metrics.update(logged)
           timer_start, timer_step, tokens = time.perf_counter(), step, 0
         if val_batches and (step % t.eval_every == 0 or step == t.steps):
-          val = evaluate(eval_step, state['params'], val_batches, mesh, rules)
+          val = evaluate(eval_step, state['params'], val_batches, mesh, rules, stage.perplexity)
           writer.write(step, val)
           writer.log_text(f'[{stage.name}] step {step}: ' +
                           ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
           final_metrics.update(val)
         if stage.sample_fn is not None and (step % t.sample_every == 0 or step == t.steps):
           writer.samples(step, stage.sample_fn(graphdef, state['params']))
+        if step == t.steps and stage.final_meta is not None:
+          meta.update(stage.final_meta(graphdef, state))
         if ckpt.due(step) or step == t.steps:
           save(step)
         if timer_step != step and (step % t.eval_every == 0 or step % t.sample_every == 0):
@@ -209,4 +221,4 @@ def train(stage: Stage, workdir: str) -> Result:
   elif jax.process_index() == 0:
     with open(os.path.join(out_dir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
       json.dump({k: float(v) for k, v in final_metrics.items()}, f, indent=1)
-  return Result(graphdef, state, shardings, final_metrics)
+  return Result(graphdef, state, shardings, final_metrics, steps_run=step - start)

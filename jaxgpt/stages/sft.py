@@ -13,29 +13,14 @@ import os
 
 import jax
 
-from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
 from jaxgpt import evaluation, sampling, tasks, trainer
-from jaxgpt import model as model_lib
 from jaxgpt.data import chat
 from jaxgpt.data.sft import make_sft_data
-from jaxgpt.data.tokenizer import Tokenizer
 from jaxgpt.stages import common, loop
 
 NAME = 'sft'
 PREVIOUS = 'pretrain'
-
-
-def init_dir(cfg, workdir: str) -> str:
-  return cfg.checkpoint.init_from or ckpt_lib.stage_dir(workdir, PREVIOUS)
-
-
-def base_params(cfg, workdir, mesh, mcfg):
-  """(params, meta) of the pretrained model, placed in this run's shardings."""
-  _, target = model_lib.abstract_sharded_params(mcfg, mesh)
-  params, meta, _ = ckpt_lib.restore_latest_params(init_dir(cfg, workdir), target,
-                                                   what=f'{NAME} initial weights')
-  return params, meta
 
 
 def chat_sampler(tok, mcfg, max_new_tokens):
@@ -49,19 +34,12 @@ def chat_sampler(tok, mcfg, max_new_tokens):
   return sample
 
 
-def tokenizer_from(cfg, workdir, base_meta) -> Tokenizer:
-  """The pretraining run's tokenizer (its checkpoint records which), unless config names one."""
-  path = cfg.tokenizer.path or base_meta.get('tokenizer') or os.path.join(workdir,
-                                                                          'tokenizer.model')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{NAME}: tokenizer {path} not found; set config.tokenizer.path.')
-  return Tokenizer.load(path)
-
-
 def run(cfg, workdir: str) -> loop.Result:
   mesh, mcfg = common.mesh_and_model(cfg)
-  params0, base_meta = base_params(cfg, workdir, mesh, mcfg)
-  tok = tokenizer_from(cfg, workdir, base_meta)
+  init_dir = common.init_dir(cfg, workdir, PREVIOUS)
+  params0, base_meta = common.params_from_checkpoint(init_dir, mesh, mcfg,
+                                                     what=f'{NAME} initial weights')
+  tok = common.tokenizer_from(cfg, workdir, base_meta, NAME)
   data = make_sft_data(cfg, tok, **common.process_info())
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
   t = config_lib.stage_train_config(cfg, NAME)
@@ -69,9 +47,12 @@ def run(cfg, workdir: str) -> loop.Result:
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
       loss_fn=trainer.lm_loss_fn(t.z_loss, use_segment_ids=bool(cfg.sft.packing)), data=data,
       init_params=lambda: params0, sample_fn=chat_sampler(tok, mcfg, cfg.sft.eval_tokens),
-      meta={'tokenizer': tok.path, 'init_from': init_dir(cfg, workdir),
+      meta={'tokenizer': tok.path, 'init_from': init_dir,
             'config': cfg.to_json_best_effort()})
   result = loop.train(stage, workdir)
+  if result.steps_run == 0 and os.path.exists(os.path.join(loop.stage_dir(workdir, NAME),
+                                                           'eval.json')):
+    return result  # a finished stage is not evaluated again
   write_eval(cfg, workdir, tok, mcfg, result.graphdef, params0, result.state['params'])
   return result
 

@@ -1,0 +1,97 @@
+r"""Reward-model scores of replies, to probe what the reward stage learned:
+
+  python -m jaxgpt.score --workdir DIR --prompt "What is 12 + 34?" --response 46 --response 47
+  python -m jaxgpt.score --workdir DIR --jsonl replies.jsonl
+
+Each `--response` is scored as the assistant's reply to `--prompt` (one user turn). A
+JSONL file holds one object per line: `{"prompt" | "messages", "response"}`, or a
+comparison `{"prompt" | "messages", "chosen", "rejected"}` (both are scored and the row
+says whether the model agrees). Scores are the raw scalar at the `<|reward|>` token; the
+reward stage's mean and standard deviation on SFT samples are printed for scale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from jaxgpt import inference, scoring
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by jaxgpt.main.')
+_MESH = flags.DEFINE_string('mesh', '', 'Inference mesh overrides, e.g. "data=1,tensor=8".')
+_PROMPT = flags.DEFINE_string('prompt', None, 'The user turn the responses answer.')
+_RESPONSE = flags.DEFINE_multi_string('response', [], 'A reply to score (repeatable).')
+_JSONL = flags.DEFINE_string('jsonl', None, 'A JSONL file of replies or comparisons.')
+
+
+def _messages(obj, where: str) -> list[dict]:
+  if 'messages' in obj:
+    return list(obj['messages'])
+  if isinstance(obj.get('prompt'), str):
+    return [{'role': 'user', 'content': obj['prompt']}]
+  raise ValueError(f'{where}: need "prompt" (text) or "messages".')
+
+
+def read_jsonl(path: str) -> list[tuple[list[dict], list[str]]]:
+  """[(prompt messages, replies)] of a file; a malformed line fails naming it."""
+  rows = []
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f'{path}:{lineno}'
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{where}: bad JSON: {e}') from None
+      if not isinstance(obj, dict):
+        raise ValueError(f'{where}: expected a JSON object.')
+      replies = [obj['chosen'], obj['rejected']] if 'chosen' in obj else [obj.get('response')]
+      if not all(isinstance(r, str) for r in replies):
+        raise ValueError(f'{where}: need "response", or "chosen" and "rejected", as text.')
+      rows.append((_messages(obj, where), replies))
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if not _WORKDIR.value:
+      raise app.UsageError('--workdir is required.')
+    if _JSONL.value:
+      rows = read_jsonl(_JSONL.value)
+    elif _PROMPT.value is not None and _RESPONSE.value:
+      rows = [([{'role': 'user', 'content': _PROMPT.value}], [r]) for r in _RESPONSE.value]
+    else:
+      raise app.UsageError('give --prompt with --response (repeatable), or --jsonl FILE.')
+    loaded = inference.load(_WORKDIR.value, 'reward', mesh=_MESH.value)
+    meta = inference.latest_checkpoint(_WORKDIR.value, 'reward', inference.SCORING_STAGES)[2]
+    items = [(prompt, reply) for prompt, replies in rows for reply in replies]
+    scores = scoring.score_replies(loaded.graphdef, loaded.params, loaded.mcfg,
+                                   loaded.tokenizer, items)
+  except inference.USER_ERRORS as e:
+    print(f'score: {e}', file=sys.stderr, flush=True)
+    return 1
+  stats = meta.get('score_stats')
+  if stats:
+    print(f'# reward model scores on SFT samples: mean {stats["mean"]:+.3f}, '
+          f'std {stats["std"]:.3f}')
+  i = 0
+  for prompt, replies in rows:
+    question = prompt[-1]['content']
+    row_scores = scores[i:i + len(replies)]
+    i += len(replies)
+    for reply, s in zip(replies, row_scores):
+      print(f'{s:+8.3f}  {question!r} -> {reply!r}')
+    if len(replies) == 2:  # a comparison: chosen first
+      agrees = 'agrees' if row_scores[0] > row_scores[1] else 'DISAGREES'
+      print(f'          chosen - rejected = {row_scores[0] - row_scores[1]:+.3f} ({agrees})')
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

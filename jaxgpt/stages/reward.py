@@ -1,0 +1,294 @@
+"""Stage 3, the reward model: a scalar read at a `<|reward|>` token, trained on comparisons.
+
+Starts from the SFT stage's final checkpoint (WORKDIR/sft, or config.checkpoint.init_from):
+its trunk, no LM head, and a fresh scalar head. Comparisons are either the user's JSONL
+(`config.reward.data`) or, by default, sampled the way the talk collects them: K
+responses from the SFT model for each train-split task prompt, ranked by a simulated
+labeler (`jaxgpt.data.comparisons`), written to WORKDIR/reward/comparisons.jsonl (and
+comparisons_heldout.jsonl, from held-out task instances) and reused on a re-run.
+
+Loss: -log sigmoid(r_chosen - r_rejected - margin) per pair, a K-way ranking weighing as
+one comparison set, plus an optional centering term. After training, the mean and
+standard deviation of the model's scores on held-out SFT samples go into the final
+checkpoint's meta (`score_stats`) so PPO can normalise rewards, and
+WORKDIR/reward/eval.json reports pairwise accuracy, calibration, AUC and best-of-N.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import time
+
+import jax
+import numpy as np
+
+from jaxgpt import config as config_lib
+from jaxgpt import evaluation, losses, metrics, sampling, scoring, sharding, tasks, trainer
+from jaxgpt import model as model_lib
+from jaxgpt.data import chat, comparisons
+from jaxgpt.data import reward as reward_data
+from jaxgpt.stages import common, loop
+
+NAME = 'reward'
+PREVIOUS = 'sft'
+COMPARISON_FILES = {'train': 'comparisons.jsonl', 'heldout': 'comparisons_heldout.jsonl'}
+# |r_chosen - r_rejected| bucket edges for the calibration table.
+CALIBRATION_EDGES = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+
+def reward_model_config(cfg) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)
+
+
+def pair_scores_bt2(model, batch):
+  """(b, 2) scores of a batch of pairs: chosen and rejected in one forward."""
+  b = batch['tokens'].shape[0]
+  flat = lambda x: x.reshape((2 * b,) + x.shape[2:])  # noqa: E731  (b, 2, ...) -> (2b, ...)
+  scores = model.score(flat(batch['tokens']), flat(batch['positions']),
+                       flat(batch['segment_ids']), flat(batch['readout']))
+  return scores.reshape(b, 2)
+
+
+def reward_loss_fn(center: float = 0.0) -> trainer.LossFn:
+  def loss_fn(model, batch):
+    scores_b2 = pair_scores_bt2(model, batch)
+    return losses.pairwise_reward_loss_sum(scores_b2[:, 0], scores_b2[:, 1], batch['weight'],
+                                           batch['margin'], center)
+  return loss_fn
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_pair_scores(graphdef, mesh, rules):
+  return jax.jit(lambda params, batch: pair_scores_bt2(model_lib.merge(graphdef, params), batch),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def scores_of_batches(graphdef, params, batches, mesh, rules) -> tuple[np.ndarray, np.ndarray]:
+  """(scores (n, 2), weights (n,)) of every pair in `batches` (host numpy)."""
+  fn = _jitted_pair_scores(graphdef, mesh, rules)
+  scores, weights = [], []
+  with jax.set_mesh(mesh):
+    for b in batches:
+      scores.append(np.asarray(jax.device_get(fn(params, loop.global_batch(b, mesh, rules)))))
+      weights.append(np.asarray(b['weight']))
+  if not scores:
+    return np.zeros((0, 2), np.float32), np.zeros((0,), np.float32)
+  return np.concatenate(scores), np.concatenate(weights)
+
+
+# -- comparisons ------------------------------------------------------------------------------
+
+
+def embedded_comparisons(cfg, out_dir, graphdef, sft_params, sft_mcfg, tok):
+  """(train, heldout, stats): SFT samples ranked by the simulated labeler, sampled once
+  and kept in out_dir/comparisons*.jsonl; a re-run reads the files back."""
+  paths = {split: os.path.join(out_dir, name) for split, name in COMPARISON_FILES.items()}
+  if all(os.path.exists(p) for p in paths.values()):
+    out = {split: comparisons.read_comparisons([p])[0] for split, p in paths.items()}
+    print(f'[{NAME}] comparisons: reusing {paths["train"]} ({len(out["train"]):,} pairs) and '
+          f'{paths["heldout"]} ({len(out["heldout"]):,})', flush=True)
+    return out['train'], out['heldout'], {'comparisons_reused': 1}
+  r = cfg.reward
+  stats = {}
+  out = {}
+  for split, n_prompts in (('train', r.prompts), ('heldout', r.heldout_prompts)):
+    start = time.perf_counter()
+    examples = list({e.prompt: e for e in tasks.sample_examples(split, n_prompts,
+                                                                seed=cfg.seed + 1)}.values())
+    k = int(r.samples_per_prompt)
+    prompt_ids = [chat.render_prompt([{'role': 'user', 'content': e.prompt}], tok)
+                  for e in examples for _ in range(k)]
+    samples = sampling.generate(graphdef, sft_params, sft_mcfg, tok, prompt_ids,
+                                max_new_tokens=r.response_tokens, temperature=1.0,
+                                seed=cfg.seed + (split == 'heldout'), batch_size=1024)
+    rng = random.Random(f'labeler|{split}|{cfg.seed}')
+    pairs, no_pairs = [], 0
+    for i, e in enumerate(examples):
+      got = comparisons.comparisons_from_samples(e.prompt, e.task, samples[i * k:(i + 1) * k],
+                                                 rng, r.flip_fraction, group=f'{split}-{i}')
+      no_pairs += not got
+      pairs += got
+    if jax.process_index() == 0:
+      comparisons.write_comparisons(paths[split], pairs)
+    out[split] = pairs
+    accepted = sum(tasks.check(e, None, text) for e, (text, _) in
+                   zip([e for e in examples for _ in range(k)], samples))
+    stats.update({f'{split}_prompts': len(examples), f'{split}_no_pair_prompts': no_pairs,
+                  f'{split}_pairs': len(pairs), f'{split}_sample_accuracy':
+                  round(accepted / max(1, len(samples)), 4),
+                  f'{split}_sampling_seconds': round(time.perf_counter() - start, 1)})
+  print(f'[{NAME}] comparisons sampled from the SFT model ({k} per prompt, temperature 1) and '
+        f'ranked by the simulated labeler: {common.format_stats(stats)} -> {paths["train"]}',
+        flush=True)
+  return out['train'], out['heldout'], stats
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+
+def score_stats_fn(data, mesh, rules):
+  """final_meta hook: mean and std of the scores of every held-out reply (SFT samples)."""
+  def final_meta(graphdef, state):
+    scores, weights = scores_of_batches(graphdef, state['params'], data.val_batches(10 ** 6),
+                                        mesh, rules)
+    kept = scores[weights > 0].ravel()
+    if kept.size < 2:
+      return {}
+    return {'score_stats': {'mean': float(kept.mean()), 'std': float(kept.std()),
+                            'n': int(kept.size)}}
+  return final_meta
+
+
+def run(cfg, workdir: str) -> loop.Result:
+  mesh = sharding.make_mesh(cfg)
+  sft_mcfg = model_lib.ModelConfig.from_config(cfg)
+  mcfg = reward_model_config(cfg)
+  init_dir = common.init_dir(cfg, workdir, PREVIOUS)
+  sft_params, sft_meta = common.params_from_checkpoint(init_dir, mesh, sft_mcfg,
+                                                       what=f'{NAME}: the SFT model')
+  tok = common.tokenizer_from(cfg, workdir, sft_meta, NAME)
+  out_dir = loop.stage_dir(workdir, NAME)
+  os.makedirs(out_dir, exist_ok=True)
+  sft_graphdef = model_lib.abstract_model(sft_mcfg)[0]
+  if cfg.reward.data == 'embedded':
+    train, heldout, source_stats = embedded_comparisons(cfg, out_dir, sft_graphdef, sft_params,
+                                                        sft_mcfg, tok)
+  else:
+    train, heldout, source_stats = reward_data.load_comparison_files(cfg)
+  data = reward_data.make_reward_data(cfg, tok, train, heldout, **common.process_info())
+  print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
+
+  t = config_lib.stage_train_config(cfg, NAME)
+  n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
+  trunk, _ = common.params_from_checkpoint(init_dir, mesh, mcfg, what=f'{NAME}: the SFT trunk',
+                                           fresh=('scalar_head',), seed=cfg.seed)
+  del sft_params  # scoring needs only the trunk from here on
+  stage = loop.Stage(
+      name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
+      loss_fn=reward_loss_fn(cfg.reward.center), data=data, init_params=lambda: trunk,
+      meta={'tokenizer': tok.path, 'init_from': init_dir, 'source_stats': source_stats,
+            'config': cfg.to_json_best_effort()},
+      count_tokens=lambda b: int(np.count_nonzero(b['segment_ids'])),
+      flops_per_token=metrics.flops_per_token(mcfg, data.seq_len, n_params),
+      final_meta=score_stats_fn(data, mesh, mcfg.rules), perplexity=False)
+  result = loop.train(stage, workdir)
+  eval_path = os.path.join(out_dir, 'eval.json')
+  if result.steps_run == 0 and os.path.exists(eval_path):
+    return result  # a finished stage is not evaluated again
+  write_eval(cfg, workdir, tok, mcfg, result.graphdef, result.state['params'], data, mesh,
+             sft_graphdef, sft_mcfg, init_dir, source_stats)
+  return result
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def _auc(scores, labels) -> float | None:
+  """P(score of an accepted reply > score of a rejected one), ties counting half."""
+  pos, neg = scores[labels], scores[~labels]
+  if not len(pos) or not len(neg):
+    return None
+  order = np.argsort(np.concatenate([pos, neg]), kind='stable')
+  ranks = np.empty(len(order))
+  ranks[order] = np.arange(1, len(order) + 1)
+  allv = np.concatenate([pos, neg])
+  for v in np.unique(allv):  # average ranks of ties
+    same = allv == v
+    ranks[same] = ranks[same].mean()
+  return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def pairwise_report(scores_n2, heldout) -> dict:
+  """Held-out pairwise accuracy overall, per task and by |score difference| bucket."""
+  diff = scores_n2[:, 0] - scores_n2[:, 1]
+  right = diff > 0
+  per_task = {}
+  for task in sorted({c.task for c in heldout}):
+    idx = np.array([c.task == task for c in heldout])
+    per_task[task or 'unknown'] = float(right[idx].mean())
+  calibration = []
+  edges = list(CALIBRATION_EDGES) + [np.inf]
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    sel = (np.abs(diff) >= lo) & (np.abs(diff) < hi)
+    calibration.append({'abs_diff': f'[{lo:g}, {hi:g})', 'pairs': int(sel.sum()),
+                        'accuracy': float(right[sel].mean()) if sel.any() else None})
+  return {'pairwise_accuracy': float(right.mean()) if len(right) else None,
+          'pairs': int(len(right)), 'per_task': per_task, 'calibration': calibration}
+
+
+def best_of_n(cfg, tok, graphdef, params, mcfg, sft_graphdef, sft_params, sft_mcfg, eval_set,
+              ns, seed) -> dict:
+  """Gold accuracy of the SFT reply with the best RM score among N samples, for each N."""
+  n_max = max(ns)
+  prompts = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
+  ids = [chat.render_prompt(p, tok) for p in prompts for _ in range(n_max)]
+  samples = sampling.generate(sft_graphdef, sft_params, sft_mcfg, tok, ids,
+                              max_new_tokens=cfg.reward.response_tokens, temperature=1.0,
+                              seed=seed, batch_size=1024)
+  texts = [text for text, _ in samples]
+  items = list(zip([p for p in prompts for _ in range(n_max)], texts))
+  scores = scoring.score_replies(graphdef, params, mcfg, tok, items,
+                                 seq_len=cfg.reward.seq_len or cfg.data.seq_len)
+  gold = np.array([tasks.check(e, None, t) for e, t in
+                   zip([e for e in eval_set for _ in range(n_max)], texts)])
+  scores, gold = scores.reshape(len(eval_set), n_max), gold.reshape(len(eval_set), n_max)
+  task_names = np.array([e.task for e in eval_set])
+  out = {'auc_accepted': _auc(scores.ravel(), gold.ravel()),
+         'sample_accuracy': float(gold.mean()),
+         'sample_accuracy_per_task': {t: float(gold[task_names == t].mean())
+                                      for t in sorted(set(task_names))},
+         'best_of': {}}
+  for n in ns:
+    pick = np.argmax(scores[:, :n], axis=1)
+    picked = gold[np.arange(len(eval_set)), pick]
+    out['best_of'][str(n)] = {
+        'accuracy': float(picked.mean()),
+        'per_task': {t: float(picked[task_names == t].mean()) for t in sorted(set(task_names))}}
+  return out
+
+
+def write_eval(cfg, workdir, tok, mcfg, graphdef, params, data, mesh, sft_graphdef, sft_mcfg,
+               init_dir, source_stats) -> dict:
+  """WORKDIR/reward/eval.json and its table on the console."""
+  r = cfg.reward
+  scores, weights = scores_of_batches(graphdef, params, data.val_batches(10 ** 6), mesh,
+                                      mcfg.rules)
+  scores = scores[weights > 0]
+  report = {'heldout_pairs': pairwise_report(scores, data.heldout[:len(scores)])}
+  sft_params, _ = common.params_from_checkpoint(init_dir, mesh, sft_mcfg,
+                                                what=f'{NAME}: the SFT model')
+  eval_set = tasks.heldout_eval_set(r.eval_per_task, seed=cfg.seed)
+  start = time.perf_counter()
+  report.update(best_of_n(cfg, tok, graphdef, params, mcfg, sft_graphdef, sft_params, sft_mcfg,
+                          eval_set, tuple(int(n) for n in r.best_of), seed=cfg.seed + 7))
+  report['best_of_seconds'] = round(time.perf_counter() - start, 1)
+  greedy = evaluation.task_accuracy(sft_graphdef, sft_params, sft_mcfg, tok, 'chat', eval_set,
+                                    max_new_tokens=cfg.sft.eval_tokens, seed=cfg.seed)
+  report['sft_greedy'] = greedy
+  report['n_prompts'] = len(eval_set)
+  report['comparison_source'] = source_stats
+  if jax.process_index() == 0:
+    path = os.path.join(loop.stage_dir(workdir, NAME), 'eval.json')
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=1)
+    print(format_table(report) + f'\n  ({path})', flush=True)
+  return report
+
+
+def format_table(report) -> str:
+  """The console / README table of eval.json."""
+  held = report['heldout_pairs']
+  acc = held['pairwise_accuracy']
+  lines = [f'[{NAME}] held-out pairwise accuracy '
+           f'{"n/a" if acc is None else f"{acc:.1%}"} on {held["pairs"]} pairs; '
+           f'AUC of the score for "checker accepts" '
+           f'{report["auc_accepted"] if report["auc_accepted"] is None else round(report["auc_accepted"], 3)}',
+           f'  {"gold accuracy on " + str(report["n_prompts"]) + " held-out prompts":<44} accuracy',
+           f'  {"SFT greedy":<44} {report["sft_greedy"]["accuracy"]:.1%}',
+           f'  {"SFT sample (T=1), mean":<44} {report["sample_accuracy"]:.1%}']
+  for n, v in report['best_of'].items():
+    lines.append(f'  {"best-of-" + n + " by reward model":<44} {v["accuracy"]:.1%}')
+  return '\n'.join(lines)
