@@ -40,10 +40,8 @@ global row k*B + i of val batch k is heldout[k*B + i].
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import heapq
-import os
 from typing import Any, Sequence
 
 import grain
@@ -51,7 +49,7 @@ import numpy as np
 
 from jaxgpt.data import chat
 from jaxgpt.data.comparisons import Comparison, read_comparisons
-from jaxgpt.data.sft import BAD_ROW_POLICIES, LONG_ROW_POLICIES
+from jaxgpt.data.sft import BAD_ROW_POLICIES, LONG_ROW_POLICIES, expand_paths
 
 __all__ = ['encode_reply', 'split_comparisons', 'load_comparison_files', 'make_reward_data',
            'RewardData', 'pack_groups']
@@ -363,25 +361,6 @@ def split_comparisons(comparisons: Sequence[Comparison],
   return train, heldout
 
 
-def expand_paths(spec: str) -> list[str]:
-  """config.reward.data: comma-separated files, globs or directories (their *.jsonl)."""
-  out: list[str] = []
-  for part in (p.strip() for p in spec.split(',')):
-    if not part:
-      continue
-    if os.path.isdir(part):
-      found = sorted(glob.glob(os.path.join(part, '*.jsonl')))
-    else:
-      found = sorted(glob.glob(os.path.expanduser(part)))
-    if not found:
-      raise ValueError(f'config.reward.data: {part!r} matches no file; give JSONL '
-                       "paths, globs or directories, or 'embedded'.")
-    out += [f for f in found if f not in out]
-  if not out:
-    raise ValueError('config.reward.data is empty; give JSONL paths or \'embedded\'.')
-  return out
-
-
 def load_comparison_files(config) -> tuple[list[Comparison], list[Comparison], dict]:
   """(train, heldout, counts) of the JSONL files named by config.reward.data."""
   r = config.reward
@@ -391,7 +370,7 @@ def load_comparison_files(config) -> tuple[list[Comparison], list[Comparison], d
   if r.on_bad_row not in BAD_ROW_POLICIES:
     raise ValueError(f'config.reward.on_bad_row={r.on_bad_row!r} must be one of '
                      f'{BAD_ROW_POLICIES}.')
-  comparisons, counts = read_comparisons(expand_paths(r.data), r.on_bad_row)
+  comparisons, counts = read_comparisons(expand_paths(r.data, 'config.reward.data'), r.on_bad_row)
   train, heldout = split_comparisons(comparisons, float(r.val_fraction))
   counts['train_pairs'], counts['heldout_pairs'] = len(train), len(heldout)
   return train, heldout, counts

@@ -169,8 +169,9 @@ def read_jsonl(paths: Sequence[str], on_bad_row: str = 'error') -> tuple[list[li
   return rows, counts
 
 
-def expand_paths(spec: str) -> list[str]:
-  """Comma-separated files, globs or directories (their *.jsonl) -> sorted file list."""
+def expand_paths(spec: str, field: str = 'config.sft.data') -> list[str]:
+  """Comma-separated files, globs or directories (their *.jsonl) -> sorted file list;
+  errors name `field`, the config field the spec came from."""
   out: list[str] = []
   for part in (p.strip() for p in spec.split(',')):
     if not part:
@@ -180,8 +181,11 @@ def expand_paths(spec: str) -> list[str]:
     else:
       found = sorted(glob.glob(os.path.expanduser(part)))
     if not found:
-      raise ValueError(f'config.sft.data: {part!r} matches no file.')
+      raise ValueError(f'{field}: {part!r} matches no file; give JSONL paths, globs or '
+                       "directories, or 'embedded'.")
     out += [f for f in found if f not in out]
+  if not out:
+    raise ValueError(f"{field} is empty; give JSONL paths, globs or directories, or 'embedded'.")
   return out
 
 
