@@ -176,6 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.kl_target = 6.0            # adaptive controller target (nats per response); 0 -> fixed beta
   p.kl_horizon = 10000
   p.kl_clamp = 10.0            # |log pi - log pi_ref| clamp inside the estimators
+  p.value_coef = 0.1           # value-loss weight when the policy carries the value head
   p.entropy_coef = 0.0
   p.ptx_coef = 0.0             # pretraining-loss mix (PPO-ptx); 0 -> off
   p.missing_eot_penalty = -1.0  # added to the score of a response cut at response_tokens

@@ -9,7 +9,7 @@ import jax
 from jaxgpt import config as config_lib
 
 # In recipe order; `all` runs them one after the other, each from the previous one.
-PIPELINE = ('pretrain', 'sft', 'reward')
+PIPELINE = ('pretrain', 'sft', 'reward', 'ppo')
 
 
 def _stage_module(name: str):
@@ -19,6 +19,8 @@ def _stage_module(name: str):
     from jaxgpt.stages import sft as module  # pylint: disable=import-outside-toplevel
   elif name == 'reward':
     from jaxgpt.stages import reward as module  # pylint: disable=import-outside-toplevel
+  elif name == 'ppo':
+    from jaxgpt.stages import ppo as module  # pylint: disable=import-outside-toplevel
   else:
     raise config_lib.ConfigError(
         f"config.stage='{name}': this stage is not implemented yet; use one of {PIPELINE}.")

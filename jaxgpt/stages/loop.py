@@ -1,9 +1,15 @@
-"""The one training loop, shared by every stage.
+"""The training loop of the LM-style stages, and the pieces every stage's loop is made of.
 
-A stage hands over a `Stage` (its model settings, loss, data and sampler) and the
-loop does the rest the same way for all: resume or initialise the state, step,
-log, evaluate, sample, checkpoint, and stop cleanly on SIGTERM / Ctrl-C (saving
-first, so a pre-empted job resumes where it stopped).
+Pieces (PPO composes them around its own rollout -> update iteration):
+`open_checkpointer`, `resume` (restore the newest checkpoint or initialise),
+`ensure_finite` (never save a diverged state), `StopFlag` (SIGTERM -> clean stop),
+`evaluate`, `peak_flops`, `finish` (final_metrics.json, or the "already finished" line).
+
+`train` is the loop of pretraining, SFT and the reward model: one batch per optimizer
+step. A stage hands over a `Stage` (its model settings, loss, data and sampler) and the
+loop resumes or initialises the state, steps, logs, evaluates, samples, checkpoints,
+and stops cleanly on SIGTERM / Ctrl-C (saving first, so a pre-empted job resumes where
+it stopped).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ class Result:
   steps_run: int = 0             # 0 when the stage had already finished
 
 
-class _StopFlag:
+class StopFlag:
   """Turns SIGTERM (pre-emption) into a clean stop after the current step."""
 
   def __init__(self):
@@ -88,6 +94,53 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
   return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}
 
 
+def open_checkpointer(cfg, workdir: str, name: str) -> ckpt_lib.Checkpointer:
+  """The checkpointer of WORKDIR/<name>/checkpoints with config.checkpoint's policy."""
+  return ckpt_lib.Checkpointer(
+      ckpt_lib.stage_dir(workdir, name), every_steps=cfg.checkpoint.every_steps,
+      every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep)
+
+
+def resume(name: str, ckpt, abstract_state, shardings, data_iter, init_fn):
+  """(state, meta) of the newest checkpoint (the data iterator moved to its position),
+  or (init_fn(), {}) for a fresh run."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return init_fn(), {}
+  target = sharding.abstract_with_shardings(abstract_state, shardings)
+  state, meta = ckpt.restore(latest, target, data_iter)
+  print(f'[{name}] resumed from {ckpt.directory}/{latest}', flush=True)
+  return state, meta
+
+
+def ensure_finite(name: str, step: int, loss, params_ok, ckpt) -> None:
+  """Raise (so nothing is saved) when the loss or the parameters stopped being finite."""
+  loss, params_ok = jax.device_get((loss, params_ok))
+  if not (np.isfinite(loss) and params_ok):
+    what = f'loss is {loss}' if not np.isfinite(loss) else 'parameters are not finite'
+    raise FloatingPointError(
+        f'[{name}] {what} at step {step}; stopping without saving (last good '
+        f'checkpoint: {ckpt.latest_step()}). Lower the learning rate or raise the warm-up.')
+
+
+def peak_flops(t, mcfg) -> float:
+  """Peak FLOP/s of all devices: config.train.peak_flops per device, else measured."""
+  if t.peak_flops:
+    return t.peak_flops * jax.device_count()
+  return metrics_lib.measure_peak_flops(mcfg.dtype) * jax.process_count()
+
+
+def finish(name: str, out_dir: str, start: int, steps: int, final_metrics: dict,
+           steps_field: str) -> None:
+  """final_metrics.json of a run that trained, or the line saying how to continue one
+  that had already finished."""
+  if start >= steps:
+    print(f'[{name}] already at step {start}; raise {steps_field} to continue.', flush=True)
+  elif jax.process_index() == 0:
+    with open(os.path.join(out_dir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
+      json.dump({k: float(v) for k, v in final_metrics.items()}, f, indent=1)
+
+
 def evaluate(eval_step, params, batches, mesh, rules, perplexity=True) -> dict[str, float]:
   """Mean validation loss (and perplexity) over the given batches."""
   total: dict[str, float] = {}
@@ -107,21 +160,16 @@ def train(stage: Stage, workdir: str) -> Result:
   """Runs (or resumes) the stage to config steps; returns the final state."""
   cfg, t, mesh, rules = stage.cfg, stage.train_cfg, stage.mesh, stage.mcfg.rules
   out_dir = stage_dir(workdir, stage.name)
-  ckpt = ckpt_lib.Checkpointer(
-      ckpt_lib.stage_dir(workdir, stage.name), every_steps=cfg.checkpoint.every_steps,
-      every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep)
+  ckpt = open_checkpointer(cfg, workdir, stage.name)
   optimizer = optim.make_optimizer(t)
   graphdef, abstract_state, shardings = trainer.abstract_train_state(stage.mcfg, mesh, optimizer)
   n_params = model_lib.count_params(abstract_state['params'])
 
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = sharding.abstract_with_shardings(abstract_state, shardings)
-    state, _ = ckpt.restore(latest, target, stage.data.train_iter)
-    print(f'[{stage.name}] resumed from {ckpt.directory}/{latest}', flush=True)
-  else:
+  def init():
     params = stage.init_params() if stage.init_params is not None else None
-    _, state, _ = trainer.create_train_state(stage.mcfg, mesh, optimizer, cfg.seed, params)
+    return trainer.create_train_state(stage.mcfg, mesh, optimizer, cfg.seed, params)[1]
+
+  state, _ = resume(stage.name, ckpt, abstract_state, shardings, stage.data.train_iter, init)
   start = int(jax.device_get(state['step']))
   print(f'[{stage.name}] {n_params:,} parameters; mesh {dict(mesh.shape)}; '
         f'steps {start} -> {t.steps}', flush=True)
@@ -136,9 +184,7 @@ def train(stage: Stage, workdir: str) -> Result:
   val_batches = stage.data.val_batches(t.eval_batches)
   writer = metrics_lib.MetricsWriter(out_dir, stage=stage.name, total_steps=t.steps,
                                      start_step=start)
-  peak = (t.peak_flops * jax.device_count()) if t.peak_flops else None
-  if peak is None:
-    peak = metrics_lib.measure_peak_flops(stage.mcfg.dtype) * jax.process_count()
+  peak = peak_flops(t, stage.mcfg)
   step_flops = stage.flops_per_token or metrics_lib.flops_per_token(stage.mcfg, cfg.data.seq_len,
                                                                     n_params)
   count_tokens = stage.count_tokens or (lambda b: int(b['inputs'].size))
@@ -147,13 +193,7 @@ def train(stage: Stage, workdir: str) -> Result:
   saved_step = start
 
   def check_finite(step, metrics):
-    loss, params_ok = jax.device_get((metrics['loss'], metrics['params_finite']))
-    if not (np.isfinite(loss) and params_ok):
-      what = f'loss is {loss}' if not np.isfinite(loss) else 'parameters are not finite'
-      raise FloatingPointError(
-          f'[{stage.name}] {what} at step {step}; stopping without saving (last good '
-          f'checkpoint: {ckpt.latest_step()}). Lower config.train.lr or raise '
-          'config.train.warmup_steps.')
+    ensure_finite(stage.name, step, metrics['loss'], metrics['params_finite'], ckpt)
 
   def save(step):
     nonlocal saved_step
@@ -163,7 +203,7 @@ def train(stage: Stage, workdir: str) -> Result:
 
   final_metrics: dict = {}
   step = start
-  with jax.set_mesh(mesh), _StopFlag() as stop:
+  with jax.set_mesh(mesh), StopFlag() as stop:
     timer_start, timer_step, tokens = None, step, 0
     try:
       while step < t.steps:
@@ -215,10 +255,6 @@ def train(stage: Stage, workdir: str) -> Result:
     finally:
       ckpt.close()
       writer.close()
-  if start >= t.steps:
-    field = 'config.train.steps' if stage.name == 'pretrain' else f'config.{stage.name}.steps'
-    print(f'[{stage.name}] already at step {start}; raise {field} to continue.', flush=True)
-  elif jax.process_index() == 0:
-    with open(os.path.join(out_dir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
-      json.dump({k: float(v) for k, v in final_metrics.items()}, f, indent=1)
+  finish(stage.name, out_dir, start, t.steps, final_metrics,
+         'config.train.steps' if stage.name == 'pretrain' else f'config.{stage.name}.steps')
   return Result(graphdef, state, shardings, final_metrics, steps_run=step - start)

@@ -1,0 +1,82 @@
+"""From sampled responses to a PPO training batch: pure functions, jitted by the stage.
+
+Sequence layout (one row per rollout, W = P + N + 1 tokens, P the prompt width, N the
+response budget): the prompt (its true length L), right after it the response (n tokens,
+its stop token included when it has one), then the `<|reward|>` readout token at L + n,
+then padding. Logits position t predicts token t + 1, so per-token arrays have W - 1
+entries and `mask[t] = 1` exactly where token t + 1 is a response token
+(L - 1 <= t <= L + n - 2). The reward model reads its score at L + n; values V_t are read
+at position t, the state before the action token t + 1.
+
+Log-probs are those of the distribution the tokens were drawn from: log softmax(logits /
+temperature), for the policy and the reference alike, so before any update the PPO ratio
+is exactly 1 and the KL of the policy to itself 0.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxgpt import losses
+from jaxgpt.rl import algo
+
+
+def assemble(prompt_bp, length_b, response_bn, response_len_b, readout_id: int, pad_id: int):
+  """(tokens_bw, mask_bt, readout_b): prompt + response + readout, right-padded."""
+  b, p = prompt_bp.shape
+  n = response_bn.shape[1]
+  w = p + n + 1
+  pos_w = jnp.arange(w)[None, :]
+  length_b1, resp_len_b1 = length_b[:, None], response_len_b[:, None]
+  from_prompt = jnp.take_along_axis(prompt_bp, jnp.clip(pos_w, 0, p - 1), axis=1)
+  from_response = jnp.take_along_axis(response_bn, jnp.clip(pos_w - length_b1, 0, n - 1), axis=1)
+  readout_b1 = length_b1 + resp_len_b1
+  tokens_bw = jnp.where(pos_w < length_b1, from_prompt,
+                        jnp.where(pos_w < readout_b1, from_response,
+                                  jnp.where(pos_w == readout_b1, readout_id, pad_id)))
+  pos_t = jnp.arange(w - 1)[None, :]
+  mask_bt = ((pos_t >= length_b1 - 1) & (pos_t <= readout_b1 - 2)).astype(jnp.float32)
+  return tokens_bw.astype(jnp.int32), mask_bt, readout_b1[:, 0].astype(jnp.int32)
+
+
+def policy_logits(model, tokens_bw, temperature: float):
+  """float32 logits (b, W-1, V) / temperature: the sampling distribution at each step."""
+  return model(tokens_bw[:, :-1]) / temperature
+
+
+def log_probs(model, tokens_bw, temperature: float):
+  logits_btv = policy_logits(model, tokens_bw, temperature)
+  return losses.token_log_probs(logits_btv, tokens_bw[:, 1:]), logits_btv
+
+
+def values(model, tokens_bw):
+  """Value of each state t (b, W-1) from the scalar head of a value (or policy) model."""
+  return model.scalars(model.hidden(tokens_bw[:, :-1]))
+
+
+def scores(model, tokens_bw, readout_b):
+  return model.score(tokens_bw, None, None, readout_b)
+
+
+def score_rewards(raw_b, finished_b, *, stats, normalize: bool, missing_eot_penalty: float):
+  """The reward of each response: the RM score, standardised with the reward stage's
+  mean / std on SFT samples, plus a penalty for a response cut before its end token."""
+  s = raw_b
+  if normalize and stats:
+    s = (s - stats['mean']) / max(stats['std'], 1e-6)
+  return s + jnp.where(finished_b, 0.0, missing_eot_penalty)
+
+
+def advantages(old_logp_bt, ref_logp_bt, values_bt, rewards_b, mask_bt, beta, p):
+  """Per-token KL, rewards, GAE advantages (whitened over the whole batch) and returns."""
+  kl_bt = algo.kl_per_token(old_logp_bt, ref_logp_bt, p.kl_estimator, p.kl_clamp) * mask_bt
+  token_rewards_bt = algo.per_token_rewards(kl_bt, rewards_b, mask_bt, beta)
+  adv_bt, returns_bt = algo.gae(token_rewards_bt, values_bt, mask_bt, p.gamma, p.lam)
+  return {'advantages': algo.masked_whiten(adv_bt, mask_bt), 'returns': returns_bt,
+          'kl_bt': kl_bt, 'token_rewards': token_rewards_bt}
+
+
+def kl_estimate(logp_bt, ref_logp_bt, mask_bt):
+  """Sequence KL (sum over the response of log pi - log pi_ref), mean over rows: the
+  number the adaptive controller steers and the report quotes."""
+  return jnp.mean(jnp.sum((logp_bt - ref_logp_bt) * mask_bt, axis=1))
