@@ -27,6 +27,7 @@ def get_config(arg=None):
   m.max_seq_len = 256
   c.tokenizer.vocab_size = 2048
   c.data.seq_len = 128
+  c.data.qa_share = 0.05  # Q/A web pages (train-split tasks): a base model to few-shot
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
   t = c.train
   t.steps = 400
@@ -37,6 +38,8 @@ def get_config(arg=None):
   t.eval_every = 100
   t.sample_every = 200
   c.checkpoint.every_steps = 100
+  r = c.reward
+  r.seq_len = 64              # prompt + reply + <|reward|> of a task fits easily
   if arg == 'smoke':
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 64, 2, 4, 2, 128
     m.vocab_size = c.tokenizer.vocab_size = 512
@@ -48,4 +51,9 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 3
     c.sft.steps, c.sft.warmup_steps = 4, 1
     c.sft.task_examples, c.sft.eval_per_task, c.sft.eval_tokens = 400, 2, 8
+    r.prompts, r.heldout_prompts, r.response_tokens, r.batch_size = 24, 8, 8, 8
+    r.steps, r.warmup_steps, r.eval_per_task, r.best_of = 4, 1, 2, (1, 2, 4)
+    c.ppo.steps, c.ppo.rollout_batch, c.ppo.batch_size, c.ppo.epochs = 3, 16, 8, 2
+    c.ppo.response_tokens, c.ppo.warmup_steps, c.ppo.eval_per_task = 8, 1, 2
+    c.ppo.report_samples = 2
   return c

@@ -113,6 +113,11 @@ def initial_state(cfg, workdir, roles, optimizers, shardings, mesh):
     params['value'] = common.params_from_checkpoint(
         ckpt_lib.stage_dir(workdir, REWARD_FROM), mesh, roles.value,
         what=f'{NAME}: the value model (reward model)')[0]
+  return make_state(params, cfg, optimizers, shardings, mesh)
+
+
+def make_state(params, cfg, optimizers, shardings, mesh):
+  """The iteration-0 state around trained roles' parameters (fresh optimizer states)."""
   state = {'step': jnp.zeros((), jnp.int32), 'kl_coef': jnp.float32(cfg.ppo.kl_coef),
            'rng': jax.random.PRNGKey(cfg.seed)}
   with jax.set_mesh(mesh):
@@ -126,9 +131,18 @@ def initial_state(cfg, workdir, roles, optimizers, shardings, mesh):
 # -- the jitted pieces ------------------------------------------------------------------------
 
 
-def make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, score_stats):
-  """(trained params, frozen params, beta, prompts, lengths, samples) -> (batch, metrics)."""
+def make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, score_stats, score_fn=None):
+  """(trained params, frozen params, beta, prompts, lengths, samples) -> (batch, metrics).
+
+  `score_fn(frozen, tokens_bw, mask_bt, readout_b) -> scores_b` replaces the reward model
+  (tests use a programmatic reward); by default the frozen reward model scores.
+  """
   p = cfg.ppo
+  if score_fn is None:
+    def score_fn(frozen, tokens_bw, mask_bt, readout_b):
+      del mask_bt
+      return rollout.scores(model_lib.merge(frozen_graphdefs['reward'], frozen['reward']),
+                            tokens_bw, readout_b)
 
   def prepare(params, frozen, beta, prompt_bp, length_b, out):
     tokens_bw, mask_bt, readout_b = rollout.assemble(prompt_bp, length_b, out.tokens,
@@ -140,8 +154,7 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, score_stats):
     value_model = (policy if roles.value is None
                    else model_lib.merge(graphdefs['value'], params['value']))
     values_bt = rollout.values(value_model, tokens_bw) * mask_bt
-    raw_b = rollout.scores(model_lib.merge(frozen_graphdefs['reward'], frozen['reward']),
-                           tokens_bw, readout_b)
+    raw_b = score_fn(frozen, tokens_bw, mask_bt, readout_b)
     rewards_b = rollout.score_rewards(raw_b, out.finished, stats=score_stats,
                                       normalize=p.normalize_scores,
                                       missing_eot_penalty=p.missing_eot_penalty)

@@ -1,0 +1,195 @@
+"""The PPO stage's pieces on tiny random models: rollout layout, first ratio, sharded update,
+frozen roles, a toy reward that PPO raises, prompt files; and resume on the real pipeline."""
+
+import os
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from jaxgpt import model as model_lib
+from jaxgpt import run as run_lib
+from jaxgpt import sampling, sharding
+from jaxgpt.data import prompts as prompts_lib
+from jaxgpt.data.sft import BadRowError
+from jaxgpt.rl import rollout
+from jaxgpt.stages import ppo
+
+# Ids of a stand-in tokenizer: the stage reads only these from the real one.
+TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
+P, N = 8, 8
+
+
+def ppo_config(mesh_shape=(1, 1, 1), **ppo_fields):
+  cfg = helpers.tiny_config('llama', mesh=mesh_shape)
+  cfg.model.max_seq_len = 32
+  p = cfg.ppo
+  p.rollout_batch, p.batch_size, p.epochs, p.response_tokens = 16, 8, 2, N
+  p.temperature, p.kl_target, p.warmup_steps, p.steps = 0.7, 0.0, 0, 20
+  for k, v in ppo_fields.items():
+    p[k] = v
+  return cfg
+
+
+class Setup:
+  """Random policy / value / reference / reward models and the stage's jitted pieces."""
+
+  def __init__(self, cfg, devices, score_fn=None, seed=0):
+    self.cfg = cfg
+    self.mesh = sharding.make_mesh(cfg, devices)
+    self.roles = ppo.Roles.from_config(cfg)
+    p = cfg.ppo
+    self.optimizers = ppo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
+    self.graphdefs, _, self.shardings = ppo.abstract_state(self.roles, self.optimizers,
+                                                           self.mesh)
+    policy = helpers.random_params(self.roles.policy, seed=seed)
+    params = {'policy': helpers.place(policy, self.roles.policy, self.mesh),
+              'value': helpers.place(helpers.random_params(self.roles.value, seed + 1),
+                                     self.roles.value, self.mesh)}
+    self.frozen = {'reference': helpers.place(policy, self.roles.reference, self.mesh),
+                   'reward': helpers.place(helpers.random_params(self.roles.reward, seed + 2),
+                                           self.roles.reward, self.mesh)}
+    self.frozen_graphdefs = {r: model_lib.abstract_model(getattr(self.roles, r))[0]
+                             for r in ('reference', 'reward')}
+    self.state = ppo.make_state(params, cfg, self.optimizers, self.shardings, self.mesh)
+    rules = self.roles.policy.rules
+    batch_sh = sharding.batch_sharding(self.mesh, rules)
+    repl = sharding.replicated(self.mesh)
+    self.prepare = jax.jit(ppo.make_prepare(self.graphdefs, self.frozen_graphdefs, self.roles,
+                                            cfg, TOK, None, score_fn),
+                           out_shardings=(batch_sh, repl))
+    self.update = jax.jit(ppo.make_update(self.graphdefs, self.optimizers,
+                                          ppo.make_loss_fns(cfg, self.roles),
+                                          p.micro_batches, rules),
+                          in_shardings=(self.shardings, batch_sh),
+                          out_shardings=(self.shardings, repl), donate_argnums=(0,))
+    self.take = jax.jit(lambda b, idx: jax.tree.map(lambda x: x[idx], b),
+                        out_shardings=batch_sh)
+    self.settings = sampling.SamplingConfig(max_new_tokens=N, temperature=p.temperature,
+                                            stop_ids=(1, 2), pad_id=0)
+
+  def iterate(self, n, seed=0):
+    rng = np.random.default_rng(seed)
+    r = self.cfg.ppo.rollout_batch
+    batches = [{'prompt': rng.integers(4, 256, (r, P)).astype(np.int32),
+                'length': rng.integers(2, P + 1, (r,)).astype(np.int32)} for _ in range(n)]
+    data = types.SimpleNamespace(train_iter=iter(batches))
+    out = []
+    with jax.set_mesh(self.mesh):
+      for step in range(n):
+        self.state, m = ppo.iteration(self.state, step, self.cfg, self.roles,
+                                      self.graphdefs['policy'], data, self.prepare,
+                                      self.update, self.take, self.settings, self.frozen,
+                                      self.mesh)
+        out.append(m)
+    return out
+
+
+def test_assemble_places_prompt_response_and_readout():
+  prompt = jnp.array([[5, 6, 7, 0], [8, 0, 0, 0]])
+  resp = jnp.array([[9, 1, 0], [10, 11, 12]])
+  tokens, mask, readout = rollout.assemble(prompt, jnp.array([3, 1]), resp, jnp.array([2, 3]),
+                                           readout_id=3, pad_id=0)
+  np.testing.assert_array_equal(tokens, [[5, 6, 7, 9, 1, 3, 0, 0], [8, 10, 11, 12, 3, 0, 0, 0]])
+  np.testing.assert_array_equal(readout, [5, 4])
+  # logits position t predicts token t+1: the response tokens are targets at t = L-1 ...
+  np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]])
+
+
+def test_first_ratio_is_one_at_temperature_not_one():
+  s = Setup(ppo_config(temperature=0.7), jax.devices()[:1])
+  m = s.iterate(1)[0]
+  assert abs(m['ratio_first'] - 1.0) < 1e-6
+  assert m['approxkl_first'] < 1e-10
+  assert abs(m['kl']) < 1e-5  # policy == reference before any update
+
+
+def test_frozen_roles_never_change_and_stay_readable():
+  s = Setup(ppo_config(), jax.devices()[:1])
+  before = jax.device_get(s.frozen)
+  policy_before = jax.device_get(s.state['policy']['params'])
+  s.iterate(2)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(s.frozen))):
+    np.testing.assert_array_equal(a, b)
+  moved = [np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(policy_before), jax.tree.leaves(jax.device_get(s.state['policy']['params'])))]
+  assert max(moved) > 0  # ... while the policy trains
+
+
+def one_update(mesh_shape, micro_batches):
+  cfg = ppo_config(mesh_shape, micro_batches=micro_batches)
+  s = Setup(cfg, helpers.devices_for(mesh_shape))
+  rng = np.random.default_rng(3)
+  b, w = cfg.ppo.batch_size, P + N + 1
+  mask = (rng.random((b, w - 1)) > 0.4).astype(np.float32)
+  batch = {'tokens': rng.integers(4, 256, (b, w)).astype(np.int32), 'mask': mask,
+           'old_logp': (-5.5 + 0.1 * rng.standard_normal((b, w - 1))).astype(np.float32) * mask,
+           'old_values': rng.standard_normal((b, w - 1)).astype(np.float32) * mask,
+           'advantages': rng.standard_normal((b, w - 1)).astype(np.float32) * mask,
+           'returns': rng.standard_normal((b, w - 1)).astype(np.float32) * mask}
+  with jax.set_mesh(s.mesh):
+    state, metrics = s.update(s.state, batch)
+  return jax.device_get((metrics, state['policy']['params'], state['value']['params']))
+
+
+@pytest.mark.parametrize('mesh', [(2, 2, 2), (1, 2, 4)], ids=lambda m: 'x'.join(map(str, m)))
+def test_sharded_ppo_update_equals_one_device(mesh):
+  ref_metrics, ref_policy, ref_value = one_update((1, 1, 1), 1)
+  metrics, policy, value = one_update(mesh, 2)
+  for k in ('policy_loss', 'value_loss', 'clipfrac', 'ratio'):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves((policy, value)), jax.tree.leaves((ref_policy, ref_value))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_raises_a_toy_reward():
+  """Reward = share of response tokens from the lower half of the vocabulary."""
+  def toy_score(frozen, tokens_bw, mask_bt, readout_b):
+    del frozen, readout_b
+    low = (tokens_bw[:, 1:] < 128) & (tokens_bw[:, 1:] > 3)
+    return (low * mask_bt).sum(1) / jnp.maximum(mask_bt.sum(1), 1.0)
+
+  cfg = ppo_config(temperature=1.0, lr=1e-2, value_lr=1e-2, kl_coef=0.01, epochs=4,
+                   normalize_scores=False, missing_eot_penalty=0.0)
+  s = Setup(cfg, jax.devices()[:1], score_fn=toy_score)
+  scores = [m['scores'] for m in s.iterate(12)]
+  assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, scores
+
+
+def test_prompt_files_bad_rows_name_file_and_line(tmp_path):
+  path = tmp_path / 'p.jsonl'
+  path.write_text('{"prompt": "What is 2 + 3?"}\n'
+                  '{"messages": [{"role": "user", "content": "hi"}]}\n'
+                  '{"messages": [{"role": "assistant", "content": "hi"}]}\n'
+                  'not json\n', encoding='utf-8')
+  with pytest.raises(BadRowError, match=r'p.jsonl:3: the last message must be a user turn'):
+    prompts_lib.read_prompt_files([str(path)], 'error')
+  rows, counts = prompts_lib.read_prompt_files([str(path)], 'skip')
+  assert len(rows) == 2 and counts == {'rows_read': 4, 'bad_rows': 2}
+
+
+def test_ppo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
+  """2 iterations, stop, re-run to 4 == 4 straight (policy, value, beta, data position)."""
+  workdir = smoke_run[0]
+  runs = {}
+  for name in ('split', 'straight'):
+    wd = str(tmp_path / name)
+    os.makedirs(wd)
+    for stage in ('sft', 'reward'):
+      shutil.copytree(os.path.join(workdir, stage), os.path.join(wd, stage))
+    shutil.copy(os.path.join(workdir, 'tokenizer.model'), wd)
+    runs[name] = wd
+  common = {'stage': 'ppo', 'train.min_lr_ratio': 1.0, 'checkpoint.every_steps': 100,
+            'tokenizer.path': os.path.join(workdir, 'tokenizer.model')}
+  run_lib.run(helpers.smoke_config(**common, **{'ppo.steps': 2}), runs['split'])
+  resumed = run_lib.run(helpers.smoke_config(**common, **{'ppo.steps': 4}), runs['split'])['ppo']
+  straight = run_lib.run(helpers.smoke_config(**common, **{'ppo.steps': 4}),
+                         runs['straight'])['ppo']
+  assert resumed.steps_run == 2 and straight.steps_run == 4
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state)),
+                  jax.tree.leaves(jax.device_get(straight.state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
