@@ -89,9 +89,11 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_latest_params(directory: str, abstract_params, *, what: str):
+def restore_latest_params(directory: str, abstract_params, *, what: str,
+                          key_path: tuple[str, ...] = ('params',)):
   """(params, meta, step) of the newest checkpoint under `directory`, e.g. the previous
   stage's: only the parameters, restored into the shardings `abstract_params` carries.
+  `key_path` says where they sit in the saved state (see `restore_subtree`).
 
   A missing or incompatible checkpoint fails with a message saying what to run.
   """
@@ -108,7 +110,7 @@ def restore_latest_params(directory: str, abstract_params, *, what: str):
   finally:
     ckpt.close()
   try:
-    params = restore_params(directory, step, abstract_params)
+    params = restore_subtree(directory, step, abstract_params, key_path)
   except CheckpointError as e:
     raise CheckpointError(f'{what}: {e}') from e
   return params, meta, step
@@ -119,8 +121,21 @@ def restore_params(directory: str, step: int, abstract_params):
   iterator), placed by the shardings of `abstract_params` (ShapeDtypeStructs carrying
   them, see `sharding.abstract_with_shardings`): what inference needs.
   """
+  return restore_subtree(directory, step, abstract_params, ('params',))
+
+
+def restore_subtree(directory: str, step: int, abstract_tree, key_path: tuple[str, ...]):
+  """state[key_path[0]][key_path[1]]... of checkpoint `directory/<step>` and nothing else,
+  placed by the shardings `abstract_tree` carries: ('params',) for the LM stages,
+  ('policy', 'params') for the PPO policy, whose state also holds optimizer and value
+  model, which inference and the report never read.
+  """
   path = os.path.join(os.path.abspath(directory), str(step), 'state')
-  target = {'params': abstract_params}
+  target = abstract_tree
+  for key in reversed(key_path):
+    target = {key: target}
+  what = ('the parameters' if tuple(key_path) == ('params',) else
+          'state' + ''.join(f'[{k!r}]' for k in key_path))
   try:
     with ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(path, args=ocp.args.PyTreeRestore(
@@ -128,6 +143,8 @@ def restore_params(directory: str, step: int, abstract_params):
           partial_restore=True))
   except Exception as e:  # orbax raises many types for a damaged or mismatched directory
     raise CheckpointError(
-        f'cannot read the parameters of checkpoint {path}: {type(e).__name__}: {e}. '
+        f'cannot read {what} of checkpoint {path}: {type(e).__name__}: {e}. '
         'config.model.* must match the run that wrote it.') from e
-  return restored['params']
+  for key in key_path:
+    restored = restored[key]
+  return restored

@@ -175,7 +175,8 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) 
     graphdef, target = model_lib.abstract_sharded_params(mcfg, device_mesh)
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh {dict(device_mesh.shape)}: {e}') from e
-  params = ckpt_lib.restore_params(directory, step, target)
+  params = ckpt_lib.restore_subtree(directory, step, target,
+                                   ('policy', 'params') if stage == 'ppo' else ('params',))
   tok = _tokenizer(workdir, meta, mcfg.vocab_size)
   return Loaded(graphdef, params, mcfg, tok, cfg)
 

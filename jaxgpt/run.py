@@ -33,4 +33,8 @@ def run(cfg, workdir: str) -> dict:
   config_lib.validate(cfg, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   names = PIPELINE if cfg.stage == 'all' else (cfg.stage,)
-  return {name: _stage_module(name).run(cfg, workdir) for name in names}
+  results = {name: _stage_module(name).run(cfg, workdir) for name in names}
+  if cfg.stage == 'all':
+    from jaxgpt import report  # pylint: disable=import-outside-toplevel
+    report.write_report(cfg, workdir)
+  return results

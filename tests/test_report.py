@@ -1,0 +1,145 @@
+"""The recipe's report on the smoke run: files, rows, ranges, the log-prob self-check and
+the PPO checkpoint layout (a policy sub-tree restored alone)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import model as model_lib
+from jaxgpt import report, sharding
+
+SAMPLES = 3
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def report_config():
+  return helpers.smoke_config(**{'ppo.eval_per_task': 1, 'ppo.report_samples': SAMPLES})
+
+
+def add_ppo_run(cfg, workdir):
+  """A PPO checkpoint in the PPO stage's layout whose policy is the SFT model (so its KL
+  to SFT is 0 and its greedy answers are SFT's), and per-iteration metrics."""
+  mesh = sharding.make_mesh(cfg)
+  _, target = model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg), mesh)
+  params, meta, _ = ckpt_lib.restore_latest_params(ckpt_lib.stage_dir(workdir, 'sft'), target,
+                                                   what='test')
+  state = {'step': jnp.int32(2),
+           'policy': {'params': params, 'opt_state': {'count': jnp.zeros((), jnp.int32)}},
+           'value': {'params': {'w': jnp.ones((3,))}, 'opt_state': {}},
+           'kl_coef': jnp.float32(0.05), 'rng': jax.random.key_data(jax.random.PRNGKey(0))}
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.stage_dir(workdir, 'ppo'), async_save=False)
+  ckpt.save(2, state, meta=meta)
+  ckpt.close()
+  with open(os.path.join(workdir, 'ppo', 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+    for step in (1, 2):
+      f.write(json.dumps({'step': step, 'loss': 1.0 / step, 'scores': 0.1 * step,
+                          'kl': 0.5 * step, 'entropy': 2.0, 'response_length': 5.0}) + '\n')
+  return params
+
+
+def check_png(path):
+  with open(path, 'rb') as f:
+    assert f.read(8) == PNG_MAGIC, path
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  assert matplotlib.image.imread(path).shape[0] > 100
+
+
+def check_row(r, n_new):
+  for key in ('gold_greedy', 'gold_sampled'):
+    assert 0.0 <= r[key] <= 1.0, (r['model'], key, r[key])
+  assert 1.0 <= r['distinct'] <= SAMPLES, r
+  assert 1.0 <= r['length'] <= n_new, r
+  assert 0.0 <= r['entropy'] <= np.log(512) + 1e-4, r
+  assert r['rm_score'] is None or np.isfinite(r['rm_score']), r
+
+
+@pytest.fixture(scope='module')
+def full_report(smoke_run, tmp_path_factory):
+  """The report on a copy of the smoke run (files written there, not in the shared run)."""
+  workdir = str(tmp_path_factory.mktemp('report') / 'run')
+  shutil.copytree(smoke_run[0], workdir)
+  cfg = report_config()
+  return cfg, workdir, report.write_report(cfg, workdir)
+
+
+def test_report_rows_numbers_and_files(full_report):
+  cfg, workdir, out = full_report
+  present = {s for s in report.STAGES if os.path.isdir(ckpt_lib.stage_dir(workdir, s))}
+  assert {'pretrain', 'sft'} <= present, 'the smoke run has no pretrain or sft stage'
+  best = f'best-of-{max(cfg.reward.best_of)}'
+  names = (['base zero-shot', 'base few-shot', 'SFT'] + [best] * ('reward' in present)
+           + ['PPO'] * ('ppo' in present))
+  assert [r['model'] for r in out['rows']] == names
+  assert set(out['missing']) == set(report.STAGES) - present
+  assert out['n_prompts'] == 8 and out['samples_per_prompt'] == SAMPLES
+  rows = {r['model']: r for r in out['rows']}
+  for r in out['rows']:
+    check_row(r, cfg.sft.eval_tokens)
+    assert (r['rm_score'] is None) == ('reward' not in present)
+  # Self-checks of the log-prob computation: the SFT model against itself, and the
+  # sampler's log-probs against the full forward's.
+  assert abs(rows['SFT']['kl_to_sft']) < 1e-3
+  assert all(r['logprob_gap'] < 1e-3 for r in out['rows'] if r['logprob_gap'] is not None)
+  assert rows['base zero-shot']['kl_to_sft'] is None
+  if 'reward' in present:
+    n = max(cfg.reward.best_of)
+    assert rows[best]['kl_to_sft'] == pytest.approx(np.log(n) - (n - 1) / n)
+  if 'ppo' in present:
+    assert np.isfinite(rows['PPO']['kl_to_sft'])
+  assert len(out['claims']) == len(report.CLAIMS) + 1
+  assert {c['verdict'] for c in out['claims']} <= {'holds', 'does not hold', 'not tested'}
+  assert 1 <= len(out['samples']) <= report.SAMPLE_PROMPTS
+
+  with open(os.path.join(workdir, 'report.json'), encoding='utf-8') as f:
+    assert [r['model'] for r in json.load(f)['rows']] == names
+  with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
+    md = f.read()
+  for name in names:
+    assert f'| {name} |' in md
+  assert "## The talk's claims" in md and 'PPO beats SFT on gold accuracy' in md
+  assert out['plots'][0] == 'plots/losses.png'
+  for p in out['plots']:
+    check_png(os.path.join(workdir, p))
+    assert f']({p})' in md
+
+
+def test_report_sft_and_ppo_policy_subtree(smoke_run, tmp_path):
+  """Only SFT and a PPO checkpoint (policy = the SFT model, in the PPO stage's state
+  layout): missing stages are named, the policy sub-tree is restored alone, and its KL
+  to SFT is 0."""
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  shutil.copytree(os.path.join(smoke_run[0], 'sft'), os.path.join(workdir, 'sft'))
+  shutil.copy(os.path.join(smoke_run[0], 'tokenizer.model'), workdir)
+  cfg = report_config()
+  params = add_ppo_run(cfg, workdir)
+  mesh = sharding.make_mesh(cfg)
+  _, target = model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg), mesh)
+  restored = ckpt_lib.restore_subtree(ckpt_lib.stage_dir(workdir, 'ppo'), 2, target,
+                                      ('policy', 'params'))
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+  out = report.write_report(cfg, workdir)
+  assert [r['model'] for r in out['rows']] == ['SFT', 'PPO']
+  sft, ppo = out['rows']
+  for r in out['rows']:
+    check_row(r, cfg.sft.eval_tokens)
+    assert r['rm_score'] is None
+  assert abs(ppo['kl_to_sft']) < 1e-3 and ppo['greedy_answers'] == sft['greedy_answers']
+  assert set(out['missing']) == {'pretrain', 'reward'}
+  verdicts = {c['claim']: c['verdict'] for c in out['claims']}
+  assert verdicts['PPO raises the reward-model score'] == 'not tested'
+  assert verdicts['PPO beats SFT on gold accuracy (greedy)'] != 'not tested'
+  assert out['plots'] == ['plots/losses.png', 'plots/ppo.png']
+  for p in out['plots']:
+    check_png(os.path.join(workdir, p))
+  with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
+    md = f.read()
+  assert 'Not in this report**: pretrain' in md and 'no loss curve for reward' in md
