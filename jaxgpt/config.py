@@ -361,6 +361,9 @@ def _validate_ppo(cfg, batch_shards: int) -> None:
                       f'config.ppo.micro_batches={p.micro_batches}.')
   _rows_divide('ppo.batch_size', p.batch_size // p.micro_batches, batch_shards)
   _rows_divide('ppo.rollout_batch', p.rollout_batch, batch_shards)
+  if p.ptx_coef and cfg.train.batch_size % p.micro_batches:
+    raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} (the PPO-ptx pretraining '
+                      f'rows) is not divisible by config.ppo.micro_batches={p.micro_batches}.')
   if p.rollout_batch % p.batch_size:
     raise ConfigError(f'config.ppo.rollout_batch={p.rollout_batch} is not a multiple of '
                       f'config.ppo.batch_size={p.batch_size} (minibatches per rollout).')

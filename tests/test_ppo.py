@@ -77,7 +77,7 @@ class Setup:
     r = self.cfg.ppo.rollout_batch
     batches = [{'prompt': rng.integers(4, 256, (r, P)).astype(np.int32),
                 'length': rng.integers(2, P + 1, (r,)).astype(np.int32)} for _ in range(n)]
-    data = types.SimpleNamespace(train_iter=iter(batches))
+    data = types.SimpleNamespace(train_iter=iter(batches), ptx_iter=None)
     out = []
     with jax.set_mesh(self.mesh):
       for step in range(n):
@@ -172,17 +172,17 @@ def test_prompt_files_bad_rows_name_file_and_line(tmp_path):
   assert len(rows) == 2 and counts == {'rows_read': 4, 'bad_rows': 2}
 
 
+def copy_up_to_reward(workdir, wd):
+  os.makedirs(wd)
+  for stage in ('sft', 'reward'):
+    shutil.copytree(os.path.join(workdir, stage), os.path.join(wd, stage))
+  return wd
+
+
 def test_ppo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
   """2 iterations, stop, re-run to 4 == 4 straight (policy, value, beta, data position)."""
   workdir = smoke_run[0]
-  runs = {}
-  for name in ('split', 'straight'):
-    wd = str(tmp_path / name)
-    os.makedirs(wd)
-    for stage in ('sft', 'reward'):
-      shutil.copytree(os.path.join(workdir, stage), os.path.join(wd, stage))
-    shutil.copy(os.path.join(workdir, 'tokenizer.model'), wd)
-    runs[name] = wd
+  runs = {name: copy_up_to_reward(workdir, str(tmp_path / name)) for name in ('split', 'straight')}
   common = {'stage': 'ppo', 'train.min_lr_ratio': 1.0, 'checkpoint.every_steps': 100,
             'tokenizer.path': os.path.join(workdir, 'tokenizer.model')}
   run_lib.run(helpers.smoke_config(**common, **{'ppo.steps': 2}), runs['split'])
@@ -193,3 +193,18 @@ def test_ppo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state)),
                   jax.tree.leaves(jax.device_get(straight.state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ppo_ptx_mixes_pretraining_loss_and_keeps_its_position(smoke_run, tmp_path):
+  workdir = smoke_run[0]
+  wd = copy_up_to_reward(workdir, str(tmp_path / 'ptx'))
+  cfg = helpers.smoke_config(**{'stage': 'ppo', 'ppo.steps': 1, 'ppo.ptx_coef': 0.5,
+                                'tokenizer.path': os.path.join(workdir, 'tokenizer.model')})
+  result = run_lib.run(cfg, wd)['ppo']
+  assert np.isfinite(result.final_metrics['ptx_loss']) and result.final_metrics['ptx_loss'] > 0
+  from jaxgpt import checkpoint as ckpt_lib
+  reader = ckpt_lib.Checkpointer(ckpt_lib.stage_dir(wd, 'ppo'), async_save=False)
+  try:
+    assert reader.read_meta(1)['ptx_data']
+  finally:
+    reader.close()

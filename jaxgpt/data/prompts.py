@@ -83,6 +83,7 @@ class PromptData:
   train_iter: Any        # grain iterator: next() -> {'prompt': (b, P), 'length': (b,)}
   stats: dict
   width: int             # P
+  ptx_iter: Any = None   # pretraining batches for PPO-ptx (set by the stage)
 
 
 def make_prompt_data(config, tokenizer, *, process_index: int = 0,

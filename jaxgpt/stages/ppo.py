@@ -16,7 +16,9 @@ minibatches of the clipped policy and value losses -> the adaptive KL controller
 updates beta. The state (both trained roles' parameters and optimizer states, beta, rng)
 and the prompt iterator's position are checkpointed, so a stopped run resumes exactly.
 
-Left out: the pretraining-loss mix (PPO-ptx, `config.ppo.ptx_coef` must stay 0).
+With `config.ppo.ptx_coef` > 0 every policy update also takes one pretraining batch and
+adds ptx_coef times its next-token loss (PPO-ptx, InstructGPT); that iterator's position is
+kept in the checkpoint's meta.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import ml_collections
 import numpy as np
 
 from jaxgpt import checkpoint as ckpt_lib
-from jaxgpt import config as config_lib
-from jaxgpt import evaluation, metrics as metrics_lib, optim, sampling, sharding, scoring, tasks
+from jaxgpt import evaluation, losses, metrics as metrics_lib, optim, sampling, sharding
+from jaxgpt import scoring, tasks
 from jaxgpt import model as model_lib
 from jaxgpt import trainer
 from jaxgpt.data import chat
+from jaxgpt.data.pretrain import make_pretrain_data
 from jaxgpt.data.prompts import make_prompt_data
 from jaxgpt.rl import algo, rollout
 from jaxgpt.stages import common, loop
@@ -190,6 +193,13 @@ def make_loss_fns(cfg, roles):
     entropy = algo.entropy_sum(logits_btv, mask)
     total = loss_sum - p.entropy_coef * entropy
     sums = dict(stats, policy_loss=loss_sum, update_entropy=entropy, weight=mask.sum())
+    if 'ptx' in batch:  # scaled so that (sum over micro-batches) / weight is the mean NLL
+      ptx = batch['ptx']
+      _, nll_sum = losses.masked_lm_loss_sum(model(ptx['inputs'], ptx['positions']),
+                                             ptx['targets'], ptx['weights'])
+      scale = jax.lax.stop_gradient(mask.sum() / jnp.maximum(ptx['weights'].sum(), 1.0))
+      total = total + p.ptx_coef * nll_sum * scale
+      sums['ptx_loss'] = nll_sum * scale
     if roles.value is None:  # the value head rides on the policy's trunk
       v_sum, v_stats = algo.value_loss_sum(rollout.values(model, batch['tokens']),
                                            batch['old_values'], batch['returns'], mask,
@@ -248,9 +258,6 @@ def _update_count(opt_state):
 
 def run(cfg, workdir: str) -> loop.Result:
   p = cfg.ppo
-  if p.ptx_coef:
-    raise config_lib.ConfigError('config.ppo.ptx_coef: the pretraining-loss mix (PPO-ptx) is '
-                                 'not implemented yet; leave it at 0.')
   mesh = sharding.make_mesh(cfg)
   roles = Roles.from_config(cfg)
   rules = roles.policy.rules
@@ -273,8 +280,13 @@ def run(cfg, workdir: str) -> loop.Result:
   optimizers = role_optimizers(cfg, minibatches * p.epochs)
   graphdefs, abstract, shardings = abstract_state(roles, optimizers, mesh)
   ckpt = loop.open_checkpointer(cfg, workdir, NAME)
-  state, _ = loop.resume(NAME, ckpt, abstract, shardings, data.train_iter,
-                         lambda: initial_state(cfg, workdir, roles, optimizers, shardings, mesh))
+  state, resumed_meta = loop.resume(
+      NAME, ckpt, abstract, shardings, data.train_iter,
+      lambda: initial_state(cfg, workdir, roles, optimizers, shardings, mesh))
+  if p.ptx_coef:
+    data.ptx_iter = make_pretrain_data(cfg, tok, **common.process_info()).train_iter
+    if resumed_meta.get('ptx_data'):
+      data.ptx_iter.set_state(resumed_meta['ptx_data'])
   start = int(jax.device_get(state['step']))
   n_params = {r: model_lib.count_params(abstract[r]['params']) for r in roles.trained()}
   print(f'[{NAME}] trained roles {n_params}, frozen: reference, reward '
@@ -305,7 +317,8 @@ def run(cfg, workdir: str) -> loop.Result:
   def save(step):
     nonlocal saved
     loop.ensure_finite(NAME, step, metrics['policy_loss'], metrics['params_finite'], ckpt)
-    ckpt.save(step, state, data.train_iter, dict(meta, step=step))
+    extra = {'ptx_data': data.ptx_iter.get_state()} if data.ptx_iter is not None else {}
+    ckpt.save(step, state, data.train_iter, dict(meta, step=step, **extra))
     saved = step
 
   with jax.set_mesh(mesh), loop.StopFlag() as stop:
@@ -371,7 +384,10 @@ def iteration(state, step, cfg, roles, policy_graphdef, data, prepare, update, t
     order = np.random.default_rng([cfg.seed, step, epoch]).permutation(p.rollout_batch)
     for i in range(p.rollout_batch // p.batch_size):
       idx = np.sort(order[i * p.batch_size:(i + 1) * p.batch_size]).astype(np.int32)
-      state, m = update(state, take(batch, idx))
+      minibatch = take(batch, idx)
+      if data.ptx_iter is not None:
+        minibatch['ptx'] = loop.global_batch(next(data.ptx_iter), mesh, roles.policy.rules)
+      state, m = update(state, minibatch)
       per_update.append(m)
   per_update = jax.device_get(per_update)
   times['update'] = time.perf_counter() - t0
