@@ -1,0 +1,264 @@
+r"""Throughput of the RLHF stages' hot paths, on whatever devices exist.
+
+    python tools/bench_rlhf.py --config experiments/tiny.py
+
+Random parameters of the experiment's models, random token ids, stand-in special ids (pad 0,
+<|end|> 1, end-of-text 2, <|reward|> 3). Figures only: tests never use timings. Timed
+figures are the best of --repeats runs after a compiling warm-up ("first s").
+
+1. The jitted train step (`trainer.make_train_step` + `jit_train_step`) of the SFT loss and
+   of the reward loss on the same model, full sequences (every token real); MFU =
+   tokens/s x `metrics.flops_per_token` of each model / `metrics.measure_peak_flops` here.
+2. Sampling the reward stage's comparisons: K responses per prompt for --prompts ~24-token
+   prompts at temperature 1, chunks of --chunk rows as the stage does; new tokens are those
+   each row sampled (up to its stop id); the stage's prompts are extrapolated per row.
+3. `ppo.iteration` with config.ppo (policy = reference, random reward models as value and
+   reward): generate / score / update seconds and shares from its metrics, mean over
+   --iterations after a warm-up; beside it `sampling.sample` alone on the same batch, with
+   PPO's settings and as `tools/bench_decode.py`'s cache variant (greedy, no stop ids).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxgpt import config as config_lib
+from jaxgpt import metrics, optim, sampling, sharding, trainer
+from jaxgpt import model as model_lib
+from jaxgpt.stages import loop, ppo
+from jaxgpt.stages import reward as reward_stage
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
+_PROMPTS = flags.DEFINE_integer('prompts', 256, 'task prompts sampled for in part 2')
+_CHUNK = flags.DEFINE_integer('chunk', 1024, 'rows decoded together in part 2 (the stage: 1024)')
+_REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per measurement (best is reported)')
+_ITERATIONS = flags.DEFINE_integer('iterations', 2, 'timed PPO iterations after the warm-up')
+_SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
+
+TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
+PROMPT_LEN = (18, 31)  # prompt lengths drawn from [18, 30]: ~24 tokens, like task prompts
+
+
+def timed(fn, repeats):
+  """(last output, first call seconds, best seconds of `repeats` later calls)."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  first, best = time.perf_counter() - start, float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return out, first, best
+
+
+def random_prompts(rng, rows, vocab, room):
+  """(ids (rows, P), lengths (rows,)): right-padded random prompts, P a multiple of 16."""
+  lengths = rng.integers(*PROMPT_LEN, size=rows).astype(np.int32)
+  width = min(-(-int(lengths.max()) // 16) * 16, room)
+  lengths = np.minimum(lengths, width)
+  ids = rng.integers(4, vocab, size=(rows, width)).astype(np.int32)
+  ids[np.arange(width)[None, :] >= lengths[:, None]] = TOK.pad_id
+  return ids, lengths
+
+
+# -- 1. train steps -----------------------------------------------------------------------------
+
+
+def bench_step(cfg, stage, mcfg, loss_fn, batch, seq_len, mesh, peak):
+  t = config_lib.stage_train_config(cfg, stage)
+  opt = optim.make_optimizer(t)
+  graphdef, state, shardings = trainer.create_train_state(mcfg, mesh, opt, _SEED.value)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(graphdef, opt, loss_fn, t.micro_batches, mcfg.rules,
+                              lr_schedule=optim.schedule(t)),
+      shardings, mesh, mcfg.rules, list(batch))
+  tokens = int(np.count_nonzero(batch['segment_ids']))  # real (non-padding) tokens
+  fpt = metrics.flops_per_token(mcfg, seq_len, model_lib.count_params(state['params']))
+  gbatch = loop.global_batch(batch, mesh, mcfg.rules)
+  holder = {'state': state}  # each call donates the old state
+
+  def run():
+    holder['state'], m = step(holder['state'], gbatch)
+    return m
+
+  with jax.set_mesh(mesh):
+    _, first, best = timed(run, _REPEATS.value)
+  return {'tokens': tokens, 'first': first, 'best': best, 'tps': tokens / best,
+          'fpt': fpt, 'mfu': tokens / best * fpt / peak}
+
+
+def part_train_steps(cfg, mesh, rng):
+  lm_cfg = model_lib.ModelConfig.from_config(cfg)
+  rm_cfg = reward_stage.reward_model_config(cfg)
+  peak = metrics.measure_peak_flops(lm_cfg.dtype) * jax.process_count()
+  b, t = config_lib.stage_train_config(cfg, 'sft').batch_size, cfg.data.seq_len
+  seq = rng.integers(4, lm_cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
+  sft_batch = {'inputs': seq[:, :-1], 'targets': seq[:, 1:],
+               'weights': np.ones((b, t), np.float32), 'segment_ids': np.ones((b, t), np.int32),
+               'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+  rb = config_lib.stage_train_config(cfg, 'reward').batch_size  # reward.batch_size or train's
+  rt = cfg.reward.seq_len or cfg.data.seq_len
+  rm_batch = {'tokens': rng.integers(4, rm_cfg.vocab_size, size=(rb, 2, rt)).astype(np.int32),
+              'positions': np.broadcast_to(np.arange(rt, dtype=np.int32), (rb, 2, rt)).copy(),
+              'segment_ids': np.ones((rb, 2, rt), np.int32),
+              'readout': np.full((rb, 2), rt - 1, np.int32),  # <|reward|> is the last token
+              'margin': np.zeros((rb,), np.float32), 'weight': np.ones((rb,), np.float32)}
+  rows = {
+      'sft': (f'{b} x {t}', bench_step(
+          cfg, 'sft', lm_cfg, trainer.lm_loss_fn(cfg.train.z_loss, bool(cfg.sft.packing)),
+          sft_batch, t, mesh, peak)),
+      'reward': (f'{rb} x 2 x {rt}', bench_step(
+          cfg, 'reward', rm_cfg, reward_stage.reward_loss_fn(cfg.reward.center), rm_batch, rt,
+          mesh, peak))}
+  print(f'\n1. train step, random parameters (best of {_REPEATS.value}); peak '
+        f'{peak / 1e9:.1f} GFLOP/s measured here ({lm_cfg.dtype.name} matmul, all devices)')
+  print(f'{"loss":8s} {"batch":>14s} {"tokens":>7s} {"first s":>8s} {"best s":>8s} '
+        f'{"tokens/s":>10s} {"MFLOP/token":>12s} {"MFU":>7s}')
+  for name, (shape, r) in rows.items():
+    print(f'{name:8s} {shape:>14s} {r["tokens"]:7d} {r["first"]:8.2f} {r["best"]:8.3f} '
+          f'{r["tps"]:10.0f} {r["fpt"] / 1e6:12.2f} {100 * r["mfu"]:6.2f}%')
+  s, r = rows['sft'][1], rows['reward'][1]
+  print(f'reward / sft: tokens/s {r["tps"] / s["tps"]:.2f}x, MFU {r["mfu"] / s["mfu"]:.2f}x '
+        f'(FLOP/token {r["fpt"] / s["fpt"]:.2f}x: no LM head, T={rt} vs {t})')
+
+
+# -- 2. sampling comparisons ----------------------------------------------------------------------
+
+
+def part_sampling(cfg, mesh, rng):
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  graphdef, params = model_lib.init_params(mcfg, mesh, _SEED.value)
+  r = cfg.reward
+  k, n = int(r.samples_per_prompt), int(r.response_tokens)
+  mult = sampling.batch_multiple(mesh, mcfg.rules)
+  rows = _PROMPTS.value * k
+  chunk = -(-min(_CHUNK.value, rows) // mult) * mult
+  padded = -(-rows // chunk) * chunk
+  ids, lengths = random_prompts(rng, padded, mcfg.vocab_size, mcfg.max_seq_len - n)
+  lengths[rows:] = 1  # padding rows: one-token dummy prompts, as generate() pads
+  key = jax.random.PRNGKey(_SEED.value)
+  settings = sampling.SamplingConfig(max_new_tokens=n, temperature=1.0, pad_id=TOK.pad_id,
+                                     stop_ids=sampling.default_stop_ids(TOK))
+  out, first, best = timed(lambda: [
+      sampling.sample(graphdef, params, mcfg, ids[s:s + chunk], lengths[s:s + chunk],
+                      jax.random.fold_in(key, s), settings).lengths
+      for s in range(0, padded, chunk)], _REPEATS.value)
+  new = int(np.concatenate([np.asarray(x) for x in out])[:rows].sum())
+  stage_rows = sum(-(-q * k // _CHUNK.value) * _CHUNK.value
+                   for q in (int(r.prompts), int(r.heldout_prompts)))
+  print(f'\n2. sampling comparisons: K={k} responses of {n} tokens at T=1 (stop ids on), '
+        f'~24-token prompts, chunks of {chunk} rows (best of {_REPEATS.value})')
+  print(f'{"prompts":>22s} {"rows":>6s} {"first s":>8s} {"best s":>8s} {"new tokens":>11s} '
+        f'{"tokens/s":>10s}')
+  print(f'{_PROMPTS.value:22d} {rows:6d} {first:8.2f} {best:8.3f} {new:11d} {new / best:10.0f}')
+  print(f'{f"{r.prompts} + {r.heldout_prompts} (stage)":>22s} {stage_rows:6d} {"":8s} '
+        f'{best / padded * stage_rows:8.1f} {"":11s} {"(extrapolated per padded row)"}')
+
+
+# -- 3. one PPO iteration -------------------------------------------------------------------------
+
+
+def part_ppo(cfg, mesh, rng):
+  p = cfg.ppo
+  roles = ppo.Roles.from_config(cfg)
+  rules = roles.policy.rules
+  optimizers = ppo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
+  graphdefs, _, shardings = ppo.abstract_state(roles, optimizers, mesh)
+  seed = _SEED.value
+  params = {'policy': model_lib.init_params(roles.policy, mesh, seed)[1]}
+  if roles.value is not None:
+    params['value'] = model_lib.init_params(roles.value, mesh, seed + 1)[1]
+  # The reference is the policy's random LM, copied (the policy's buffers get donated).
+  ref = jax.tree.map(lambda x: jnp.array(x, roles.reference.param_dtype, copy=True),
+                     params['policy'])
+  rm_graphdef, rm = model_lib.init_params(roles.reward, mesh, seed + 2)
+  frozen = {'reference': ref, 'reward': rm}
+  frozen_graphdefs = {'reference': model_lib.abstract_model(roles.reference)[0],
+                      'reward': rm_graphdef}
+  state = ppo.make_state(params, cfg, optimizers, shardings, mesh)
+  batch_sh, repl = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
+  prepare = jax.jit(ppo.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, TOK, None),
+                    out_shardings=(batch_sh, repl))
+  update = jax.jit(ppo.make_update(graphdefs, optimizers, ppo.make_loss_fns(cfg, roles),
+                                   p.micro_batches, rules),
+                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
+                   donate_argnums=(0,))
+  take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch), out_shardings=batch_sh)
+  settings = sampling.SamplingConfig(max_new_tokens=p.response_tokens, temperature=p.temperature,
+                                     stop_ids=sampling.default_stop_ids(TOK), pad_id=TOK.pad_id)
+  room = roles.policy.max_seq_len - p.response_tokens - 1
+  batches = [dict(zip(('prompt', 'length'), random_prompts(rng, p.rollout_batch,
+                                                           roles.policy.vocab_size, room)))
+             for _ in range(1 + _ITERATIONS.value)]
+  width = batches[0]['prompt'].shape[1]
+  data = types.SimpleNamespace(train_iter=iter(batches), ptx_iter=None)  # no PPO-ptx mix
+  got, walls = [], []
+  with jax.set_mesh(mesh):
+    for step in range(1 + _ITERATIONS.value):
+      start = time.perf_counter()
+      state, m = ppo.iteration(state, step, cfg, roles, graphdefs['policy'], data, prepare,
+                               update, take, settings, frozen, mesh)
+      walls.append(time.perf_counter() - start)
+      got.append(m)
+  def mean(key):
+    return float(np.mean([m[key] for m in got[1:]]))
+  phases = {ph: mean(f'{ph}_seconds') for ph in ('generate', 'score', 'update')}
+  total = sum(phases.values())
+  print(f'\n3. PPO iteration: rollout_batch={p.rollout_batch}, prompt width {width}, '
+        f'response_tokens={p.response_tokens}, T={p.temperature}, {p.epochs} epochs x '
+        f'{p.rollout_batch // p.batch_size} minibatches of {p.batch_size}; mean of '
+        f'{len(got) - 1} iterations after a warm-up of {walls[0]:.1f} s')
+  print(f'{"phase":10s} {"seconds":>8s} {"share":>7s} {"tokens/s":>10s}')
+  for ph, sec in phases.items():
+    print(f'{ph:10s} {sec:8.3f} {100 * sec / total:6.1f}% {mean(f"{ph}_tokens_per_sec"):10.0f}')
+  print(f'{"sum":10s} {total:8.3f}   (iteration wall {np.mean(walls[1:]):.3f} s; '
+        f'{mean("response_tokens"):.0f} response tokens per rollout; update tokens/s counts '
+        f'every epoch)')
+
+  policy = state['policy']['params']
+  ids, lengths = batches[0]['prompt'], batches[0]['length']
+  n = p.response_tokens
+  print(f'sampling.sample alone, {p.rollout_batch} x {width} prompts, {n} new tokens '
+        f'(best of {_REPEATS.value})')
+  print(f'{"settings":28s} {"first s":>8s} {"best s":>8s} {"new tokens":>11s} {"tokens/s":>10s}')
+  for name, s, key in (
+      ('as PPO (T, stop ids)', settings, jax.random.PRNGKey(1)),
+      ('greedy, no stop ids', sampling.SamplingConfig(max_new_tokens=n, temperature=0.0),
+       jax.random.PRNGKey(0))):
+    out, first, best = timed(lambda s=s, key=key: sampling.sample(
+        graphdefs['policy'], policy, roles.policy, ids, lengths, key, s).lengths, _REPEATS.value)
+    new = int(np.asarray(out).sum())
+    print(f'{name:28s} {first:8.2f} {best:8.3f} {new:11d} {new / best:10.0f}')
+  print(f'(the greedy row is tools/bench_decode.py --batch {p.rollout_batch} --prompt_len '
+        f'{width} --new_tokens {n}, kv cache)')
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  config_lib.validate(cfg, jax.device_count())
+  mesh = sharding.make_mesh(cfg)
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  devices = jax.devices()
+  print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), '
+        f'mesh {dict(mesh.shape)}')
+  print(f'model: {mcfg.family}, d_model={mcfg.d_model}, layers={mcfg.n_layers}, '
+        f'vocab={mcfg.vocab_size}, dtype={mcfg.dtype.name}, param_dtype='
+        f'{jnp.dtype(mcfg.param_dtype).name}, frozen_dtype={cfg.ppo.frozen_dtype}')
+  rng = np.random.default_rng(_SEED.value)
+  start = time.perf_counter()
+  part_train_steps(cfg, mesh, rng)
+  part_sampling(cfg, mesh, rng)
+  part_ppo(cfg, mesh, rng)
+  print(f'\ntotal {time.perf_counter() - start:.0f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)
