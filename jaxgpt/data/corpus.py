@@ -14,6 +14,9 @@ Sources
   after every paragraph. A corpus that is one big file of many documents belongs
   in `.jsonl`.
 * `.jsonl` files: one document per line, the text in field `config.data.text_field`.
+* with `config.data.qa_share > 0`, web-like Q/A pages of train-split task instances
+  follow the documents of either source above (`jaxgpt.data.qa_pages`, added by
+  `jaxgpt.data.text_dataset`).
 
 Bad input (each case is counted in `CorpusStats`):
 * empty or whitespace-only documents are skipped (`skipped_empty`); blank JSONL
@@ -62,6 +65,8 @@ class CorpusStats:
   chars: int = 0
   skipped_empty: int = 0
   utf8_replaced: int = 0
+  qa_pages: int = 0    # Q/A pages added by config.data.qa_share (jaxgpt.data.qa_pages),
+  qa_chars: int = 0    # also counted in documents / chars
 
   def asdict(self) -> dict[str, int]:
     return dataclasses.asdict(self)

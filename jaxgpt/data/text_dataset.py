@@ -7,7 +7,11 @@
   `jaxgpt_text/<name>/1.0.0`, where `<name>` is `shakespeare-val<f>` for the
   embedded corpus and `files-<hash>-val<f>` for local files (the hash covers the
   file list, sizes, mtimes and `config.data.text_field`, so an edited file gives a
-  new dataset). Later runs reuse it.
+  new dataset). Later runs reuse it. With `config.data.qa_share = s > 0` (at most
+  0.5), web-like Q/A pages of train-split task instances follow the documents
+  (`jaxgpt.data.qa_pages`: about s of all characters) and the name gains
+  `-qa<s>-<fingerprint of the page generator>` before `-val<f>`, so another share,
+  or changed pages, never reuse a prepared dataset.
 * `tfds`: any dataset already prepared in array_record format under `tfds_dir`,
   named by `config.data.tfds_name` (e.g. `my_corpus:1.0.0` or
   `my_corpus/config:1.0.0`), documents in field `config.data.text_field`. Prepare
@@ -16,11 +20,13 @@
   It needs a `train` split; `validation` is used when present. If the builder is
   defined in a module (not a script), give it `url_infos = None` when it downloads
   nothing: tfds otherwise looks for URL checksums through `importlib_resources`,
-  a package it uses but does not declare.
+  a package it uses but does not declare. Q/A pages are not added to such a
+  dataset: `config.data.qa_share > 0` fails here, naming the field.
 
-Split: a document goes to `validation` when a hash of its index (its position in
-the corpus reading order) falls below `config.data.val_fraction`: stable when the
-corpus grows and independent of the shuffle seed. A corpus too small to get any
+Split: a document (Q/A pages included) goes to `validation` when a hash of its
+index (its position in the corpus reading order) falls below
+`config.data.val_fraction`: stable when the corpus grows and independent of the
+shuffle seed. A corpus too small to get any
 validation document has no `validation` split (validation batches are then empty).
 
 Only `as_data_source()` is used (random access through array_record), never
@@ -39,7 +45,8 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
-from jaxgpt.data import corpus
+from jaxgpt.config import ConfigError
+from jaxgpt.data import corpus, qa_pages
 
 TEXT_FIELD = 'text'
 SPLITS = ('train', 'validation')
@@ -116,6 +123,21 @@ def _files_fingerprint(files: Sequence[str], text_field: str) -> str:
   return h.hexdigest()[:12]
 
 
+def qa_share(config) -> float:
+  """config.data.qa_share, checked: in [0, 0.5], and 0 for a prepared tfds dataset."""
+  share = qa_pages.check_share(config.data.qa_share)
+  if share > 0 and config.data.source not in ('embedded', 'files'):
+    raise ConfigError(
+        f'config.data.qa_share={share:g}: Q/A pages are added to the embedded or files '
+        f"corpora only, not to config.data.source='{config.data.source}' (a dataset "
+        'prepared elsewhere); set config.data.qa_share=0.')
+  return share
+
+
+def _with_pages(documents: DocumentsFn, share: float) -> DocumentsFn:
+  return lambda stats: qa_pages.with_pages(documents(stats), share, stats)
+
+
 def corpus_config(config) -> TextCorpusConfig:
   """The builder config for config.data.source = embedded | files."""
   d = config.data
@@ -130,6 +152,10 @@ def corpus_config(config) -> TextCorpusConfig:
   else:
     raise ValueError(f"config.data.source='{d.source}' has no builder; "
                      'expected embedded or files.')
+  share = qa_share(config)
+  if share > 0:
+    name = f'{name}-qa{share:g}-{qa_pages.fingerprint()}'
+    documents = _with_pages(documents, share)
   return TextCorpusConfig(name=f'{name}-val{d.val_fraction:g}', documents=documents,
                           val_fraction=d.val_fraction)
 
@@ -206,6 +232,7 @@ def _open_prepared(config) -> tfds.core.DatasetBuilder:
 
 def load_splits(config) -> TextSplits:
   """Train/validation sources for config.data.source (prepares on first use)."""
+  qa_share(config)
   if config.data.source == 'tfds':
     builder = _open_prepared(config)
     field = config.data.text_field
