@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.01
   d.shuffle_seed = 0
   d.worker_count = 0
-  d.qa_share = 0.0            # embedded source: share of pretraining documents that are
+  d.qa_share = 0.0            # share of pretraining characters (embedded / files source) in
                               # web-like Q/A pages built from train-split task instances
 
   c.train = t = ml_collections.ConfigDict()

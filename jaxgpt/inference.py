@@ -149,15 +149,16 @@ def _tokenizer(workdir: str, meta: dict, model_vocab: int) -> tokenizer_lib.Toke
   raise InferenceError(f'tokenizer not found (looked at {candidates}).')
 
 
-def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None) -> Loaded:
+def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
+         allowed=GENERATIVE_STAGES) -> Loaded:
   """(graphdef, params, mcfg, tokenizer, cfg) of the newest checkpoint of WORKDIR/<stage>:
-  a language model (pretrain, sft, ppo's policy) or the reward model (reward).
+  a language model (pretrain, sft, ppo's policy), or with allowed=SCORING_STAGES the
+  reward model.
 
   `mesh` overrides axes of the inference mesh (default data=-1, fsdp=1, tensor=1).
   """
   jax.config.update('jax_threefry_partitionable', True)  # as in training: mesh-independent
-  directory, step, meta = latest_checkpoint(workdir, stage,
-                                            GENERATIVE_STAGES + SCORING_STAGES)
+  directory, step, meta = latest_checkpoint(workdir, stage, allowed)
   cfg = config_from_meta(meta, f'{directory}/{step}')
   overrides = parse_mesh(mesh) if isinstance(mesh, str) or mesh is None else dict(mesh)
   unknown = set(overrides) - set(config_lib.MESH_AXES)

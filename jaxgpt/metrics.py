@@ -84,8 +84,8 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(row) + '\n')
     self._jsonl.flush()
 
-  def progress(self, step: int, metrics: dict) -> None:
-    """One console line: bar, loss, tokens/s, MFU, ETA."""
+  def progress(self, step: int, metrics: dict, show: tuple[str, ...] = ()) -> None:
+    """One console line: bar, loss, tokens/s, MFU, the `show` metrics, ETA."""
     if not self.is_main:
       return
     done = step - self.start_step
@@ -101,6 +101,7 @@ class MetricsWriter:
       parts.append(f'{float(metrics["tokens_per_sec"]):,.0f} tok/s')
     if 'mfu' in metrics:
       parts.append(f'MFU {100 * float(metrics["mfu"]):.1f}%')
+    parts += [f'{k} {float(metrics[k]):.3g}' for k in show if k in metrics]
     parts.append(f'ETA {_fmt_time(eta)}')
     print(' | '.join(parts), flush=True)
 

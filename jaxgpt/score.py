@@ -19,8 +19,12 @@ from absl import app, flags, logging
 
 from jaxgpt import inference, scoring
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by jaxgpt.main.')
-_MESH = flags.DEFINE_string('mesh', '', 'Inference mesh overrides, e.g. "data=1,tensor=8".')
+# Shared with jaxgpt.sample / jaxgpt.chat when imported together (flags are defined once).
+if 'workdir' not in flags.FLAGS:
+  flags.DEFINE_string('workdir', None, 'Run directory written by jaxgpt.main.')
+if 'mesh' not in flags.FLAGS:
+  flags.DEFINE_string('mesh', '', 'Inference mesh overrides, e.g. "data=1,tensor=8".')
+FLAGS = flags.FLAGS
 _PROMPT = flags.DEFINE_string('prompt', None, 'The user turn the responses answer.')
 _RESPONSE = flags.DEFINE_multi_string('response', [], 'A reply to score (repeatable).')
 _JSONL = flags.DEFINE_string('jsonl', None, 'A JSONL file of replies or comparisons.')
@@ -48,7 +52,8 @@ def read_jsonl(path: str) -> list[tuple[list[dict], list[str]]]:
         raise ValueError(f'{where}: bad JSON: {e}') from None
       if not isinstance(obj, dict):
         raise ValueError(f'{where}: expected a JSON object.')
-      replies = [obj['chosen'], obj['rejected']] if 'chosen' in obj else [obj.get('response')]
+      replies = ([obj.get('chosen'), obj.get('rejected')] if 'chosen' in obj
+                 else [obj.get('response')])
       if not all(isinstance(r, str) for r in replies):
         raise ValueError(f'{where}: need "response", or "chosen" and "rejected", as text.')
       rows.append((_messages(obj, where), replies))
@@ -60,7 +65,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}.')
   logging.set_verbosity(logging.WARNING)
   try:
-    if not _WORKDIR.value:
+    if not FLAGS.workdir:
       raise app.UsageError('--workdir is required.')
     if _JSONL.value:
       rows = read_jsonl(_JSONL.value)
@@ -68,8 +73,9 @@ def main(argv):
       rows = [([{'role': 'user', 'content': _PROMPT.value}], [r]) for r in _RESPONSE.value]
     else:
       raise app.UsageError('give --prompt with --response (repeatable), or --jsonl FILE.')
-    loaded = inference.load(_WORKDIR.value, 'reward', mesh=_MESH.value)
-    meta = inference.latest_checkpoint(_WORKDIR.value, 'reward', inference.SCORING_STAGES)[2]
+    loaded = inference.load(FLAGS.workdir, 'reward', mesh=FLAGS.mesh,
+                            allowed=inference.SCORING_STAGES)
+    meta = inference.latest_checkpoint(FLAGS.workdir, 'reward', inference.SCORING_STAGES)[2]
     items = [(prompt, reply) for prompt, replies in rows for reply in replies]
     scores = scoring.score_replies(loaded.graphdef, loaded.params, loaded.mcfg,
                                    loaded.tokenizer, items)

@@ -98,9 +98,12 @@ def test_load_errors_say_what_to_run(workdir, tmp_path):
   with pytest.raises(inference.InferenceError,
                      match=r'nowhere does not exist.*python -m jaxgpt.main'):
     inference.load(missing, 'sft')
+  partial = tmp_path / 'partial'
+  for stage in ('pretrain', 'sft'):
+    (partial / stage / 'checkpoints').mkdir(parents=True)
   with pytest.raises(inference.InferenceError,
                      match=r"has no ppo stage.*\['pretrain', 'sft'\].*--config.stage=ppo"):
-    inference.load(workdir, 'ppo')
+    inference.load(str(partial), 'ppo')
   with pytest.raises(inference.InferenceError, match="unknown stage 'sfr'"):
     inference.load(workdir, 'sfr')
   with pytest.raises(inference.InferenceError, match='reward model'):
@@ -140,8 +143,8 @@ def test_sample_prompts_file_and_errors(workdir, tmp_path):
   assert code == 0 and '=== [2] prompt ===\nsecond\n' in out and '[3]' not in out
   code, _, err = run_main(sample_cli, ['--workdir', str(tmp_path / 'none'), '--prompt', 'x'])
   assert code == 1 and 'does not exist' in err and 'python -m jaxgpt.main' in err
-  code, _, err = run_main(sample_cli, ['--workdir', workdir, '--stage', 'ppo', '--prompt', 'x'])
-  assert code == 1 and 'has no ppo stage' in err
+  code, _, err = run_main(sample_cli, ['--workdir', workdir, '--stage', 'rlhf', '--prompt', 'x'])
+  assert code == 1 and "unknown stage 'rlhf'" in err
 
 
 # -- sampling.stream --------------------------------------------------------------------------
@@ -236,3 +239,40 @@ def test_chat_repl_streams_two_replies_and_exits_on_eof(workdir):
 def test_chat_missing_workdir(tmp_path):
   code, _, err = run_main(chat_cli, ['--workdir', str(tmp_path / 'none')])
   assert code == 1 and 'does not exist' in err
+
+
+# -- python -m jaxgpt.score and the PPO policy -------------------------------------------------
+
+
+def test_score_cli_prints_reward_scores_and_comparisons(workdir, tmp_path):
+  """`python -m jaxgpt.score` (its own process: its --prompt is not sample's)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+
+  def score(*args):
+    proc = subprocess.run([sys.executable, '-m', 'jaxgpt.score', f'--workdir={workdir}', *args],
+                          capture_output=True, text=True, env=env, cwd=helpers.ROOT, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+  code, out, err = score('--prompt=What is 2 + 3?', '--response=5', '--response=6')
+  assert code == 0, err
+  assert 'mean' in out and out.count("'What is 2 + 3?' ->") == 2
+  rows = tmp_path / 'pairs.jsonl'
+  rows.write_text('{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "six"}\n'
+                  '{"prompt": "x", "chosen": 5}\n', encoding='utf-8')
+  code, out, err = score(f'--jsonl={rows}')
+  assert code == 1 and 'pairs.jsonl:2:' in err and 'Traceback' not in err
+  rows.write_text('{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "six"}\n',
+                  encoding='utf-8')
+  code, out, err = score(f'--jsonl={rows}')
+  assert code == 0 and 'chosen - rejected' in out, err
+
+
+def test_sample_cli_reads_the_ppo_policy_and_refuses_the_reward_model(workdir):
+  loaded = inference.load(workdir, 'ppo')
+  assert 'lm_head' in loaded.params and 'opt_state' not in loaded.params
+  code, out, err = run_main(sample_cli, [f'--workdir={workdir}', '--stage=ppo',
+                                         '--prompt=What is 2 + 3?', '--max_new_tokens=4'])
+  assert code == 0 and '=== [1] completion ===' in out, err
+  code, out, err = run_main(sample_cli, [f'--workdir={workdir}', '--stage=reward',
+                                         '--prompt=hi'])
+  assert code == 1 and 'jaxgpt.score' in err

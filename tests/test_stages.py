@@ -108,9 +108,9 @@ def test_damaged_checkpoint_fails_naming_it(pretrained, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, 'pretrain', 'checkpoints'))) == ['3', '6']
 
 
-def test_unimplemented_stage_is_a_config_error(tmp_path):
+def test_unknown_stage_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match='config.stage'):
-    run_lib.run(smoke_config(stage='ppo'), str(tmp_path))
+    run_lib.run(smoke_config(stage='rlhf'), str(tmp_path))
 
 
 def test_diverged_run_stops_without_saving(pretrained, tmp_path):

@@ -329,7 +329,9 @@ def run(cfg, workdir: str) -> loop.Result:
         step += 1
         logged = {k: v for k, v in metrics.items() if k != 'params_finite'}
         writer.write(step, logged)
-        writer.progress(step, {'loss': logged['policy_loss'], **logged})
+        writer.progress(step, {'loss': logged['policy_loss'], **logged},
+                        show=('scores', 'kl', 'kl_coef', 'entropy', 'response_length',
+                              'clipfrac', 'iteration_seconds'))
         final_metrics.update(logged)
         if ckpt.due(step) or step == p.steps:
           save(step)
@@ -408,6 +410,7 @@ def iteration(state, step, cfg, roles, policy_graphdef, data, prepare, update, t
   metrics['ratio_first'] = float(per_update[0]['ratio'])
   metrics['approxkl_first'] = float(per_update[0]['approxkl'])
   metrics['kl_coef'] = beta
+  metrics['iteration_seconds'] = sum(times.values())
   tokens = float(roll_metrics['response_tokens'])
   for phase, seconds in times.items():
     metrics[f'{phase}_seconds'] = seconds
