@@ -230,8 +230,9 @@ class PretrainData:
   """The pretraining data of one process: a resumable train iterator and val batches.
 
   stats (ints, for logging):
-    files, documents, chars, skipped_empty, utf8_replaced: the whole corpus, as read
-        when it was prepared (embedded / files sources only);
+    files, documents, chars, skipped_empty, utf8_replaced, qa_pages, qa_chars: the
+        whole corpus, as read when it was prepared (embedded / files sources only;
+        documents and chars include the Q/A pages of config.data.qa_share);
     train_documents, val_documents: the split sizes;
     local_documents, tokens, split_long_docs, blank_docs, rows_per_epoch,
         steps_per_epoch: this process's training shard (tokens include one
