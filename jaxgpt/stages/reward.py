@@ -84,13 +84,19 @@ def scores_of_batches(graphdef, params, batches, mesh, rules) -> tuple[np.ndarra
 
 def embedded_comparisons(cfg, out_dir, graphdef, sft_params, sft_mcfg, tok):
   """(train, heldout, stats): SFT samples ranked by the simulated labeler, sampled once
-  and kept in out_dir/comparisons*.jsonl; a re-run reads the files back."""
+  and kept in out_dir/comparisons*.jsonl (their counts and timings in
+  comparisons_stats.json); a re-run reads the files back."""
   paths = {split: os.path.join(out_dir, name) for split, name in COMPARISON_FILES.items()}
+  stats_path = os.path.join(out_dir, 'comparisons_stats.json')
   if all(os.path.exists(p) for p in paths.values()):
     out = {split: comparisons.read_comparisons([p])[0] for split, p in paths.items()}
     print(f'[{NAME}] comparisons: reusing {paths["train"]} ({len(out["train"]):,} pairs) and '
           f'{paths["heldout"]} ({len(out["heldout"]):,})', flush=True)
-    return out['train'], out['heldout'], {'comparisons_reused': 1}
+    stats = {}
+    if os.path.exists(stats_path):
+      with open(stats_path, encoding='utf-8') as f:
+        stats = json.load(f)
+    return out['train'], out['heldout'], dict(stats, reused=1)
   r = cfg.reward
   stats = {}
   out = {}
@@ -120,6 +126,9 @@ def embedded_comparisons(cfg, out_dir, graphdef, sft_params, sft_mcfg, tok):
                   f'{split}_pairs': len(pairs), f'{split}_sample_accuracy':
                   round(accepted / max(1, len(samples)), 4),
                   f'{split}_sampling_seconds': round(time.perf_counter() - start, 1)})
+  if jax.process_index() == 0:
+    with open(stats_path, 'w', encoding='utf-8') as f:
+      json.dump(stats, f, indent=1)
   print(f'[{NAME}] comparisons sampled from the SFT model ({k} per prompt, temperature 1) and '
         f'ranked by the simulated labeler: {common.format_stats(stats)} -> {paths["train"]}',
         flush=True)
