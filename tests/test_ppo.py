@@ -15,7 +15,7 @@ from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
 from jaxgpt import sampling, sharding
 from jaxgpt.data import prompts as prompts_lib
-from jaxgpt.data.sft import BadRowError
+from jaxgpt.data.jsonl import BadRowError
 from jaxgpt.rl import rollout
 from jaxgpt.stages import ppo
 
@@ -166,10 +166,10 @@ def test_prompt_files_bad_rows_name_file_and_line(tmp_path):
                   '{"messages": [{"role": "user", "content": "hi"}]}\n'
                   '{"messages": [{"role": "assistant", "content": "hi"}]}\n'
                   'not json\n', encoding='utf-8')
-  with pytest.raises(BadRowError, match=r'p.jsonl:3: the last message must be a user turn'):
+  with pytest.raises(BadRowError, match=r'p.jsonl:3: the prompt .messages. must end with a user turn'):
     prompts_lib.read_prompt_files([str(path)], 'error')
   rows, counts = prompts_lib.read_prompt_files([str(path)], 'skip')
-  assert len(rows) == 2 and counts == {'rows_read': 4, 'bad_rows': 2}
+  assert len(rows) == 2 and counts['rows_read'] == 4 and counts['bad_rows'] == 2
 
 
 def copy_up_to_reward(workdir, wd):

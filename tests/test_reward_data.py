@@ -13,7 +13,7 @@ from jaxgpt import tasks
 from jaxgpt.data import chat
 from jaxgpt.data import comparisons as comp
 from jaxgpt.data import reward
-from jaxgpt.data.sft import BadRowError
+from jaxgpt.data.jsonl import BadRowError
 from jaxgpt.data.tokenizer import train_tokenizer
 
 _TEXT = ['Hello there! How are you doing today? I am doing well, thank you.',

@@ -22,7 +22,7 @@ in the loss in total (InstructGPT), and is never split across train and held-out
 without "group" is its own set, named `path:line`. `task` is the given "task", else the
 task-suite task that produces the last user message (`tasks.task_of`), else ''.
 
-Bad rows. With `on_bad_row='error'` a bad row raises `sft.BadRowError` whose message
+Bad rows. With `on_bad_row='error'` a bad row raises `jsonl.BadRowError` whose message
 starts with `path:line:` (1-based, blank lines counted); with `'skip'` it is left out and
 counted by kind: bad_json, bad_type (wrong JSON type, or both "prompt" and "messages"),
 missing_field, unknown_role, empty_prompt, prompt_end (messages do not end with a user
@@ -45,8 +45,7 @@ import re
 from typing import Iterable, Sequence
 
 from jaxgpt import tasks
-from jaxgpt.data import chat
-from jaxgpt.data.sft import BAD_ROW_POLICIES, BadRowError
+from jaxgpt.data.jsonl import BadRow, BadRowError, parse_prompt, read_rows
 
 __all__ = ['Comparison', 'read_comparisons', 'write_comparisons', 'has_repetition',
            'labeler_key', 'label_samples', 'comparisons_from_samples', 'BadRowError']
@@ -65,81 +64,40 @@ class Comparison:
 
 # ----------------------------------------------------------------------------- parsing
 
-class _Bad(Exception):
-
-  def __init__(self, kind: str, reason: str):
-    super().__init__(reason)
-    self.kind, self.reason = kind, reason
-
-
 def _text(obj: dict, field: str) -> str:
   if field not in obj:
-    raise _Bad('missing_field', f"missing field '{field}'")
+    raise BadRow('missing_field', f"missing field '{field}'")
   value = obj[field]
   if not isinstance(value, str):
-    raise _Bad('bad_type', f"'{field}' must be a string, got {type(value).__name__}")
+    raise BadRow('bad_type', f"'{field}' must be a string, got {type(value).__name__}")
   return value.strip()
-
-
-def _prompt(obj: dict) -> tuple[dict, ...]:
-  """The prompt messages of a format 1 or 3 row."""
-  if 'prompt' in obj and 'messages' in obj:
-    raise _Bad('bad_type', "give either 'prompt' or 'messages', not both")
-  if 'prompt' in obj:
-    messages = [{'role': 'user', 'content': _text(obj, 'prompt')}]
-  else:
-    raw = obj['messages']
-    if not isinstance(raw, list) or not raw:
-      raise _Bad('bad_type', "'messages' must be a non-empty list")
-    messages = []
-    for i, m in enumerate(raw):
-      where = f'messages[{i}]'
-      if not isinstance(m, dict):
-        raise _Bad('bad_type', f'{where}: expected an object with "role" and "content"')
-      for field in ('role', 'content'):
-        if field not in m:
-          raise _Bad('missing_field', f"{where}: missing field '{field}'")
-      if m['role'] not in chat.ROLES:
-        raise _Bad('unknown_role',
-                   f"{where}: unknown role {m['role']!r} (roles: {', '.join(chat.ROLES)})")
-      if not isinstance(m['content'], str):
-        raise _Bad('bad_type', f'{where}: content must be a string, got '
-                   f"{type(m['content']).__name__}")
-      messages.append({'role': m['role'], 'content': m['content'].strip()})
-    if messages[-1]['role'] != 'user':
-      raise _Bad('prompt_end', "the prompt 'messages' must end with a user turn (the reply "
-                 "is 'chosen'/'rejected'), got a final "
-                 f"{messages[-1]['role']!r} turn")
-  if not messages[-1]['content']:
-    raise _Bad('empty_prompt', 'the last user turn of the prompt is empty')
-  return tuple(messages)
 
 
 def _margin(obj: dict) -> float:
   value = obj.get('margin', 0.0)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise _Bad('bad_margin', f"'margin' must be a finite number, got {value!r}")
+    raise BadRow('bad_margin', f"'margin' must be a finite number, got {value!r}")
   return float(value)
 
 
 def _group(obj: dict, default: str) -> str:
   value = obj.get('group', '')
   if isinstance(value, bool) or not isinstance(value, (str, int)):
-    raise _Bad('bad_type', f"'group' must be a string or an integer, got {value!r}")
+    raise BadRow('bad_type', f"'group' must be a string or an integer, got {value!r}")
   return str(value) if value != '' else default
 
 
 def _task(obj: dict, prompt: tuple[dict, ...]) -> str:
   if 'task' in obj:
     if not isinstance(obj['task'], str):
-      raise _Bad('bad_type', f"'task' must be a string, got {obj['task']!r}")
+      raise BadRow('bad_type', f"'task' must be a string, got {obj['task']!r}")
     return obj['task']
   return tasks.task_of(prompt[-1]['content']) or ''
 
 
 def _response(text: str, where: str) -> str:
   if not text:
-    raise _Bad('empty_response', f'{where} is empty')
+    raise BadRow('empty_response', f'{where} is empty')
   return text
 
 
@@ -151,11 +109,11 @@ def _hh_turns(transcript: str, field: str) -> list[dict]:
   """An HH transcript as chat messages; it must start with a marker and end with Assistant."""
   parts = _HH_SPLIT.split(transcript)
   if parts[0].strip() or len(parts) < 3:
-    raise _Bad('hh_format', f"'{field}' must start with '\\n\\nHuman:' (Anthropic HH format)")
+    raise BadRow('hh_format', f"'{field}' must start with '\\n\\nHuman:' (Anthropic HH format)")
   turns = [{'role': _HH_MARKERS[parts[i]], 'content': parts[i + 1].strip()}
            for i in range(1, len(parts), 2)]
   if turns[-1]['role'] != 'assistant':
-    raise _Bad('hh_format', f"'{field}' must end with an '\\n\\nAssistant:' turn")
+    raise BadRow('hh_format', f"'{field}' must end with an '\\n\\nAssistant:' turn")
   return turns
 
 
@@ -163,20 +121,20 @@ def _hh_pair(obj: dict) -> tuple[tuple[dict, ...], str, str]:
   chosen, rejected = _hh_turns(_raw_text(obj, 'chosen'), 'chosen'), _hh_turns(
       _raw_text(obj, 'rejected'), 'rejected')
   if chosen[:-1] != rejected[:-1]:
-    raise _Bad('hh_prefix', "'chosen' and 'rejected' differ before their last assistant turn")
+    raise BadRow('hh_prefix', "'chosen' and 'rejected' differ before their last assistant turn")
   prompt = tuple(chosen[:-1])
   if not prompt or prompt[-1]['role'] != 'user':
-    raise _Bad('hh_format', 'the last assistant turn must follow a Human turn')
+    raise BadRow('hh_format', 'the last assistant turn must follow a Human turn')
   if not prompt[-1]['content']:
-    raise _Bad('empty_prompt', 'the last Human turn is empty')
+    raise BadRow('empty_prompt', 'the last Human turn is empty')
   return prompt, chosen[-1]['content'], rejected[-1]['content']
 
 
 def _raw_text(obj: dict, field: str) -> str:
   if field not in obj:
-    raise _Bad('missing_field', f"missing field '{field}'")
+    raise BadRow('missing_field', f"missing field '{field}'")
   if not isinstance(obj[field], str):
-    raise _Bad('bad_type', f"'{field}' must be a string, got {type(obj[field]).__name__}")
+    raise BadRow('bad_type', f"'{field}' must be a string, got {type(obj[field]).__name__}")
   return obj[field]
 
 
@@ -184,23 +142,23 @@ def _ranking_pairs(obj: dict) -> list[tuple[str, str]]:
   """(chosen, rejected) texts of a K-way ranking: every pair of different ranks."""
   for field in ('responses', 'ranking'):
     if field not in obj:
-      raise _Bad('missing_field', f"missing field '{field}'")
+      raise BadRow('missing_field', f"missing field '{field}'")
   responses, ranking = obj['responses'], obj['ranking']
   if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-    raise _Bad('bad_type', "'responses' must be a list of strings")
+    raise BadRow('bad_type', "'responses' must be a list of strings")
   if not isinstance(ranking, list):
-    raise _Bad('bad_type', "'ranking' must be a list of integers")
+    raise BadRow('bad_type', "'ranking' must be a list of integers")
   if len(ranking) != len(responses):
-    raise _Bad('ranking_length', f"'ranking' has {len(ranking)} entries for "
+    raise BadRow('ranking_length', f"'ranking' has {len(ranking)} entries for "
                f'{len(responses)} responses')
   for r in ranking:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-      raise _Bad('bad_ranking', f"'ranking' entries must be integers >= 1 (1 = best), got {r!r}")
+      raise BadRow('bad_ranking', f"'ranking' entries must be integers >= 1 (1 = best), got {r!r}")
   texts = [_response(r.strip(), f'responses[{i}]') for i, r in enumerate(responses)]
   rank_of: dict[str, int] = {}
   for i, (t, r) in enumerate(zip(texts, ranking)):
     if rank_of.setdefault(t, r) != r:
-      raise _Bad('identical', f'responses[{i}] repeats an earlier response with another rank')
+      raise BadRow('identical', f'responses[{i}] repeats an earlier response with another rank')
   pairs = []
   for i in range(len(texts)):
     for j in range(i + 1, len(texts)):
@@ -210,16 +168,16 @@ def _ranking_pairs(obj: dict) -> list[tuple[str, str]]:
 
 
 def parse_row(obj, default_group: str) -> list[Comparison]:
-  """The comparisons of one decoded row (any format); raises _Bad. [] = all tied."""
+  """The comparisons of one decoded row (any format); raises BadRow. [] = all tied."""
   if not isinstance(obj, dict):
-    raise _Bad('bad_type', f'expected a JSON object, got {type(obj).__name__}')
+    raise BadRow('bad_type', f'expected a JSON object, got {type(obj).__name__}')
   if 'responses' in obj or 'ranking' in obj:
     if 'prompt' not in obj and 'messages' not in obj:
-      raise _Bad('missing_field', "a ranking needs 'prompt' or 'messages'")
-    prompt = _prompt(obj)
+      raise BadRow('missing_field', "a ranking needs 'prompt' or 'messages'")
+    prompt = parse_prompt(obj)
     pairs = _ranking_pairs(obj)
   elif 'prompt' in obj or 'messages' in obj:
-    prompt = _prompt(obj)
+    prompt = parse_prompt(obj)
     chosen = _response(_text(obj, 'chosen'), "'chosen'")
     rejected = _response(_text(obj, 'rejected'), "'rejected'")
     pairs = [(chosen, rejected)]
@@ -228,11 +186,11 @@ def parse_row(obj, default_group: str) -> list[Comparison]:
     pairs = [(_response(chosen, "the last assistant turn of 'chosen'"),
               _response(rejected, "the last assistant turn of 'rejected'"))]
   else:
-    raise _Bad('missing_field', "need 'prompt' or 'messages' with 'chosen'/'rejected' or "
+    raise BadRow('missing_field', "need 'prompt' or 'messages' with 'chosen'/'rejected' or "
                "'responses'/'ranking', or HH 'chosen'/'rejected' transcripts")
   for chosen, rejected in pairs:
     if chosen == rejected:
-      raise _Bad('identical', 'chosen and rejected are the same text')
+      raise BadRow('identical', 'chosen and rejected are the same text')
   margin, group, task = _margin(obj), _group(obj, default_group), _task(obj, prompt)
   return [Comparison(prompt, c, r, margin, group, task) for c, r in pairs]
 
@@ -243,31 +201,9 @@ def read_comparisons(paths: Sequence[str],
 
   counts: rows_read, bad_rows, bad_rows_by_kind (a dict), pairs, groups, no_pair_rows.
   """
-  if on_bad_row not in BAD_ROW_POLICIES:
-    raise ValueError(f'on_bad_row={on_bad_row!r} must be one of {BAD_ROW_POLICIES}.')
-  out: list[Comparison] = []
-  counts = {'rows_read': 0, 'bad_rows': 0, 'bad_rows_by_kind': {}, 'no_pair_rows': 0}
-  for path in paths:
-    with open(path, 'rb') as f:
-      for lineno, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        counts['rows_read'] += 1
-        try:
-          try:
-            obj = json.loads(raw.decode('utf-8'))
-          except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _Bad('bad_json', f'bad JSON: {e}') from None
-          rows = parse_row(obj, f'{path}:{lineno}')
-        except _Bad as bad:
-          if on_bad_row == 'error':
-            raise BadRowError(str(path), lineno, bad.kind, bad.reason) from None
-          counts['bad_rows'] += 1
-          by_kind = counts['bad_rows_by_kind']
-          by_kind[bad.kind] = by_kind.get(bad.kind, 0) + 1
-          continue
-        counts['no_pair_rows'] += not rows
-        out += rows
+  rows, counts = read_rows(paths, parse_row, on_bad_row)
+  counts['no_pair_rows'] = sum(not r for r in rows)
+  out = [c for r in rows for c in r]
   counts['pairs'] = len(out)
   counts['groups'] = len({c.group for c in out})
   return out, counts

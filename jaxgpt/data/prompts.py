@@ -13,7 +13,6 @@ once). The iterator is grain's, so its position is checkpointed with the PPO sta
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import grain
@@ -21,55 +20,21 @@ import numpy as np
 
 from jaxgpt import tasks
 from jaxgpt.data import chat
-from jaxgpt.data.sft import BadRowError, expand_paths
+from jaxgpt.data.jsonl import BadRow, expand_paths, parse_prompt, read_rows
 
 EMBEDDED_PROMPTS = 20_000
 
 
-def _messages(obj) -> list[dict]:
+def _prompt_row(obj, where: str) -> list[dict]:
+  del where
   if not isinstance(obj, dict):
-    raise ValueError(f'expected a JSON object, got {type(obj).__name__}')
-  if 'messages' in obj:
-    messages = obj['messages']
-    if not isinstance(messages, list) or not messages:
-      raise ValueError("'messages' must be a non-empty list")
-    for i, m in enumerate(messages):
-      if not isinstance(m, dict) or not isinstance(m.get('content'), str):
-        raise ValueError(f'messages[{i}]: expected {{"role": ..., "content": "text"}}')
-      if m.get('role') not in chat.ROLES:
-        raise ValueError(f'messages[{i}]: unknown role {m.get("role")!r} '
-                         f'(roles: {", ".join(chat.ROLES)})')
-    if messages[-1]['role'] != 'user':
-      raise ValueError('the last message must be a user turn (the one the policy answers)')
-  elif isinstance(obj.get('prompt'), str):
-    messages = [{'role': 'user', 'content': obj['prompt']}]
-  else:
-    raise ValueError('missing field: need "prompt" (text) or "messages"')
-  if not messages[-1]['content'].strip():
-    raise ValueError('empty prompt')
-  return [{'role': m['role'], 'content': m['content']} for m in messages]
+    raise BadRow('bad_type', f'expected a JSON object, got {type(obj).__name__}')
+  return list(parse_prompt(obj))
 
 
 def read_prompt_files(paths, on_bad_row: str = 'error') -> tuple[list[list[dict]], dict]:
-  """Message lists of every valid row, and counts {rows_read, bad_rows}."""
-  rows, counts = [], {'rows_read': 0, 'bad_rows': 0}
-  for path in paths:
-    with open(path, 'rb') as f:
-      for lineno, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        counts['rows_read'] += 1
-        try:
-          try:
-            obj = json.loads(raw.decode('utf-8'))
-          except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f'bad JSON: {e}') from None
-          rows.append(_messages(obj))
-        except ValueError as e:
-          if on_bad_row == 'error':
-            raise BadRowError(str(path), lineno, 'bad_prompt', str(e)) from None
-          counts['bad_rows'] += 1
-  return rows, counts
+  """Message lists of every valid row, and counts {rows_read, bad_rows, bad_rows_by_kind}."""
+  return read_rows(paths, _prompt_row, on_bad_row)
 
 
 def embedded_prompts(seed: int) -> list[list[dict]]:

@@ -49,7 +49,8 @@ import numpy as np
 
 from jaxgpt.data import chat
 from jaxgpt.data.comparisons import Comparison, read_comparisons
-from jaxgpt.data.sft import BAD_ROW_POLICIES, LONG_ROW_POLICIES, expand_paths
+from jaxgpt.data.jsonl import BAD_ROW_POLICIES, expand_paths
+from jaxgpt.data.sft import LONG_ROW_POLICIES
 
 __all__ = ['encode_reply', 'split_comparisons', 'load_comparison_files', 'make_reward_data',
            'RewardData', 'pack_groups']

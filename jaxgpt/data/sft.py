@@ -46,10 +46,8 @@ weights float32.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
-import os
 from typing import Any, Sequence
 
 import grain
@@ -58,11 +56,12 @@ import numpy as np
 
 from jaxgpt.data import chat
 from jaxgpt.data import conversations
+from jaxgpt.data import jsonl
+from jaxgpt.data.jsonl import BAD_ROW_POLICIES, BadRow, BadRowError, expand_paths  # noqa: F401
 from jaxgpt.data import pretrain
 from jaxgpt.data import text_dataset
 
 FORMAT_VERSION = '1.0.0'
-BAD_ROW_POLICIES = ('error', 'skip')
 LONG_ROW_POLICIES = ('truncate', 'drop')
 
 # The `config.sft` fields this module reads (defaults and meanings: jaxgpt/config.py).
@@ -82,111 +81,42 @@ def sft_options(config) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- parsing
 
-class BadRowError(ValueError):
-  """A malformed SFT row; the message starts with `path:line:`."""
-
-  def __init__(self, path: str, line: int, kind: str, reason: str):
-    super().__init__(f'{path}:{line}: {reason}')
-    self.path, self.line, self.kind, self.reason = path, line, kind, reason
-
-
-class _Bad(Exception):
-
-  def __init__(self, kind: str, reason: str):
-    super().__init__(reason)
-    self.kind, self.reason = kind, reason
-
-
 def _content(value, where: str) -> str:
   if not isinstance(value, str):
-    raise _Bad('bad_type', f'{where}: content must be a string, got {type(value).__name__}')
+    raise BadRow('bad_type', f'{where}: content must be a string, got {type(value).__name__}')
   return value.strip()
 
 
-def normalize_row(obj) -> list[dict]:
-  """The canonical message list of one row in either shape; raises _Bad."""
+def normalize_row(obj, where: str = '') -> list[dict]:
+  """The canonical message list of one row in either shape; raises BadRow."""
+  del where
   if not isinstance(obj, dict):
-    raise _Bad('bad_type', f'expected a JSON object, got {type(obj).__name__}')
+    raise BadRow('bad_type', f'expected a JSON object, got {type(obj).__name__}')
   if 'messages' in obj:
-    raw = obj['messages']
-    if not isinstance(raw, list) or not raw:
-      raise _Bad('bad_type', "'messages' must be a non-empty list")
-    messages = []
-    for i, m in enumerate(raw):
-      where = f'messages[{i}]'
-      if not isinstance(m, dict):
-        raise _Bad('bad_type', f'{where}: expected an object with "role" and "content"')
-      for field in ('role', 'content'):
-        if field not in m:
-          raise _Bad('missing_field', f"{where}: missing field '{field}'")
-      if m['role'] not in chat.ROLES:
-        raise _Bad('unknown_role',
-                   f"{where}: unknown role {m['role']!r} (roles: {', '.join(chat.ROLES)})")
-      messages.append({'role': m['role'], 'content': _content(m['content'], where)})
+    messages = jsonl.parse_messages(obj['messages'])
   elif 'prompt' in obj or 'response' in obj:
     for field in ('prompt', 'response'):
       if field not in obj:
-        raise _Bad('missing_field', f"missing field '{field}'")
+        raise BadRow('missing_field', f"missing field '{field}'")
     messages = []
     if 'system' in obj:
       messages.append({'role': 'system', 'content': _content(obj['system'], 'system')})
     messages.append({'role': 'user', 'content': _content(obj['prompt'], 'prompt')})
     messages.append({'role': 'assistant', 'content': _content(obj['response'], 'response')})
   else:
-    raise _Bad('missing_field', "missing field: need 'messages', or 'prompt' and 'response'")
+    raise BadRow('missing_field', "missing field: need 'messages', or 'prompt' and 'response'")
   assistant = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
   if not assistant:
-    raise _Bad('no_assistant', 'no assistant turn: nothing to learn from')
+    raise BadRow('no_assistant', 'no assistant turn: nothing to learn from')
   for i in assistant:
     if not messages[i]['content']:
-      raise _Bad('empty_assistant', f'empty assistant turn (message {i})')
+      raise BadRow('empty_assistant', f'empty assistant turn (message {i})')
   return messages
 
 
 def read_jsonl(paths: Sequence[str], on_bad_row: str = 'error') -> tuple[list[list[dict]], dict]:
   """Parse JSONL files into message lists; bad rows raise or are counted (`on_bad_row`)."""
-  if on_bad_row not in BAD_ROW_POLICIES:
-    raise ValueError(f'on_bad_row={on_bad_row!r} must be one of {BAD_ROW_POLICIES}.')
-  rows, counts = [], {'rows_read': 0, 'bad_rows': 0, 'bad_rows_by_kind': {}}
-  for path in paths:
-    with open(path, 'rb') as f:
-      for lineno, raw in enumerate(f, start=1):
-        if not raw.strip():
-          continue
-        counts['rows_read'] += 1
-        try:
-          try:
-            obj = json.loads(raw.decode('utf-8'))
-          except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _Bad('bad_json', f'bad JSON: {e}') from None
-          rows.append(normalize_row(obj))
-        except _Bad as bad:
-          if on_bad_row == 'error':
-            raise BadRowError(str(path), lineno, bad.kind, bad.reason) from None
-          counts['bad_rows'] += 1
-          by_kind = counts['bad_rows_by_kind']
-          by_kind[bad.kind] = by_kind.get(bad.kind, 0) + 1
-  return rows, counts
-
-
-def expand_paths(spec: str, field: str = 'config.sft.data') -> list[str]:
-  """Comma-separated files, globs or directories (their *.jsonl) -> sorted file list;
-  errors name `field`, the config field the spec came from."""
-  out: list[str] = []
-  for part in (p.strip() for p in spec.split(',')):
-    if not part:
-      continue
-    if os.path.isdir(part):
-      found = sorted(glob.glob(os.path.join(part, '*.jsonl')))
-    else:
-      found = sorted(glob.glob(os.path.expanduser(part)))
-    if not found:
-      raise ValueError(f'{field}: {part!r} matches no file; give JSONL paths, globs or '
-                       "directories, or 'embedded'.")
-    out += [f for f in found if f not in out]
-  if not out:
-    raise ValueError(f"{field} is empty; give JSONL paths, globs or directories, or 'embedded'.")
-  return out
+  return jsonl.read_rows(paths, normalize_row, on_bad_row)
 
 
 def load_rows(opts: dict, seed: int = 0) -> tuple[list[list[dict]], dict]:
@@ -196,7 +126,7 @@ def load_rows(opts: dict, seed: int = 0) -> tuple[list[list[dict]], dict]:
     rows = [normalize_row(r) for r in
             conversations.demo_sft_rows(int(opts['task_examples']), seed)]
     return rows, {'rows_read': len(rows), 'bad_rows': 0, 'bad_rows_by_kind': {}}
-  return read_jsonl(expand_paths(opts['data']), opts['on_bad_row'])
+  return read_jsonl(expand_paths(opts['data'], 'config.sft.data'), opts['on_bad_row'])
 
 
 # ----------------------------------------------------------------------------- TFDS
