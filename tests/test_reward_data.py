@@ -244,12 +244,15 @@ def test_labeler_ties_coin_and_flip_fraction():
   flipped = sum(pair == (1, 0) for pair in labels) / len(labels)
   assert abs(flipped - 0.05) < 0.015
   assert run(7) == labels and run(8) != labels
-  # equal keys (two wrong answers of one length) are a fair coin
+  # equal keys (two wrong answers of one length) are a tie, or with 'coin' a fair coin
   rng = random.Random(0)
   p, a = prompts[0]
-  ties = [comp.label_samples(p, [('1', True), ('2', True)], rng, 0.0)
+  assert comp.label_samples(p, [('1', True), ('2', True)], rng, 0.0) == []
+  ties = [comp.label_samples(p, [('1', True), ('2', True)], rng, 0.0, 'coin')
           for _ in range(2000)]
   assert abs(sum(t == [(0, 1)] for t in ties) / 2000 - 0.5) < 0.05
+  with pytest.raises(ValueError, match='tie_break'):
+    comp.label_samples(p, samples[0][1], rng, 0.0, 'dice')
   with pytest.raises(ValueError, match='flip_fraction'):
     comp.label_samples(p, samples[0][1], rng, 1.5)
 

@@ -155,3 +155,54 @@ def test_sigterm_saves_and_the_rerun_resumes(pretrained, tmp_path):
   assert again.returncode == 0, again.stdout + again.stderr
   assert f'resumed from {tmp_path}/pretrain/checkpoints/{saved}' in again.stdout
   assert f'steps {saved} -> {saved + 2}' in again.stdout
+
+
+# -- the reward stage --------------------------------------------------------------------------
+
+
+def test_reward_stage_writes_comparisons_eval_and_score_stats(smoke_run):
+  workdir, results = smoke_run
+  out = os.path.join(workdir, 'reward')
+  assert int(results['reward'].state['step']) == smoke_config().reward.steps
+  assert 'lm_head' not in results['reward'].state['params']
+  pairs = read_jsonl(os.path.join(out, 'comparisons.jsonl'))
+  heldout = read_jsonl(os.path.join(out, 'comparisons_heldout.jsonl'))
+  assert pairs and heldout
+  assert {'prompt', 'chosen', 'rejected', 'group', 'task'} <= set(pairs[0])
+  from jaxgpt import tasks
+  assert all(tasks.TASKS[r['task']].split_of(tasks.TASKS[r['task']].parse(r['prompt'])) ==
+             'heldout' for r in heldout)
+  with open(os.path.join(out, 'eval.json'), encoding='utf-8') as f:
+    report = json.load(f)
+  assert 0.0 <= report['heldout_pairs']['pairwise_accuracy'] <= 1.0
+  assert set(report['best_of']) == {str(n) for n in smoke_config().reward.best_of}
+  assert {'sft_greedy', 'sample_accuracy', 'auc_accepted'} <= set(report)
+  reader = ckpt_lib.Checkpointer(ckpt_lib.stage_dir(workdir, 'reward'), async_save=False)
+  try:
+    stats = reader.read_meta(reader.latest_step())['score_stats']
+  finally:
+    reader.close()
+  assert stats['std'] > 0 and stats['n'] == 2 * len(heldout)
+
+
+def test_reward_resume_equals_uninterrupted_run(smoke_run, tmp_path):
+  import shutil
+  workdir = smoke_run[0]
+  common = {'stage': 'reward', 'train.min_lr_ratio': 1.0, 'checkpoint.every_steps': 100,
+            'tokenizer.path': os.path.join(workdir, 'tokenizer.model'),
+            'reward.eval_per_task': 1, 'reward.best_of': (1,)}
+  runs = {}
+  for name in ('split', 'straight'):
+    wd = tmp_path / name
+    shutil.copytree(os.path.join(workdir, 'sft'), wd / 'sft')
+    os.makedirs(wd / 'reward')
+    for f in ('comparisons.jsonl', 'comparisons_heldout.jsonl'):  # sampled once, reused
+      shutil.copy(os.path.join(workdir, 'reward', f), wd / 'reward' / f)
+    runs[name] = str(wd)
+  run_lib.run(smoke_config(**common, **{'reward.steps': 2}), runs['split'])
+  resumed = run_lib.run(smoke_config(**common, **{'reward.steps': 5}), runs['split'])['reward']
+  straight = run_lib.run(smoke_config(**common, **{'reward.steps': 5}),
+                         runs['straight'])['reward']
+  assert resumed.steps_run == 3 and straight.steps_run == 5
+  for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(straight.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -275,16 +275,24 @@ def labeler_key(prompt: str, response: str, finished: bool) -> tuple:
           -len(response))
 
 
+TIE_BREAKS = ('none', 'coin')
+
+
 def label_samples(prompt: str, responses: Sequence[tuple[str, bool]], rng: random.Random,
-                  flip_fraction: float) -> list[tuple[int, int]]:
+                  flip_fraction: float, tie_break: str = 'none') -> list[tuple[int, int]]:
   """(chosen_index, rejected_index) pairs over K sampled (text, finished) responses.
 
   Identical texts are ties: only the first index of each distinct text takes part.
-  Every two distinct texts are compared by `labeler_key`; equal keys are decided by a
-  coin, and each pair is then flipped with probability flip_fraction (labeler noise).
-  Pairs come in index order (i < j); every draw comes from `rng`, so a seeded rng
-  gives the same labels.
+  Every two distinct texts are compared by `labeler_key`. Equal keys (say two wrong
+  answers of one length) are equally ranked and give no pair with tie_break='none'; with
+  'coin' a coin orders them, as a labeler forced into a total order would (such pairs
+  teach the model nothing it can learn). Each pair is then flipped with probability
+  flip_fraction (labeler noise). Pairs come in index order (i < j); every draw comes
+  from `rng`, so a seeded rng gives the same labels.
   """
+  if tie_break not in TIE_BREAKS:
+    raise ValueError(f'tie_break={tie_break!r} must be one of {TIE_BREAKS} '
+                     '(config.reward.tie_break).')
   if not 0.0 <= flip_fraction <= 1.0:
     raise ValueError(f'flip_fraction={flip_fraction} must be in [0, 1] '
                      '(config.reward.flip_fraction).')
@@ -298,8 +306,10 @@ def label_samples(prompt: str, responses: Sequence[tuple[str, bool]], rng: rando
     for j in kept[a + 1:]:
       if keys[i] != keys[j]:
         pair = (i, j) if keys[i] > keys[j] else (j, i)
-      else:
+      elif tie_break == 'coin':
         pair = (i, j) if rng.random() < 0.5 else (j, i)
+      else:
+        continue
       if rng.random() < flip_fraction:
         pair = pair[::-1]
       pairs.append(pair)
@@ -307,8 +317,8 @@ def label_samples(prompt: str, responses: Sequence[tuple[str, bool]], rng: rando
 
 
 def comparisons_from_samples(prompt: str, task: str, responses: Sequence[tuple[str, bool]],
-                             rng: random.Random, flip_fraction: float,
-                             group: str) -> list[Comparison]:
+                             rng: random.Random, flip_fraction: float, group: str,
+                             tie_break: str = 'none') -> list[Comparison]:
   """The labelled pairs of one prompt's samples, as Comparisons of one group.
 
   Texts are stripped first and empty ones left out, so that what is written is what
@@ -317,4 +327,4 @@ def comparisons_from_samples(prompt: str, task: str, responses: Sequence[tuple[s
   kept = [(text.strip(), finished) for text, finished in responses if text.strip()]
   messages = ({'role': 'user', 'content': prompt.strip()},)
   return [Comparison(messages, kept[c][0], kept[r][0], 0.0, group, task)
-          for c, r in label_samples(prompt, kept, rng, flip_fraction)]
+          for c, r in label_samples(prompt, kept, rng, flip_fraction, tie_break)]

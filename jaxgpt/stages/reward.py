@@ -114,7 +114,8 @@ def embedded_comparisons(cfg, out_dir, graphdef, sft_params, sft_mcfg, tok):
     pairs, no_pairs = [], 0
     for i, e in enumerate(examples):
       got = comparisons.comparisons_from_samples(e.prompt, e.task, samples[i * k:(i + 1) * k],
-                                                 rng, r.flip_fraction, group=f'{split}-{i}')
+                                                 rng, r.flip_fraction, group=f'{split}-{i}',
+                                                 tie_break=r.tie_break)
       no_pairs += not got
       pairs += got
     if jax.process_index() == 0:
