@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import evaluation, losses, metrics as metrics_lib, optim, sampling, sharding
@@ -232,12 +233,11 @@ def make_update(graphdefs, optimizers, loss_fns, micro_batches, rules):
       params = state[role]['params']
       grads, sums = grad_fn(params, batch)
       updates, opt_state = opt.update(grads, state[role]['opt_state'], params)
-      params = jax.tree.map(lambda p, u: p + u, params, updates)
+      params = optax.apply_updates(params, updates)
       state[role] = {'params': params, 'opt_state': opt_state}
       denom = jnp.maximum(sums['weight'], 1.0)
       metrics.update({k: v / denom for k, v in sums.items() if k != 'weight'})
-      metrics[f'{role}_grad_norm'] = jax.tree.reduce(
-          jnp.add, jax.tree.map(lambda g: jnp.sum(jnp.square(g)), grads)) ** 0.5
+      metrics[f'{role}_grad_norm'] = optax.tree.norm(grads)
       metrics[f'{role}_lr'] = schedule(_update_count(opt_state))
       finite &= jax.tree.reduce(jnp.logical_and,
                                 jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
