@@ -47,12 +47,18 @@ class Setup:
     self.graphdefs, _, self.shardings = ppo.abstract_state(self.roles, self.optimizers,
                                                            self.mesh)
     policy = helpers.random_params(self.roles.policy, seed=seed)
-    params = {'policy': helpers.place(policy, self.roles.policy, self.mesh),
-              'value': helpers.place(helpers.random_params(self.roles.value, seed + 1),
-                                     self.roles.value, self.mesh)}
-    self.frozen = {'reference': helpers.place(policy, self.roles.reference, self.mesh),
-                   'reward': helpers.place(helpers.random_params(self.roles.reward, seed + 2),
-                                           self.roles.reward, self.mesh)}
+    params = {'policy': helpers.place(policy, self.roles.policy, self.mesh)}
+    if self.roles.value is not None:
+      params['value'] = helpers.place(helpers.random_params(self.roles.value, seed + 1),
+                                      self.roles.value, self.mesh)
+    frozen_dtype = self.roles.reference.param_dtype
+    reference = {k: v for k, v in policy.items() if k != 'scalar_head'}
+    self.frozen = {
+        'reference': helpers.place(jax.tree.map(lambda x: x.astype(frozen_dtype), reference),
+                                   self.roles.reference, self.mesh),
+        'reward': helpers.place(jax.tree.map(lambda x: x.astype(frozen_dtype),
+                                             helpers.random_params(self.roles.reward, seed + 2)),
+                                self.roles.reward, self.mesh)}
     self.frozen_graphdefs = {r: model_lib.abstract_model(getattr(self.roles, r))[0]
                              for r in ('reference', 'reward')}
     self.state = ppo.make_state(params, cfg, self.optimizers, self.shardings, self.mesh)
@@ -106,6 +112,17 @@ def test_first_ratio_is_one_at_temperature_not_one():
   assert abs(m['ratio_first'] - 1.0) < 1e-6
   assert m['approxkl_first'] < 1e-10
   assert abs(m['kl']) < 1e-5  # policy == reference before any update
+
+
+def test_value_head_on_the_policy_and_bfloat16_frozen_roles():
+  s = Setup(ppo_config(value_from='policy', frozen_dtype='bfloat16'), jax.devices()[:1])
+  assert 'value' not in s.state and 'scalar_head' in s.state['policy']['params']
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(s.frozen))
+  before = jax.device_get(s.state['policy']['params']['scalar_head'])
+  m = s.iterate(2)
+  assert abs(m[0]['ratio_first'] - 1.0) < 1e-6 and np.isfinite(m[-1]['value_loss'])
+  after = jax.device_get(s.state['policy']['params']['scalar_head'])
+  assert np.abs(after['kernel'] - before['kernel']).max() > 0  # the value head trains
 
 
 def test_frozen_roles_never_change_and_stay_readable():
