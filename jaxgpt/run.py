@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import jax
@@ -13,18 +14,8 @@ PIPELINE = ('pretrain', 'sft', 'reward', 'ppo')
 
 
 def _stage_module(name: str):
-  if name == 'pretrain':
-    from jaxgpt.stages import pretrain as module  # pylint: disable=import-outside-toplevel
-  elif name == 'sft':
-    from jaxgpt.stages import sft as module  # pylint: disable=import-outside-toplevel
-  elif name == 'reward':
-    from jaxgpt.stages import reward as module  # pylint: disable=import-outside-toplevel
-  elif name == 'ppo':
-    from jaxgpt.stages import ppo as module  # pylint: disable=import-outside-toplevel
-  else:
-    raise config_lib.ConfigError(
-        f"config.stage='{name}': this stage is not implemented yet; use one of {PIPELINE}.")
-  return module
+  """The stage's module, imported when it runs (config validation already checked `name`)."""
+  return importlib.import_module(f'jaxgpt.stages.{name}')
 
 
 def run(cfg, workdir: str) -> dict:
