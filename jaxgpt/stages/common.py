@@ -50,17 +50,22 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
   on `mesh`. Top-level entries named in `fresh` (e.g. a new 'scalar_head') are
   initialised instead of read; entries the checkpoint has but `mcfg` lacks (the LM head
   of an SFT model, for a reward model) are not read at all."""
-  graphdef, target = model_lib.abstract_sharded_params(mcfg, mesh)
-  del graphdef
+  _, target = model_lib.abstract_sharded_params(mcfg, mesh)
   wanted = {k: v for k, v in target.items() if k not in fresh}
   params, meta, _ = ckpt_lib.restore_latest_params(directory, wanted, what=what)
-  if fresh:
-    shardings = {k: jax.tree.map(lambda x: x.sharding, target[k]) for k in fresh}
-    with jax.set_mesh(mesh):
-      new = jax.jit(lambda: {k: model_lib.fresh_params(mcfg, seed)[k] for k in fresh},
-                    out_shardings=shardings)()
-    params = dict(params, **new)
-  return params, meta
+  return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), meta
+
+
+def fresh_entries(mesh, mcfg, names, seed: int) -> dict:
+  """Freshly initialised top-level parameter entries (e.g. a new 'scalar_head'), placed
+  in their shardings on `mesh`."""
+  if not names:
+    return {}
+  _, target = model_lib.abstract_sharded_params(mcfg, mesh)
+  shardings = {k: jax.tree.map(lambda x: x.sharding, target[k]) for k in names}
+  with jax.set_mesh(mesh):
+    return jax.jit(lambda: {k: model_lib.fresh_params(mcfg, seed)[k] for k in names},
+                   out_shardings=shardings)()
 
 
 def tokenizer_from(cfg, workdir: str, base_meta: dict, stage: str) -> tokenizer_lib.Tokenizer:

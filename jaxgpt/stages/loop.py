@@ -2,7 +2,8 @@
 
 Pieces (PPO composes them around its own rollout -> update iteration):
 `open_checkpointer`, `resume` (restore the newest checkpoint or initialise),
-`ensure_finite` (never save a diverged state), `StopFlag` (SIGTERM -> clean stop),
+`ensure_finite` (never save a diverged state), `Saver` (saves once more on a stop),
+`StopFlag` (SIGTERM -> clean stop),
 `evaluate`, `peak_flops`, `finish` (final_metrics.json, or the "already finished" line).
 
 `train` is the loop of pretraining, SFT and the reward model: one batch per optimizer
@@ -123,6 +124,23 @@ def ensure_finite(name: str, step: int, loss, params_ok, ckpt) -> None:
         f'checkpoint: {ckpt.latest_step()}). Lower the learning rate or raise the warm-up.')
 
 
+class Saver:
+  """A run's `save(step)` plus the last step it saved, so that a stop (SIGTERM, Ctrl-C)
+  saves the current step exactly once."""
+
+  def __init__(self, save_fn, saved_step: int):
+    self._save_fn = save_fn
+    self.saved_step = saved_step
+
+  def save(self, step: int) -> None:
+    self._save_fn(step)
+    self.saved_step = step
+
+  def ensure_saved(self, step: int) -> None:
+    if self.saved_step != step:
+      self.save(step)
+
+
 def peak_flops(t, mcfg) -> float:
   """Peak FLOP/s of all devices: config.train.peak_flops per device, else measured."""
   if t.peak_flops:
@@ -190,16 +208,14 @@ def train(stage: Stage, workdir: str) -> Result:
   count_tokens = stage.count_tokens or (lambda b: int(b['inputs'].size))
   meta = dict(stage.meta, stage=stage.name, n_params=n_params)
 
-  saved_step = start
-
   def check_finite(step, metrics):
     ensure_finite(stage.name, step, metrics['loss'], metrics['params_finite'], ckpt)
 
   def save(step):
-    nonlocal saved_step
     check_finite(step, metrics)  # never save a diverged state
     ckpt.save(step, state, stage.data.train_iter, dict(meta, step=step))
-    saved_step = step
+
+  saver = Saver(save, start)
 
   final_metrics: dict = {}
   step = start
@@ -238,19 +254,17 @@ def train(stage: Stage, workdir: str) -> Result:
         if step == t.steps and stage.final_meta is not None:
           meta.update(stage.final_meta(graphdef, state))
         if ckpt.due(step) or step == t.steps:
-          save(step)
+          saver.save(step)
         if timer_step != step and (step % t.eval_every == 0 or step % t.sample_every == 0):
           # Evaluation and sampling are not training: restart the throughput clock.
           timer_start, timer_step, tokens = time.perf_counter(), step, 0
         if stop.stop:
-          if saved_step != step:
-            save(step)
+          saver.ensure_saved(step)
           writer.log_text(f'[{stage.name}] SIGTERM: saved step {step}; re-run to resume.')
           break
     except KeyboardInterrupt:
       writer.log_text(f'[{stage.name}] interrupted: saving step {step}; re-run to resume.')
-      if saved_step != step:
-        save(step)
+      saver.ensure_saved(step)
       raise
     finally:
       ckpt.close()

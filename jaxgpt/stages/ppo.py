@@ -311,15 +311,15 @@ def run(cfg, workdir: str) -> loop.Result:
   meta = {'stage': NAME, 'tokenizer': tok.path, 'init_from': policy_dir,
           'reward_from': reward_dir, 'config': cfg.to_json_best_effort()}
   final_metrics: dict = {}
-  step = saved = start
+  step = start
   metrics = None
 
   def save(step):
-    nonlocal saved
     loop.ensure_finite(NAME, step, metrics['policy_loss'], metrics['params_finite'], ckpt)
     extra = {'ptx_data': data.ptx_iter.get_state()} if data.ptx_iter is not None else {}
     ckpt.save(step, state, data.train_iter, dict(meta, step=step, **extra))
-    saved = step
+
+  saver = loop.Saver(save, start)
 
   with jax.set_mesh(mesh), loop.StopFlag() as stop:
     try:
@@ -334,16 +334,14 @@ def run(cfg, workdir: str) -> loop.Result:
                               'clipfrac', 'iteration_seconds'))
         final_metrics.update(logged)
         if ckpt.due(step) or step == p.steps:
-          save(step)
+          saver.save(step)
         if stop.stop:
-          if saved != step:
-            save(step)
+          saver.ensure_saved(step)
           writer.log_text(f'[{NAME}] SIGTERM: saved iteration {step}; re-run to resume.')
           break
     except KeyboardInterrupt:
       writer.log_text(f'[{NAME}] interrupted: saving iteration {step}; re-run to resume.')
-      if saved != step and metrics is not None:
-        save(step)
+      saver.ensure_saved(step)  # a step past start has its metrics
       raise
     finally:
       ckpt.close()

@@ -173,9 +173,10 @@ def run(cfg, workdir: str) -> loop.Result:
 
   t = config_lib.stage_train_config(cfg, NAME)
   n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
-  trunk, _ = common.params_from_checkpoint(init_dir, mesh, mcfg, what=f'{NAME}: the SFT trunk',
-                                           fresh=('scalar_head',), seed=cfg.seed)
-  del sft_params  # scoring needs only the trunk from here on
+  # The SFT trunk (its arrays, not a second read of the checkpoint) and a fresh head.
+  trunk = {k: v for k, v in sft_params.items() if k != 'lm_head'}
+  trunk.update(common.fresh_entries(mesh, mcfg, ('scalar_head',), cfg.seed))
+  del sft_params  # the LM head is not needed from here on
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
       loss_fn=reward_loss_fn(cfg.reward.center), data=data, init_params=lambda: trunk,
