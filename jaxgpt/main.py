@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxgpt import checkpoint, config, run
+from jaxgpt.data import jsonl
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes everything.')
@@ -32,7 +33,8 @@ def main(argv):
     if _DISTRIBUTED.value:
       jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run.run(_CONFIG.value, _WORKDIR.value)
-  except (config.ConfigError, checkpoint.CheckpointError, FloatingPointError) as e:
+  except (config.ConfigError, checkpoint.CheckpointError, FloatingPointError,
+          jsonl.BadRowError) as e:
     # Mistakes the message fully explains: no traceback, just what to change.
     print(f'jaxgpt: {e}', file=sys.stderr, flush=True)
     return 1

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from jaxgpt.config import ConfigError
 from jaxgpt.data.tokenizer import ROLES
 
 BAD_ROW_POLICIES = ('error', 'skip')
@@ -118,9 +119,9 @@ def expand_paths(spec: str, field: str) -> list[str]:
     else:
       found = sorted(glob.glob(os.path.expanduser(part)))
     if not found:
-      raise ValueError(f'{field}: {part!r} matches no file; give JSONL paths, globs or '
-                       "directories, or 'embedded'.")
+      raise ConfigError(f'{field}: {part!r} matches no file; give JSONL paths, globs or '
+                        "directories, or 'embedded'.")
     out += [f for f in found if f not in out]
   if not out:
-    raise ValueError(f"{field} is empty; give JSONL paths, globs or directories, or 'embedded'.")
+    raise ConfigError(f"{field} is empty; give JSONL paths, globs or directories, or 'embedded'.")
   return out
