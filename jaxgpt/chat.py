@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, TextIO
 
 from absl import app, flags, logging
 
-from jaxgpt import inference, sampling
+from jaxgpt import errors, inference, sampling
 from jaxgpt.data import chat as chat_template
 
 inference.define_flags()
@@ -202,14 +202,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required.')
-  try:
-    loaded = inference.load(FLAGS.workdir, FLAGS.stage, mesh=FLAGS.mesh)
-    session = Session(loaded, system=_SYSTEM.value, max_new_tokens=FLAGS.max_new_tokens,
-                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                      seed=FLAGS.seed)
-  except inference.USER_ERRORS as e:
-    print(f'chat: {e}', file=sys.stderr, flush=True)
-    return 1
+  loaded = inference.load(FLAGS.workdir, FLAGS.stage, mesh=FLAGS.mesh)
+  session = Session(loaded, system=_SYSTEM.value, max_new_tokens=FLAGS.max_new_tokens,
+                    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                    seed=FLAGS.seed)
   interactive = sys.stdin.isatty()
   if interactive:
     try:
@@ -221,4 +217,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, 'chat')

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import re
 
 import ml_collections
 
@@ -67,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'
   m.init_std = 0.02
   m.attention = 'auto'        # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+  m.decode_dtype = ''         # the sampler's weights, compute and KV cache ('' -> dtype);
+                              # 'bfloat16' halves the bytes a decode step reads
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
@@ -92,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.worker_count = 0
   d.qa_share = 0.0            # share of pretraining characters (embedded / files source) in
                               # web-like Q/A pages built from train-split task instances
+  d.max_invalid_utf8 = 0.2    # share of a file's bytes that may be invalid UTF-8 (each one
+                              # replaced and counted); a file above it is refused, by name
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000
@@ -193,6 +199,22 @@ def base_config() -> ml_collections.ConfigDict:
   ck.every_minutes = 10.0
   ck.max_to_keep = 2
   ck.init_from = ''           # a previous stage's checkpoint dir; '' -> WORKDIR/<previous stage>
+  ck.on_damaged = 'fallback'  # newest checkpoint unreadable at resume: 'fallback' (move it to
+                              # <stage>/damaged_checkpoints/, resume from the newest good one)
+                              # or 'stop' (report it and stop)
+
+  # Published models in and out (tools/convert_hf.py; init_from='hf:DIR' takes config.model's
+  # architecture from DIR/config.json and the tokenizer from DIR).
+  m.tie_embeddings = False    # llama: the output head is the input embedding (gpt2 always ties)
+  m.vocab_multiple = 1        # embedding/head rows padded to a multiple (e.g. 128, so 'tensor'
+                              # divides them); padded logits are masked, export strips them
+  c.tokenizer.chat_tokens = 'add'  # a model's tokenizer lacking jaxgpt's chat / reward tokens:
+                              # 'add' them (new rows = mean of the old; exported with a chat
+                              # template that renders them) | 'require' (fail instead)
+
+  # Memory (tools/aot.py shows the effect per chip).
+  t.loss_chunk = 0            # pretrain / SFT loss over this many positions at a time, so the
+                              # (batch, length, vocab) float32 logits never exist whole; 0: off
   return c
 
 
@@ -211,14 +233,38 @@ def _flat_keys(cfg, prefix=''):
   return out
 
 
+def _check_field_name(name: str, known) -> None:
+  if name not in known:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ''
+    raise ConfigError(f"config: unknown field '{name}'.{hint}")
+
+
 def check_known_fields(cfg) -> None:
   """Fail on any field the schema does not have (a typo in an experiment file)."""
   known = _flat_keys(base_config())
   for name in _flat_keys(cfg):
-    if name not in known:
-      close = difflib.get_close_matches(name, known, n=1)
-      hint = f" Did you mean '{close[0]}'?" if close else ''
-      raise ConfigError(f"config: unknown field '{name}'.{hint}")
+    _check_field_name(name, known)
+
+
+_OVERRIDE = re.compile(r'^--?(?:no)?config\.([^=]+)')
+
+
+def check_command_line(args) -> None:
+  """Before absl parses `args`: the --config file exists and every --config.a.b
+  override names a schema field (a typo gets the same message as in an experiment file,
+  not ml_collections' traceback)."""
+  known = _flat_keys(base_config())
+  for i, arg in enumerate(args):
+    if arg.startswith(('--config=', '-config=')) or (arg in ('--config', '-config')
+                                                     and i + 1 < len(args)):
+      path = (arg.split('=', 1)[1] if '=' in arg else args[i + 1]).split(':', 1)[0]
+      if not os.path.isfile(path):
+        raise ConfigError(f'--config: no experiment file {path!r} (from {os.getcwd()}); '
+                          'the experiments are experiments/*.py, e.g. experiments/tiny.py.')
+    match = _OVERRIDE.match(arg)
+    if match:
+      _check_field_name(match.group(1), known)
 
 
 def stage_train_config(cfg, stage: str):
@@ -293,22 +339,34 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
         f'config.model.vocab_size={m.vocab_size}.')
   sizes = mesh_shape(cfg, num_devices)
   t = cfg.train
+  for field in ('train.steps', 'sft.steps', 'reward.steps', 'ppo.steps', 'train.log_every',
+                'train.eval_every', 'train.sample_every'):
+    section, name = field.split('.')
+    if cfg[section][name] < 1:
+      raise ConfigError(f'config.{field}={cfg[section][name]} must be >= 1.')
   if t.micro_batches < 1 or t.batch_size % t.micro_batches:
     raise ConfigError(
         f'config.train.batch_size={t.batch_size} is not divisible by '
         f'config.train.micro_batches={t.micro_batches}.')
-  batch_shards = sizes['data'] * sizes['fsdp']
-  if (t.batch_size // t.micro_batches) % batch_shards:
+  batch_shards = BatchShards(cfg, sizes)
+  if t.batch_size < 1 or (t.batch_size // t.micro_batches) % batch_shards.size:
     raise ConfigError(
         f'config.train.batch_size={t.batch_size} / micro_batches={t.micro_batches} = '
-        f'{t.batch_size // t.micro_batches} rows per micro-batch is not divisible by the '
-        f'data-parallel size data*fsdp={batch_shards}; change config.train.batch_size.')
+        f'{t.batch_size // t.micro_batches} rows per micro-batch is not a positive multiple '
+        f'of {batch_shards}; change config.train.batch_size{batch_shards.or_change}.')
   if cfg.sft.on_bad_row not in ('error', 'skip'):
     raise ConfigError(f"config.sft.on_bad_row='{cfg.sft.on_bad_row}' must be error or skip.")
   if cfg.sft.on_long_row not in ('truncate', 'drop'):
     raise ConfigError(f"config.sft.on_long_row='{cfg.sft.on_long_row}' must be truncate or drop.")
   if t.decay not in ('matrices', 'all', 'none'):
     raise ConfigError(f"config.train.decay='{t.decay}' must be matrices, all or none.")
+  _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
+  if not 0.0 <= cfg.data.max_invalid_utf8 <= 1.0:
+    raise ConfigError(f'config.data.max_invalid_utf8={cfg.data.max_invalid_utf8} must be in '
+                      '[0, 1].')
+  if t.loss_chunk < 0:
+    raise ConfigError(f'config.train.loss_chunk={t.loss_chunk} must be >= 0 (0: the whole '
+                      'sequence at once).')
   _validate_reward(cfg, batch_shards)
   _validate_ppo(cfg, batch_shards)
   return sizes
@@ -320,14 +378,35 @@ def _choice(cfg, field: str, allowed) -> None:
     raise ConfigError(f"config.{field}={cfg[section][name]!r} must be one of {tuple(allowed)}.")
 
 
-def _rows_divide(field: str, rows: int, batch_shards: int) -> None:
-  if rows < 1 or rows % batch_shards:
+class BatchShards:
+  """How many ways the rows of a batch are split: the product of the mesh axes that
+  config.mesh.rules maps 'act_batch' to (1 when it maps it to None), and how to say so."""
+
+  def __init__(self, cfg, sizes: dict[str, int]):
+    axes = dict(cfg.mesh.rules).get('act_batch')
+    self.axes = (() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
+    unknown = [a for a in self.axes if a not in sizes]
+    if unknown:
+      raise ConfigError(f"config.mesh.rules maps 'act_batch' to {unknown}, which are not mesh "
+                        f'axes {MESH_AXES}.')
+    self.size = math.prod(sizes[a] for a in self.axes)
+    self.sizes = '*'.join(f'{a}={sizes[a]}' for a in self.axes)
+    self.or_change = (f" or the sizes of {', '.join(f'config.mesh.{a}' for a in self.axes)}"
+                      if self.axes else '')
+
+  def __str__(self) -> str:
+    return (f"{self.size}, the devices rule ('act_batch', {self.axes}) of config.mesh.rules "
+            f'spreads rows over ({self.sizes})')
+
+
+def _rows_divide(field: str, rows: int, batch_shards: BatchShards) -> None:
+  if rows < 1 or rows % batch_shards.size:
     raise ConfigError(
-        f'config.{field}={rows} is not a positive multiple of the data-parallel size '
-        f'data*fsdp={batch_shards}; change it or config.mesh.')
+        f'config.{field}={rows} is not a positive multiple of {batch_shards}; change it'
+        f'{batch_shards.or_change}.')
 
 
-def _validate_reward(cfg, batch_shards: int) -> None:
+def _validate_reward(cfg, batch_shards: BatchShards) -> None:
   r = cfg.reward
   _choice(cfg, 'reward.on_bad_row', ('error', 'skip'))
   _choice(cfg, 'reward.on_long_row', ('truncate', 'drop'))
@@ -346,7 +425,7 @@ def _validate_reward(cfg, batch_shards: int) -> None:
                (r.batch_size or cfg.train.batch_size) // cfg.train.micro_batches, batch_shards)
 
 
-def _validate_ppo(cfg, batch_shards: int) -> None:
+def _validate_ppo(cfg, batch_shards: BatchShards) -> None:
   p = cfg.ppo
   _choice(cfg, 'ppo.on_bad_row', ('error', 'skip'))
   _choice(cfg, 'ppo.kl_estimator', ('k1', 'k2', 'k3'))

@@ -35,9 +35,10 @@ class InferenceError(RuntimeError):
   """A run cannot be loaded; the message says why and which command creates it."""
 
 
-# What the command-line tools report as a one-line message instead of a traceback.
-USER_ERRORS = (InferenceError, ckpt_lib.CheckpointError, config_lib.ConfigError, ValueError,
-               OSError)
+def _damaged(e: ckpt_lib.DamagedCheckpointError) -> InferenceError:
+  """Inference never moves files: say how the training run deals with it."""
+  return InferenceError(f'{e} Run its stage\'s training command again: it moves the damaged '
+                        'step aside and redoes it from the newest good checkpoint.')
 
 
 class Loaded(NamedTuple):
@@ -88,9 +89,8 @@ def latest_checkpoint(workdir: str, stage: str,
           f'{_train_command(workdir, stage)}')
     try:
       meta = reader.read_meta(step)
-    except Exception as e:  # orbax raises many types for a damaged directory
-      raise InferenceError(f'cannot read {directory}/{step}/meta: {type(e).__name__}: {e}') \
-          from e
+    except ckpt_lib.DamagedCheckpointError as e:
+      raise _damaged(e) from e
   finally:
     reader.close()
   return directory, step, meta
@@ -143,7 +143,7 @@ def _tokenizer(workdir: str, meta: dict, model_vocab: int) -> tokenizer_lib.Toke
                 if p]
   for path in candidates:
     if os.path.exists(path):
-      tok = tokenizer_lib.Tokenizer.load(path)
+      tok = tokenizer_lib.load(path)
       tokenizer_lib.check_vocab(tok, model_vocab)
       return tok
   raise InferenceError(f'tokenizer not found (looked at {candidates}).')
@@ -170,14 +170,17 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
   try:
     device_mesh = sharding.make_mesh(cfg)
   except config_lib.ConfigError as e:
-    raise InferenceError(f'inference mesh {overrides}: {e}') from e
+    raise InferenceError(f'inference mesh --mesh={overrides}: {e}') from e
   mcfg = model_config(cfg, stage)
   try:
     graphdef, target = model_lib.abstract_sharded_params(mcfg, device_mesh)
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh {dict(device_mesh.shape)}: {e}') from e
-  params = ckpt_lib.restore_subtree(directory, step, target,
-                                   ('policy', 'params') if stage == 'ppo' else ('params',))
+  try:
+    params = ckpt_lib.restore_subtree(directory, step, target,
+                                     ('policy', 'params') if stage == 'ppo' else ('params',))
+  except ckpt_lib.DamagedCheckpointError as e:
+    raise _damaged(e) from e
   tok = _tokenizer(workdir, meta, mcfg.vocab_size)
   return Loaded(graphdef, params, mcfg, tok, cfg)
 

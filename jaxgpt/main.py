@@ -2,17 +2,14 @@ r"""Runs an experiment: `python -m jaxgpt.main --config experiments/tiny.py --wo
 
 Any config field can be overridden with `--config.a.b=value`; `config.stage` picks
 the stage (pretrain, sft, ... or all). Kept short on purpose: everything else is
-in `jaxgpt.run`.
+in `jaxgpt.run`; what a mistake prints is decided in `jaxgpt.errors`.
 """
-
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import checkpoint, config, run
-from jaxgpt.data import jsonl
+from jaxgpt import errors, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes everything.')
@@ -27,19 +24,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; config fields are set with '
+                         '--config.a.b=value.')
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
-  try:
-    if _DISTRIBUTED.value:
-      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    run.run(_CONFIG.value, _WORKDIR.value)
-  except (config.ConfigError, checkpoint.CheckpointError, FloatingPointError,
-          jsonl.BadRowError) as e:
-    # Mistakes the message fully explains: no traceback, just what to change.
-    print(f'jaxgpt: {e}', file=sys.stderr, flush=True)
-    return 1
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  run.run(_CONFIG.value, _WORKDIR.value)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, 'jaxgpt')

@@ -22,8 +22,8 @@ import numpy as np
 
 def flops_per_token(mcfg, seq_len: int, n_params: int) -> float:
   """Training FLOPs per token: 6 N (non-embedding-lookup params) + attention."""
-  lookup = mcfg.vocab_size * mcfg.d_model if mcfg.family == 'llama' else 0
-  matmul_params = n_params - lookup  # gpt2's tied table is also its output matmul
+  lookup = 0 if mcfg.tied else mcfg.padded_vocab_size * mcfg.d_model
+  matmul_params = n_params - lookup  # a tied table is also the output matmul
   attn = 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
   return 6 * matmul_params + attn
 
@@ -52,10 +52,37 @@ def _fmt_time(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
+def drop_rows_after(path: str, step: int) -> None:
+  """Removes the rows of a JSONL log whose 'step' is past `step`: a run that stopped
+  after logging them but before its next checkpoint redoes those steps on resume, so
+  each step is logged once. A torn last line (a kill mid-write) goes too."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb') as f:
+    lines = f.readlines()
+
+  def kept(line: bytes) -> bool:
+    try:
+      return int(json.loads(line)['step']) <= step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  keep = [line for line in lines if kept(line)]
+  if len(keep) == len(lines):
+    return
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.writelines(keep)
+  os.replace(tmp, path)  # atomic: a kill now leaves the old or the new file
+
+
 class MetricsWriter:
   """Writes one JSON object per log step (and per evaluation) and a progress line.
 
-  Only process 0 writes files; every process keeps quiet otherwise.
+  Only process 0 writes files; every process keeps quiet otherwise. A run resumed at
+  `start_step` first drops what an earlier attempt logged after it (metrics.jsonl,
+  samples.jsonl; TensorBoard hides those events through its purge step), so every
+  step appears once.
   """
 
   def __init__(self, directory: str, *, stage: str, total_steps: int, start_step: int):
@@ -68,9 +95,11 @@ class MetricsWriter:
     self._jsonl = None
     if self.is_main:
       os.makedirs(directory, exist_ok=True)
+      for name in ('metrics.jsonl', 'samples.jsonl'):
+        drop_rows_after(os.path.join(directory, name), start_step)
       self._jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(directory)
+      self._tb = SummaryWriter(directory, purge_step=start_step + 1)
       self._samples = open(os.path.join(directory, 'samples.jsonl'), 'a', encoding='utf-8')
 
   def write(self, step: int, metrics: dict) -> None:

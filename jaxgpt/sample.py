@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxgpt import inference, sampling
+from jaxgpt import errors, inference, sampling
 from jaxgpt.data import chat
 
 inference.define_flags()
@@ -33,8 +33,15 @@ FLAGS = flags.FLAGS
 def read_prompts(prompts, prompts_file) -> list[str]:
   out = list(prompts or [])
   if prompts_file:
-    with open(prompts_file, encoding='utf-8') as f:
-      out += [line.rstrip('\r\n') for line in f if line.strip()]
+    with open(prompts_file, 'rb') as f:
+      for lineno, raw in enumerate(f, start=1):
+        try:
+          line = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+          raise ValueError(f'--prompts_file {prompts_file}:{lineno}: not UTF-8 text '
+                           f'({e.reason} at byte {e.start}).') from None
+        if line.strip():
+          out.append(line.rstrip('\r\n'))
   return out
 
 
@@ -69,21 +76,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; prompts go in --prompt.')
   logging.set_verbosity(logging.WARNING)
-  try:
-    prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-    if not prompts:
-      raise app.UsageError('give at least one --prompt or a --prompts_file.')
-    if not FLAGS.workdir:
-      raise app.UsageError('--workdir is required.')
-    loaded = inference.load(FLAGS.workdir, FLAGS.stage, mesh=FLAGS.mesh)
-    as_chat = _CHAT.value if _CHAT.value is not None else FLAGS.stage != 'pretrain'
-    completions = generate(loaded, prompts, as_chat=as_chat,
-                           max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                           top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-                           batch_size=_BATCH_SIZE.value)
-  except inference.USER_ERRORS as e:
-    print(f'sample: {e}', file=sys.stderr, flush=True)
-    return 1
+  prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+  if not prompts:
+    raise app.UsageError('give at least one --prompt or a --prompts_file.')
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required.')
+  loaded = inference.load(FLAGS.workdir, FLAGS.stage, mesh=FLAGS.mesh)
+  as_chat = _CHAT.value if _CHAT.value is not None else FLAGS.stage != 'pretrain'
+  completions = generate(loaded, prompts, as_chat=as_chat,
+                         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                         top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                         batch_size=_BATCH_SIZE.value)
   for i, (prompt, completion) in enumerate(zip(prompts, completions), 1):
     print(f'=== [{i}] prompt ===\n{prompt}\n=== [{i}] completion ===\n{completion}\n',
           flush=True)
@@ -91,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, 'sample')

@@ -12,12 +12,10 @@ reward stage's mean and standard deviation on SFT samples are printed for scale.
 
 from __future__ import annotations
 
-import json
-import sys
-
 from absl import app, flags, logging
 
-from jaxgpt import inference, scoring
+from jaxgpt import errors, inference, scoring
+from jaxgpt.data import jsonl
 
 # Shared with jaxgpt.sample / jaxgpt.chat when imported together (flags are defined once).
 if 'workdir' not in flags.FLAGS:
@@ -30,58 +28,45 @@ _RESPONSE = flags.DEFINE_multi_string('response', [], 'A reply to score (repeata
 _JSONL = flags.DEFINE_string('jsonl', None, 'A JSONL file of replies or comparisons.')
 
 
-def _messages(obj, where: str) -> list[dict]:
+def _row(obj, where: str) -> tuple[list[dict], list[str]]:
+  """(prompt messages, replies) of one JSONL object; raises jsonl.BadRow."""
+  del where  # jsonl.read_rows puts it in front of the message
+  if not isinstance(obj, dict):
+    raise jsonl.BadRow('bad_type', f'expected a JSON object, got {type(obj).__name__}')
+  replies = ([obj.get('chosen'), obj.get('rejected')] if 'chosen' in obj
+             else [obj.get('response')])
+  if not all(isinstance(r, str) for r in replies):
+    raise jsonl.BadRow('bad_type', 'need "response", or "chosen" and "rejected", as text')
   if 'messages' in obj:
-    return list(obj['messages'])
+    return list(obj['messages']), replies
   if isinstance(obj.get('prompt'), str):
-    return [{'role': 'user', 'content': obj['prompt']}]
-  raise ValueError(f'{where}: need "prompt" (text) or "messages".')
+    return [{'role': 'user', 'content': obj['prompt']}], replies
+  raise jsonl.BadRow('missing_field', 'need "prompt" (text) or "messages"')
 
 
 def read_jsonl(path: str) -> list[tuple[list[dict], list[str]]]:
   """[(prompt messages, replies)] of a file; a malformed line fails naming it."""
-  rows = []
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: bad JSON: {e}') from None
-      if not isinstance(obj, dict):
-        raise ValueError(f'{where}: expected a JSON object.')
-      replies = ([obj.get('chosen'), obj.get('rejected')] if 'chosen' in obj
-                 else [obj.get('response')])
-      if not all(isinstance(r, str) for r in replies):
-        raise ValueError(f'{where}: need "response", or "chosen" and "rejected", as text.')
-      rows.append((_messages(obj, where), replies))
-  return rows
+  return jsonl.read_rows([path], _row)[0]
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}.')
   logging.set_verbosity(logging.WARNING)
-  try:
-    if not FLAGS.workdir:
-      raise app.UsageError('--workdir is required.')
-    if _JSONL.value:
-      rows = read_jsonl(_JSONL.value)
-    elif _PROMPT.value is not None and _RESPONSE.value:
-      rows = [([{'role': 'user', 'content': _PROMPT.value}], [r]) for r in _RESPONSE.value]
-    else:
-      raise app.UsageError('give --prompt with --response (repeatable), or --jsonl FILE.')
-    loaded = inference.load(FLAGS.workdir, 'reward', mesh=FLAGS.mesh,
-                            allowed=inference.SCORING_STAGES)
-    meta = inference.latest_checkpoint(FLAGS.workdir, 'reward', inference.SCORING_STAGES)[2]
-    items = [(prompt, reply) for prompt, replies in rows for reply in replies]
-    scores = scoring.score_replies(loaded.graphdef, loaded.params, loaded.mcfg,
-                                   loaded.tokenizer, items)
-  except inference.USER_ERRORS as e:
-    print(f'score: {e}', file=sys.stderr, flush=True)
-    return 1
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required.')
+  if _JSONL.value:
+    rows = read_jsonl(_JSONL.value)
+  elif _PROMPT.value is not None and _RESPONSE.value:
+    rows = [([{'role': 'user', 'content': _PROMPT.value}], [r]) for r in _RESPONSE.value]
+  else:
+    raise app.UsageError('give --prompt with --response (repeatable), or --jsonl FILE.')
+  loaded = inference.load(FLAGS.workdir, 'reward', mesh=FLAGS.mesh,
+                          allowed=inference.SCORING_STAGES)
+  meta = inference.latest_checkpoint(FLAGS.workdir, 'reward', inference.SCORING_STAGES)[2]
+  items = [(prompt, reply) for prompt, replies in rows for reply in replies]
+  scores = scoring.score_replies(loaded.graphdef, loaded.params, loaded.mcfg,
+                                 loaded.tokenizer, items)
   stats = meta.get('score_stats')
   if stats:
     print(f'# reward model scores on SFT samples: mean {stats["mean"]:+.3f}, '
@@ -100,4 +85,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, 'score')

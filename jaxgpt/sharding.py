@@ -89,10 +89,14 @@ def param_shardings(abstract_params, logical_specs, mesh, rules):
       size = _axis_size(mesh, mesh_axes)
       if dim % size:
         field = _AXIS_FIELDS.get(logical_name, f"axis '{logical_name}'")
-        note = ' (gpt2 uses config.model.n_heads)' if logical_name == 'kv_heads' else ''
+        note = {'kv_heads': ' (gpt2 uses config.model.n_heads)',
+                'vocab': ' (or pad it: config.model.vocab_multiple)'}.get(logical_name, '')
         raise config_lib.ConfigError(
             f'{field}={dim} (parameter {jax.tree_util.keystr(path)}) is not divisible '
-            f'by mesh axes {mesh_axes} of size {size}; change config.mesh or {field}{note}.')
+            f'by {size}: config.mesh.rules maps its logical axis {logical_name!r} to mesh '
+            f'axes {mesh_axes!r} of that size. Change {field}{note} or config.mesh, or map '
+            f"{logical_name!r} to None in config.mesh.rules (('{logical_name}', None)) to "
+            'keep it whole.')
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(

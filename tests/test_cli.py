@@ -19,7 +19,7 @@ import helpers
 from jaxgpt import chat as chat_cli
 from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import config as config_lib
-from jaxgpt import inference, optim
+from jaxgpt import errors, inference, optim
 from jaxgpt import sample as sample_cli
 from jaxgpt import sampling, sharding, trainer
 from jaxgpt.data import chat as chat_template
@@ -39,12 +39,13 @@ def sft(workdir):
 
 
 def run_main(module, argv):
-  """module.main after parsing `argv` as its command line; (exit code, stdout, stderr)."""
+  """module.main after parsing `argv` as its command line, inside the error boundary of
+  every entry point; (exit code, stdout, stderr)."""
   flags.FLAGS.unparse_flags()
   flags.FLAGS(['prog', *argv])
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = module.main(['prog'])
+    code = errors.guard(lambda: module.main(['prog']), 'prog')
   flags.FLAGS.unparse_flags()
   return code, out.getvalue(), err.getvalue()
 

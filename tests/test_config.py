@@ -72,8 +72,16 @@ CASES = [
     ('micro-batch-vs-data-parallel',
      _set(**{'train.batch_size': 8, 'train.micro_batches': 2, 'mesh.data': 2,
              'mesh.fsdp': 4, 'mesh.tensor': 1}), 8,
-     r'config\.train\.batch_size=8 / micro_batches=2 = 4 rows per micro-batch is not divisible'
-     r' by the data-parallel size data\*fsdp=8'),
+     r'config\.train\.batch_size=8 / micro_batches=2 = 4 rows per micro-batch is not a '
+     r"positive multiple of 8, the devices rule \('act_batch', \('data', 'fsdp'\)\) of "
+     r'config\.mesh\.rules spreads rows over \(data=2\*fsdp=4\)'),
+    ('zero-steps', _set(**{'train.steps': 0}), 1, r'config\.train\.steps=0 must be >= 1'),
+    ('negative-ppo-steps', _set(**{'ppo.steps': -1}), 1, r'config\.ppo\.steps=-1'),
+    ('log-every-zero', _set(**{'train.log_every': 0}), 1, r'config\.train\.log_every=0'),
+    ('on-damaged', _set(**{'checkpoint.on_damaged': 'delete'}), 1,
+     r"config\.checkpoint\.on_damaged='delete' must be one of \('fallback', 'stop'\)"),
+    ('max-invalid-utf8', _set(**{'data.max_invalid_utf8': 1.5}), 1,
+     r'config\.data\.max_invalid_utf8=1\.5'),
     ('sft-bad-row', _set(**{'sft.on_bad_row': 'ignore'}), 1, r"config\.sft\.on_bad_row='ignore'"),
     ('sft-long-row', _set(**{'sft.on_long_row': 'cut'}), 1, r"config\.sft\.on_long_row='cut'"),
     ('decay', _set(**{'train.decay': 'biases'}), 1, r"config\.train\.decay='biases'"),
@@ -91,6 +99,36 @@ def test_validate_names_the_field(change, devices, message):
   with pytest.raises(ConfigError, match=message) as err:
     config_lib.validate(cfg, devices)
   assert '\n' not in str(err.value)  # one line
+
+
+def test_the_batch_check_follows_the_rules_in_force():
+  """Rows are split over the mesh axes config.mesh.rules maps 'act_batch' to, not always
+  over data*fsdp: a rule that keeps the batch whole accepts any batch size."""
+  cfg = helpers.tiny_config(mesh=(2, 4, 1), batch_size=10)
+  with pytest.raises(ConfigError, match=r"not a positive multiple of 8.*\('act_batch'"):
+    config_lib.validate(cfg, 8)
+  rules = dict(cfg.mesh.rules)
+  for act_batch, ok in ((None, True), ('data', True), (('fsdp',), False)):
+    rules['act_batch'] = act_batch
+    cfg.mesh.rules = tuple(rules.items())
+    if ok:
+      config_lib.validate(cfg, 8)
+    else:
+      with pytest.raises(ConfigError, match=r'multiple of 4.*\(fsdp=4\)'):
+        config_lib.validate(cfg, 8)
+
+
+def test_command_line_overrides_are_checked_like_experiment_files(tmp_path):
+  argv = [f'--config={ROOT}/experiments/tiny.py:smoke', '--config.model.n_layers=3',
+          '--noconfig.model.scan_layers', '--workdir=x']
+  config_lib.check_command_line(argv)
+  with pytest.raises(ConfigError, match=r"unknown field 'train\.stpes'\. Did you mean "
+                     r"'train\.steps'\?"):
+    config_lib.check_command_line(argv + ['--config.train.stpes=5'])
+  with pytest.raises(ConfigError, match=r"unknown field 'model\.scan_layer'"):
+    config_lib.check_command_line(argv + ['--noconfig.model.scan_layer'])
+  with pytest.raises(ConfigError, match=r"--config: no experiment file '.*nope\.py'"):
+    config_lib.check_command_line(['--config', str(tmp_path / 'nope.py')])
 
 
 def test_check_known_fields_alone():
@@ -125,7 +163,8 @@ def test_param_shardings_name_the_dim_the_mesh_cannot_split(fields, mesh, field)
   mcfg = model_lib.ModelConfig.from_config(cfg)
   _, abstract, logical = model_lib.abstract_model(mcfg)
   mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh))
-  with pytest.raises(ConfigError, match=re.escape(field) + r' \(parameter .*\) is not divisible'):
+  with pytest.raises(ConfigError, match=re.escape(field) + r' \(parameter .*\) is not divisible'
+                     r'.*config\.mesh\.rules maps its logical axis'):
     sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
 
 

@@ -93,7 +93,8 @@ def test_sft_without_pretrained_checkpoint_says_what_to_run(tmp_path):
 
 
 def test_damaged_checkpoint_fails_naming_it(pretrained, tmp_path):
-  """A damaged newest checkpoint is reported with its path; nothing is overwritten."""
+  """With config.checkpoint.on_damaged=stop, a damaged newest checkpoint is reported with
+  its path; nothing is moved or overwritten (the default, fallback: test_user_errors.py)."""
   import shutil
   workdir = str(tmp_path / 'copy')
   shutil.copytree(pretrained[0], workdir)
@@ -102,8 +103,8 @@ def test_damaged_checkpoint_fails_naming_it(pretrained, tmp_path):
     if os.path.isfile(path) and 'manifest' in path:
       with open(path, 'wb') as f:
         f.write(b'garbage')
-  cfg = smoke_config(**{'train.steps': 8, 'stage': 'pretrain'})
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoints/6.*move it aside'):
+  cfg = smoke_config(**{'train.steps': 8, 'stage': 'pretrain', 'checkpoint.on_damaged': 'stop'})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'checkpoints/6 is damaged.*Move it aside'):
     run_lib.run(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'pretrain', 'checkpoints'))) == ['3', '6']
 

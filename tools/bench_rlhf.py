@@ -26,11 +26,11 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxgpt import config as config_lib
-from jaxgpt import metrics, optim, sampling, sharding, trainer
+from jaxgpt import errors, metrics, optim, sampling, sharding, trainer
 from jaxgpt import model as model_lib
 from jaxgpt.stages import loop, ppo
 from jaxgpt.stages import reward as reward_stage
@@ -261,4 +261,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, 'bench_rlhf')

@@ -15,13 +15,21 @@ import argparse
 import sys
 import time
 
+from jaxgpt import errors
 from jaxgpt.config import base_config
 from jaxgpt.data import pretrain
 from jaxgpt.data.tokenizer import train_tokenizer
 
 
+class _Parser(argparse.ArgumentParser):
+  """A command-line mistake is one line, as in the other entry points."""
+
+  def error(self, message):
+    raise ValueError(f'{message} (--help lists the options).')
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = _Parser(description=__doc__.split('\n\n')[0])
   p.add_argument('--out', required=True, help='where to write the .model file')
   p.add_argument('--vocab_size', type=int, required=True)
   p.add_argument('--input', nargs='*', default=[],
@@ -29,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--text_field', default='text', help='JSONL field holding the text')
   p.add_argument('--max_chars', type=int, default=base_config().tokenizer.train_chars)
   p.add_argument('--seed', type=int, default=0, help='order in which documents are sampled')
+  p.add_argument('--verbose', action='store_true', help='show the traceback of every error')
   return p.parse_args(argv)
 
 
@@ -49,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(errors.guard(main, 'train_tokenizer', verbose='--verbose' in sys.argv))

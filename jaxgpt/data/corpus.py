@@ -21,7 +21,9 @@ Sources
 Bad input (each case is counted in `CorpusStats`):
 * empty or whitespace-only documents are skipped (`skipped_empty`); blank JSONL
   lines are ignored;
-* bytes that are not UTF-8 each become U+FFFD (`utf8_replaced` counts them);
+* bytes that are not UTF-8 each become U+FFFD (`utf8_replaced` counts them); a file
+  where they are more than `config.data.max_invalid_utf8` of the bytes (a binary file,
+  another encoding) is refused, naming it, instead of feeding the tokenizer noise;
 * a malformed JSONL line, a missing field or a non-string value raises ValueError
   naming the file and line;
 * a path or glob matching no file raises ValueError naming `config.data.paths`;
@@ -154,29 +156,47 @@ def shakespeare_documents(stats: CorpusStats | None = None) -> Iterator[str]:
 
 # -- local files ----------------------------------------------------------------
 
-def resolve_paths(paths: str | Sequence[str]) -> list[str]:
-  """Comma-separated globs -> sorted unique files; every glob must match."""
+def resolve_paths(paths: str | Sequence[str], field: str = 'config.data.paths') -> list[str]:
+  """Comma-separated globs -> sorted unique files; every glob must match. Errors name
+  `field`, where the globs came from."""
   patterns = [p.strip() for p in (paths.split(',') if isinstance(paths, str) else paths)]
   patterns = [p for p in patterns if p]
   if not patterns:
-    raise ValueError('config.data.paths is empty; give comma-separated globs of '
-                     '.txt / .jsonl files (config.data.source=files).')
+    raise ValueError(f'{field} is empty; give comma-separated globs of .txt / .jsonl files.')
   files = set()
   for pattern in patterns:
     matched = [f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
                if os.path.isfile(f)]
     if not matched:
-      raise ValueError(f'config.data.paths: {pattern!r} matches no file.')
+      what = 'is a directory; give a glob of its files, e.g. DIR/*.txt' if os.path.isdir(
+          os.path.expanduser(pattern)) else 'matches no file'
+      raise ValueError(f'{field}: {pattern!r} {what}.')
     files.update(os.path.abspath(f) for f in matched)
-  for f in files:
+  for f in sorted(files):
     if not f.endswith(('.txt', '.jsonl')):
-      raise ValueError(f'config.data.paths: {f} is neither .txt nor .jsonl.')
+      raise ValueError(f'{field}: {f} is neither .txt nor .jsonl; leave it out of the globs.')
   return sorted(files)
 
 
-def _jsonl_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
+# config.data.max_invalid_utf8's default: random bytes (a binary file) are ~43% invalid
+# UTF-8, a text in another 8-bit encoding a few per cent.
+MAX_INVALID_UTF8 = 0.2
+
+
+def _check_utf8(path: str, invalid: int, size: int, limit: float) -> None:
+  if size and invalid / size > limit:
+    raise ValueError(
+        f'{path}: {invalid / size:.0%} of its bytes are not valid UTF-8, over the limit '
+        f'max_invalid_utf8={limit:g}. Is it a text file? Convert it to UTF-8, leave it out, '
+        'or raise config.data.max_invalid_utf8 (tools/prepare_corpus.py: --max_invalid_utf8).')
+
+
+def _jsonl_documents(path: str, text_field: str, stats: CorpusStats,
+                     max_invalid_utf8: float) -> Iterator[str]:
+  replaced_before, size = stats.utf8_replaced, 0
   with open(path, 'rb') as f:
     for lineno, raw in enumerate(f, 1):
+      size += len(raw)
       line = decode_utf8(raw, stats)
       if not line.strip():
         continue
@@ -184,7 +204,10 @@ def _jsonl_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}:{lineno}: malformed JSON line ({e.msg}).') from None
-      if not isinstance(record, dict) or text_field not in record:
+      if not isinstance(record, dict):
+        raise ValueError(f'{path}:{lineno}: expected a JSON object with field '
+                         f'{text_field!r}, got {type(record).__name__}.')
+      if text_field not in record:
         raise ValueError(
             f'{path}:{lineno}: no field {text_field!r} (config.data.text_field) in this '
             'record.')
@@ -193,16 +216,22 @@ def _jsonl_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator
         raise ValueError(f'{path}:{lineno}: field {text_field!r} is '
                          f'{type(text).__name__}, not a string.')
       yield from _emit(text, stats)
+  _check_utf8(path, stats.utf8_replaced - replaced_before, size, max_invalid_utf8)
 
 
 def file_documents(paths: str | Sequence[str], text_field: str = 'text',
-                   stats: CorpusStats | None = None) -> Iterator[str]:
+                   stats: CorpusStats | None = None,
+                   max_invalid_utf8: float = MAX_INVALID_UTF8) -> Iterator[str]:
   """Documents of local .txt / .jsonl files, in sorted path order."""
   stats = stats if stats is not None else CorpusStats()
   for path in resolve_paths(paths):
     stats.files += 1
     if path.endswith('.jsonl'):
-      yield from _jsonl_documents(path, text_field, stats)
+      yield from _jsonl_documents(path, text_field, stats, max_invalid_utf8)
     else:
       with open(path, 'rb') as f:
-        yield from _emit(decode_utf8(f.read(), stats), stats)
+        data = f.read()
+      replaced_before = stats.utf8_replaced
+      text = decode_utf8(data, stats)
+      _check_utf8(path, stats.utf8_replaced - replaced_before, len(data), max_invalid_utf8)
+      yield from _emit(text, stats)

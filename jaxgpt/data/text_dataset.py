@@ -93,6 +93,9 @@ class JaxgptText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     n = sum(1 for _ in cfg.documents(stats))
     self.info.metadata.update(stats.asdict())
     n_val = sum(is_validation(i, cfg.val_fraction) for i in range(n))
+    if n == 0:
+      raise ValueError(f'corpus {cfg.name}: no documents; its {stats.files} file(s) are empty '
+                       f'or blank ({stats.skipped_empty} skipped). Check config.data.paths.')
     if n == n_val:
       raise ValueError(
           f'corpus {cfg.name}: {n} documents, none left for training after the '
@@ -148,7 +151,8 @@ def corpus_config(config) -> TextCorpusConfig:
   elif d.source == 'files':
     files = corpus.resolve_paths(d.paths)
     name = f'files-{_files_fingerprint(files, d.text_field)}'
-    documents = lambda stats: corpus.file_documents(files, d.text_field, stats)  # noqa: E731
+    documents = lambda stats: corpus.file_documents(  # noqa: E731
+        files, d.text_field, stats, d.max_invalid_utf8)
   else:
     raise ValueError(f"config.data.source='{d.source}' has no builder; "
                      'expected embedded or files.')

@@ -99,17 +99,19 @@ def open_checkpointer(cfg, workdir: str, name: str) -> ckpt_lib.Checkpointer:
   """The checkpointer of WORKDIR/<name>/checkpoints with config.checkpoint's policy."""
   return ckpt_lib.Checkpointer(
       ckpt_lib.stage_dir(workdir, name), every_steps=cfg.checkpoint.every_steps,
-      every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep)
+      every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep,
+      on_damaged=cfg.checkpoint.on_damaged)
 
 
 def resume(name: str, ckpt, abstract_state, shardings, data_iter, init_fn):
   """(state, meta) of the newest checkpoint (the data iterator moved to its position),
-  or (init_fn(), {}) for a fresh run."""
-  latest = ckpt.latest_step()
+  or (init_fn(), {}) for a fresh run. A damaged newest checkpoint is handled by
+  config.checkpoint.on_damaged (see `Checkpointer.restore_newest`)."""
+  target = sharding.abstract_with_shardings(abstract_state, shardings)
+  latest, state, meta = ckpt.restore_newest(
+      target, data_iter, log=lambda line: print(f'[{name}] {line}', flush=True))
   if latest is None:
     return init_fn(), {}
-  target = sharding.abstract_with_shardings(abstract_state, shardings)
-  state, meta = ckpt.restore(latest, target, data_iter)
   print(f'[{name}] resumed from {ckpt.directory}/{latest}', flush=True)
   return state, meta
 
