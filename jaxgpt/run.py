@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 
 import jax
 
 from jaxgpt import config as config_lib
+from jaxgpt import hf_import
+from jaxgpt import model as model_lib
+from jaxgpt import sharding
 
 # In recipe order; `all` runs them one after the other, each from the previous one.
 PIPELINE = ('pretrain', 'sft', 'reward', 'ppo')
@@ -18,11 +22,25 @@ def _stage_module(name: str):
   return importlib.import_module(f'jaxgpt.stages.{name}')
 
 
+def _check_writable(workdir: str) -> None:
+  """An unwritable workdir (read-only, no permission) fails now, not after the data."""
+  try:
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, workdir) from None
+
+
 def run(cfg, workdir: str) -> dict:
   """Validates the config, then runs each stage; returns {stage: loop.Result}."""
   jax.config.update('jax_threefry_partitionable', True)
+  hf_import.adopt_init_settings(cfg, workdir)  # init_from a published model: its architecture
   config_lib.validate(cfg, jax.device_count())
+  # A model the mesh cannot split fails now (abstractly), not after the data and tokenizer.
+  model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg),
+                                    sharding.make_mesh(cfg))
   os.makedirs(workdir, exist_ok=True)
+  _check_writable(workdir)
   names = PIPELINE if cfg.stage == 'all' else (cfg.stage,)
   results = {name: _stage_module(name).run(cfg, workdir) for name in names}
   if cfg.stage == 'all':

@@ -22,6 +22,15 @@ def load_experiment(name):
   return module
 
 
+def load_tool(name):
+  """The module tools/<name>.py (tools are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      f'tool_{name}', os.path.join(ROOT, 'tools', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def set_fields(cfg, **dotted):
   """cfg with dotted-name fields set, e.g. set_fields(cfg, **{'train.steps': 4})."""
   for name, value in dotted.items():

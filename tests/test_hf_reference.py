@@ -5,6 +5,7 @@ offline from a config, with every parameter perturbed (biases and norm weights t
 which a fresh init leaves at 0 / 1), eager attention, float32.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -205,8 +206,9 @@ def test_bad_state_dicts_name_the_key(case):
     with pytest.raises(hf.ConversionError, match='lm_head.weight'):
       hf.from_hf(untied, mcfg)
   else:
-    # tied LLaMA checkpoints (e.g. safetensors, saved once) take the embedding as the head
+    # no head of its own: only a model that says it ties them (tie_word_embeddings) loads
     tied = {k: v for k, v in sd.items() if k != 'lm_head.weight'}
-    params = hf.from_hf(tied, mcfg)
-    np.testing.assert_array_equal(params['lm_head']['kernel'],
-                                  sd['model.embed_tokens.weight'].T)
+    with pytest.raises(hf.ConversionError, match="'lm_head.weight'.*tie_word_embeddings"):
+      hf.from_hf(tied, mcfg)
+    params = hf.from_hf(tied, dataclasses.replace(mcfg, tie_embeddings=True))
+    assert 'lm_head' not in params

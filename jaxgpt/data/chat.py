@@ -9,9 +9,10 @@ Every message is its role token, its content exactly as given, and `<|end|>`
 sampler continues, stopping when it emits `<|end|>`.
 
 The ids are built piece by piece: each role and end token is its single special id and
-each content is `tokenizer.encode(content, allow_special=False)`. Special tokens are
-atomic symbols of the tokenizer, and a jaxgpt tokenizer adds no dummy-prefix space, so
-nothing merges across a boundary and this equals `tokenizer.encode(render_text(messages))`
+each content is `tokenizer.encode(content, allow_special=False, after_special=True)`
+(no dummy-prefix space, as inside a longer text). Special tokens are atomic symbols of
+the tokenizer, so nothing merges across a boundary and this equals
+`tokenizer.encode(render_text(messages))`
 (tests check it); building by pieces is what lets the loss mask be exact. A
 special-token string typed inside a content stays plain text (byte tokens): a user
 writing `<|end|>` cannot end their own turn. (For such a content only, the piecewise ids
@@ -63,7 +64,7 @@ def render(messages: Sequence[dict], tokenizer, *,
   end = tokenizer.end_of_turn_id
   for i, m in enumerate(messages):
     role, content = _check_message(i, m)
-    body = tokenizer.encode(content, allow_special=False) if content else []
+    body = tokenizer.encode(content, allow_special=False, after_special=True) if content else []
     learn = int(role == 'assistant')
     ids += [tokenizer.role_id(role), *body, end]
     mask += [0] + [learn] * (len(body) + 1)

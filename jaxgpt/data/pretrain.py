@@ -42,6 +42,7 @@ import grain
 import numpy as np
 
 from jaxgpt.data import text_dataset
+from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -326,8 +327,8 @@ def corpus_sample(config, max_chars: int, seed: int = 0):
 
 def load_or_train_tokenizer(config, workdir: str) -> Tokenizer:
   """config.tokenizer.path, or WORKDIR/tokenizer.model trained from the corpus once."""
-  if config.tokenizer.path:
-    return Tokenizer.load(config.tokenizer.path)
+  if config.tokenizer.path:  # a .model file or a model's tokenizer (directory, .json)
+    return tokenizer_lib.load(config.tokenizer.path)
   path = os.path.join(workdir, 'tokenizer.model')
   if os.path.exists(path):
     return Tokenizer.load(path)

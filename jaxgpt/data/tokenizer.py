@@ -155,17 +155,20 @@ class Tokenizer:
     literals.sort(key=len, reverse=True)  # longest match first
     return re.compile('|'.join(re.escape(s) for s in literals))
 
-  def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
-    """Text -> ids. See the module docstring for how special strings are treated."""
+  def encode(self, text: str, *, allow_special: bool = True,
+             after_special: bool = False) -> list[int]:
+    """Text -> ids. See the module docstring for how special strings are treated.
+    `after_special`: the text follows a special token (a chat message's content), so a
+    model with a dummy prefix (LLaMA layout) gives it none, as inside a longer text."""
     pattern = self._protected[allow_special]
     if pattern is None or not pattern.search(text):
-      return self._sp.encode(text)
+      return (self._sp_cont if after_special else self._sp).encode(text)
     ids, pos = [], 0
     for match in pattern.finditer(text):
-      ids += self._encode_piece(text[pos:match.start()], first=pos == 0)
+      ids += self._encode_piece(text[pos:match.start()], first=pos == 0 and not after_special)
       ids += self._encode_bytes(match.group())
       pos = match.end()
-    return ids + self._encode_piece(text[pos:], first=pos == 0)
+    return ids + self._encode_piece(text[pos:], first=pos == 0 and not after_special)
 
   def _encode_piece(self, text: str, first: bool) -> list[int]:
     if not text:
@@ -251,10 +254,22 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
   tmp = f'{out_path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(model.getvalue())
-  os.replace(tmp, out_path)  # atomic: a reader never sees a half-written model
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(model.getvalue())
+    os.replace(tmp, out_path)  # atomic: a reader never sees a half-written model
+  except OSError as e:  # e.g. a full disk: name the file, leave no half-written one
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror, out_path) from None
   return Tokenizer(model.getvalue(), os.fspath(out_path))
+
+
+def load(path):
+  """Any tokenizer jaxgpt reads: a SentencePiece `.model` file, or a Hugging Face
+  tokenizer directory / tokenizer.json (`jaxgpt.data.hf_tokenizer`)."""
+  from jaxgpt.data import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  return hf_tokenizer.load(path)
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

@@ -8,6 +8,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import hf_import
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
 from jaxgpt.data import tokenizer as tokenizer_lib
@@ -49,7 +50,12 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
   """(params, meta) of the newest checkpoint in `directory`, placed in `mcfg`'s shardings
   on `mesh`. Top-level entries named in `fresh` (e.g. a new 'scalar_head') are
   initialised instead of read; entries the checkpoint has but `mcfg` lacks (the LM head
-  of an SFT model, for a reward model) are not read at all."""
+  of an SFT model, for a reward model) are not read at all. `directory` 'hf:DIR' reads a
+  Hugging Face model directory instead (`jaxgpt.hf_import`)."""
+  if directory.startswith(hf_import.HF_PREFIX):
+    hf_dir = directory[len(hf_import.HF_PREFIX):]
+    params = hf_import.load_params(hf_dir, mesh, mcfg, skip=fresh)
+    return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), {'hf_source': hf_dir}
   _, target = model_lib.abstract_sharded_params(mcfg, mesh)
   wanted = {k: v for k, v in target.items() if k not in fresh}
   params, meta, _ = ckpt_lib.restore_latest_params(directory, wanted, what=what)
@@ -74,6 +80,6 @@ def tokenizer_from(cfg, workdir: str, base_meta: dict, stage: str) -> tokenizer_
                                                                           'tokenizer.model')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{stage}: tokenizer {path} not found; set config.tokenizer.path.')
-  tok = tokenizer_lib.Tokenizer.load(path)
+  tok = tokenizer_lib.load(path)
   tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
   return tok

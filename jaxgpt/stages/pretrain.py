@@ -1,4 +1,8 @@
-"""Stage 1, pretraining: next-token prediction on packed raw text."""
+"""Stage 1, pretraining: next-token prediction on packed raw text.
+
+With config.checkpoint.init_from (a checkpoint, or 'hf:DIR' for a published model) it is
+continued pretraining from those weights; otherwise the model starts random.
+"""
 
 from __future__ import annotations
 
@@ -27,9 +31,14 @@ def build(cfg, workdir: str) -> loop.Stage:
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
   mesh, mcfg = common.mesh_and_model(cfg)
   t = cfg.train
+  init_params = None
+  if cfg.checkpoint.init_from:  # read only when there is no checkpoint of this run to resume
+    init_params = lambda: common.params_from_checkpoint(  # noqa: E731
+        cfg.checkpoint.init_from, mesh, mcfg, what=f'{NAME} initial weights')[0]
   return loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
-      loss_fn=trainer.lm_loss_fn(t.z_loss, cfg.data.segment_ids), data=data,
+      loss_fn=trainer.lm_loss_fn(t.z_loss, cfg.data.segment_ids, t.loss_chunk), data=data,
+      init_params=init_params,
       sample_fn=text_sampler(tok, mcfg, list(t.sample_prompts), t.sample_tokens),
       meta={'tokenizer': tok.path, 'data_stats': data.stats,
             'config': cfg.to_json_best_effort()})
