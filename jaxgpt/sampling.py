@@ -65,7 +65,6 @@ from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
 
-_CACHE_AXES = (None, 'act_batch', 'act_seq', 'act_kv_heads', None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +77,8 @@ class SamplingConfig:
   top_p: 1.0 -> off; else nucleus sampling (see the module docstring).
   stop_ids: a row stops after emitting any of these (e.g. <|end|>, <|endoftext|>).
   pad_id: written in `tokens` after a row stopped.
+  prefill_chunk: prompts longer than this are prefilled this many tokens at a time
+    (bounds the activations; the result is the same).
   """
   max_new_tokens: int
   temperature: float = 1.0
@@ -85,6 +86,7 @@ class SamplingConfig:
   top_p: float = 1.0
   stop_ids: tuple[int, ...] = ()
   pad_id: int = 0
+  prefill_chunk: int = 512
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
@@ -99,6 +101,8 @@ class SamplingConfig:
       raise ValueError(f'SamplingConfig.top_k={self.top_k} must be >= 0 (0: off).')
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f'SamplingConfig.top_p={self.top_p} must be in (0, 1] (1: off).')
+    if int(self.prefill_chunk) < 1:
+      raise ValueError(f'SamplingConfig.prefill_chunk={self.prefill_chunk} must be >= 1.')
 
 
 @jax.tree_util.register_dataclass
@@ -169,39 +173,140 @@ def _is_stop(tokens_b, stop_ids):
 
 # -- the decoding program -------------------------------------------------------------------
 
+# Parameters the model reads through `.astype(dtype)`: cast once per call instead.
+_CAST_ONCE = ('kernel', 'embed', 'pos_embed')
+
+
+def decoding_model(graphdef, mcfg):
+  """(graphdef, mcfg) computing in `mcfg.decode_dtype` (unchanged when it is unset)."""
+  if mcfg.decode_dtype is None or mcfg.decode_dtype == mcfg.dtype:
+    return graphdef, mcfg
+  mcfg = dataclasses.replace(mcfg, dtype=mcfg.decode_dtype)
+  return model_lib.abstract_model(mcfg)[0], mcfg
+
+
+def split_layers_here() -> bool:
+  """Whether decoding slices the stacked layer weights once per call (`model.split_layers`):
+  on CPU, where a matmul cannot read one layer of the stack in place. On GPU / TPU the
+  stack stays as it is (a second copy of the weights would cost memory)."""
+  return jax.default_backend() == 'cpu'
+
+
+def decoding_weights(params, mcfg):
+  """(params, layers) for `model.decode`, prepared once per call rather than every step:
+  weight matrices cast to the compute dtype (the values the model would compute with;
+  norm scales stay as they are) and, where `split_layers_here`, the blocks as one tree
+  per layer (`layers`, else None)."""
+  def cast(path, x):
+    name = getattr(path[-1], 'key', None)
+    return x.astype(mcfg.dtype) if name in _CAST_ONCE else x
+
+  def cast_tree(tree):
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+  if not split_layers_here():
+    return cast_tree(params), None
+  return cast_tree(params), tuple(cast_tree(t) for t in model_lib.split_layers(params))
+
+
+def prefill_width(p: int, chunk: int) -> int:
+  """Cache slots a prefill of `p` tokens writes: `p`, or whole chunks of `chunk`."""
+  return p if p <= chunk else -(-p // chunk) * chunk
+
+
+def cache_spec(rules, ndim: int) -> P:
+  """PartitionSpec of a cache array, (L,) B*K, S, H: the merged rows x kv-heads axis over
+  the mesh axes of 'act_batch' then 'act_kv_heads' (row-major, as the merge)."""
+  batch, heads, seq = sharding.logical_to_spec(('act_batch', 'act_kv_heads', 'act_seq'), rules)
+  merged = tuple(a for axes in (batch, heads) if axes is not None
+                 for a in ((axes,) if isinstance(axes, str) else axes))
+  spec = (merged or None, seq, None)
+  return P(*((None,) * (ndim - 3) + spec))
+
+
+def constrain_cache(cache, rules):
+  """Sharding constraint on the cache (stacked or per layer); a no-op outside a mesh."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return cache
+  return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_spec(rules, c.ndim)),
+                      cache)
+
+
+def prefill(model, prompts_bp, lengths_b, cache, chunk: int, pad=None, layers=None):
+  """(float32 logits_bv at each row's last prompt token, cache) with prompt token t in
+  cache slot t, `chunk` tokens per forward; logits only for the one position per row.
+
+  Long prompts run as a scan over equal chunks, the last one padded: its slots past P
+  are overwritten by later tokens before any query can see them.
+  """
+  b, p = prompts_bp.shape
+  rules = model.cfg.rules
+  last_b = lengths_b - 1
+  width = prefill_width(p, chunk)
+  if width == p:
+    positions_bp = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    h_bpd, cache = model.decode(prompts_bp, positions_bp, cache, slot=0, pad=pad,
+                                layers=layers)
+    h_b1d = jnp.take_along_axis(h_bpd, last_b[:, None, None], axis=1)
+  else:
+    n = width // chunk
+    tokens_nbc = jnp.pad(prompts_bp, ((0, 0), (0, width - p))).reshape(b, n, chunk)
+    tokens_nbc = jnp.swapaxes(tokens_nbc, 0, 1)
+
+    def one_chunk(carry, index_and_tokens):
+      cache, h_b1d = carry
+      index, tokens_bc = index_and_tokens
+      start = index * chunk
+      # Chunk padding past the prompt gets a valid position (any would do).
+      positions_c = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), p - 1)
+      h_bcd, cache = model.decode(tokens_bc, jnp.broadcast_to(positions_c, (b, chunk)),
+                                  constrain_cache(cache, rules), slot=start, pad=pad,
+                                  layers=layers)
+      in_chunk_b = last_b - start
+      here_b = (in_chunk_b >= 0) & (in_chunk_b < chunk)
+      h_here_b1d = jnp.take_along_axis(h_bcd, jnp.clip(in_chunk_b, 0, chunk - 1)[:, None, None],
+                                       axis=1)
+      return (cache, jnp.where(here_b[:, None, None], h_here_b1d, h_b1d)), None
+
+    h_b1d = jnp.zeros((b, 1, model.cfg.d_model), model.cfg.dtype)
+    (cache, h_b1d), _ = jax.lax.scan(one_chunk, (cache, h_b1d),
+                                     (jnp.arange(n, dtype=jnp.int32), tokens_nbc))
+  return last_logits(model, h_b1d), constrain_cache(cache, rules)
+
+
+def last_logits(model, h_b1d):
+  """float32 (B, V) logits, the vocabulary gathered for the sort / argmax; rows stay
+  batch-sharded."""
+  return sharding.constrain(model.logits(h_b1d)[:, 0], ('act_batch', None), model.cfg.rules)
+
 
 def decode_fn(graphdef, mcfg, settings: SamplingConfig):
   """The pure `(params, prompts_bp, lengths_b, rng) -> SampleOutput` (jit it, or call it
   inside a jitted function under `jax.set_mesh`).
 
   prompts_bp: (B, P) int32, right-padded; lengths_b: (B,) int32 in [1, P];
-  The cache holds P + max_new_tokens slots; `sample` requires P + max_new_tokens <=
-  `mcfg.max_seq_len`, so that prompt + response also fits the training forward (PPO).
+  `sample` requires P + max_new_tokens <= `mcfg.max_seq_len`, so that prompt + response
+  also fits the training forward (PPO).
+
+  The cache keeps each prompt where it is (slots 0..P-1, row b's padding slots
+  lengths_b[b]..P-1 never attended) and puts new token i of every row in slot P+i-1,
+  so each step writes one shared slot in place (see `jaxgpt.model.kv_cache`).
   """
   rules = mcfg.rules
   n_new = int(settings.max_new_tokens)
-
-  def constrain_cache(cache):
-    return tuple(sharding.constrain(c, _CACHE_AXES, rules) for c in cache)
-
-  def step_logits(params, tokens_bt, positions_bt, cache, take_bt=None):
-    model = model_lib.merge(graphdef, params)
-    hidden_btd, cache = model.decode(tokens_bt, positions_bt, constrain_cache(cache))
-    if take_bt is not None:  # prefill: one position per row, before the LM head
-      hidden_btd = jnp.take_along_axis(hidden_btd, take_bt[:, :, None], axis=1)
-    logits_bv = model.logits(hidden_btd)[:, 0]
-    # Gather the vocabulary for the sort / argmax; rows stay batch-sharded.
-    logits_bv = sharding.constrain(logits_bv, ('act_batch', None), rules)
-    return logits_bv, constrain_cache(cache)
+  graphdef, mcfg = decoding_model(graphdef, mcfg)
 
   def run(params, prompts_bp, lengths_b, rng):
     b, p = prompts_bp.shape
     prompts_bp = prompts_bp.astype(jnp.int32)
     lengths_b = lengths_b.astype(jnp.int32)
-    cache = model_lib.init_cache(mcfg, b, p + n_new)
-    positions_bp = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    logits_bv, cache = step_logits(params, prompts_bp, positions_bp, cache,
-                                   take_bt=(lengths_b - 1)[:, None])
+    params, layers = decoding_weights(params, mcfg)
+    pad = (lengths_b, p)
+    slots = max(p + n_new - 1, prefill_width(p, settings.prefill_chunk))
+    cache = constrain_cache(
+        model_lib.init_cache(mcfg, b, slots, per_layer=layers is not None), rules)
+    logits_bv, cache = prefill(model_lib.merge(graphdef, params), prompts_bp, lengths_b,
+                               cache, settings.prefill_chunk, pad, layers)
     tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, 0), settings)
 
     batch_axes = ('act_batch', None)
@@ -220,8 +325,11 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
       # Finished rows hold pad_id, which may be outside the vocabulary (e.g. -1): they
       # still run through the batched forward, so feed them a valid id.
       prev_b = jnp.clip(prev_b, 0, mcfg.vocab_size - 1)
-      logits_bv, cache = step_logits(params, prev_b[:, None], (lengths_b + i - 1)[:, None],
-                                     cache)
+      model = model_lib.merge(graphdef, params)
+      h_b1d, cache = model.decode(prev_b[:, None], (lengths_b + i - 1)[:, None],
+                                  constrain_cache(cache, rules), slot=p + i - 1, pad=pad,
+                                  layers=layers)
+      logits_bv = last_logits(model, h_b1d)
       tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, i), settings)
       live_b = ~done_b
       tok_b = jnp.where(live_b, tok_b, settings.pad_id)
@@ -232,8 +340,8 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
         return sharding.constrain(x_bn, batch_axes, rules)
 
       done_b = done_b | (live_b & _is_stop(tok_b, settings.stop_ids))
-      return (i + 1, cache, put(tokens_bn, tok_b), put(logprobs_bn, lp_b),
-              put(mask_bn, live_b), done_b)
+      return (i + 1, constrain_cache(cache, rules), put(tokens_bn, tok_b),
+              put(logprobs_bn, lp_b), put(mask_bn, live_b), done_b)
 
     carry = (jnp.int32(1), cache, tokens_bn, logprobs_bn, mask_bn, done_b)
     _, _, tokens_bn, logprobs_bn, mask_bn, done_b = jax.lax.while_loop(cond, body, carry)
@@ -408,44 +516,63 @@ def generate(graphdef, params, mcfg, tokenizer, prompts, *, max_new_tokens: int 
 
 @functools.lru_cache(maxsize=16)
 def _stream_fns(graphdef, mcfg, choice: SamplingConfig, mesh, param_treedef, param_shardings):
-  """Jitted (prefill, step) with a cache of `mcfg.max_seq_len` slots: the step compiles
-  once, the prefill once per prompt-width bucket."""
+  """Jitted (weights, prefill, step) with a cache of (at least) `mcfg.max_seq_len` slots,
+  slot = position: the step compiles once, the prefill once per prompt-width bucket. The
+  step donates the cache and writes one slot of it in place; `weights` prepares the
+  parameters once per stream (`decoding_weights`; a copy only when it changes them)."""
   rules = mcfg.rules
   batch_sh = sharding.batch_sharding(mesh, rules)
   repl = sharding.replicated(mesh)
-  cache_sh = NamedSharding(mesh, sharding.logical_to_spec(_CACHE_AXES, rules))
+  if split_layers_here():
+    one_sh = NamedSharding(mesh, cache_spec(rules, 3))
+    cache_sh = model_lib.KVCache((one_sh,) * mcfg.n_layers, (one_sh,) * mcfg.n_layers)
+  else:
+    stacked_sh = NamedSharding(mesh, cache_spec(rules, 4))
+    cache_sh = model_lib.KVCache(stacked_sh, stacked_sh)
   param_sh = jax.tree.unflatten(param_treedef, param_shardings)
+  graphdef, mcfg = decoding_model(graphdef, mcfg)
+  chunk = choice.prefill_chunk
+  slots = prefill_width(mcfg.max_seq_len, chunk)  # any bucket's prefill fits
 
-  def forward(params, tokens_bt, positions_bt, cache, take_b1=None):
+  def prefill_fn(weights, prompts_bw, length, rng):
+    b, _ = prompts_bw.shape
+    params, layers = weights
     model = model_lib.merge(graphdef, params)
-    cache = tuple(sharding.constrain(c, _CACHE_AXES, rules) for c in cache)
-    hidden_btd, cache = model.decode(tokens_bt, positions_bt, cache)
-    if take_b1 is not None:
-      hidden_btd = jnp.take_along_axis(hidden_btd, take_b1[:, :, None], axis=1)
-    logits_bv = sharding.constrain(model.logits(hidden_btd)[:, 0], ('act_batch', None), rules)
-    return logits_bv, tuple(sharding.constrain(c, _CACHE_AXES, rules) for c in cache)
-
-  def prefill(params, prompts_bw, length, rng):
-    b, w = prompts_bw.shape
-    cache = model_lib.init_cache(mcfg, b, mcfg.max_seq_len)
-    positions_bw = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
-    take_b1 = jnp.full((b, 1), length - 1, jnp.int32)
-    logits_bv, cache = forward(params, prompts_bw, positions_bw, cache, take_b1)
+    cache = constrain_cache(
+        model_lib.init_cache(mcfg, b, slots, per_layer=layers is not None), rules)
+    # No padding mask: the steps overwrite the slots past the prompt before any query
+    # reaches them.
+    logits_bv, cache = prefill(model, prompts_bw, jnp.full((b,), length, jnp.int32), cache,
+                               chunk, layers=layers)
     return next_token(logits_bv, jax.random.fold_in(rng, 0), choice)[0], cache
 
-  def step(params, prev_b, position, cache, rng, i):
+  def step(weights, prev_b, position, cache, rng, i):
     b = prev_b.shape[0]
+    params, layers = weights
+    model = model_lib.merge(graphdef, params)
     positions_b1 = jnp.full((b, 1), position, jnp.int32)
-    logits_bv, cache = forward(params, prev_b[:, None], positions_b1, cache)
-    return next_token(logits_bv, jax.random.fold_in(rng, i), choice)[0], cache
+    h_b1d, cache = model.decode(prev_b[:, None], positions_b1, constrain_cache(cache, rules),
+                                slot=position, layers=layers)
+    logits_bv = last_logits(model, h_b1d)
+    return next_token(logits_bv, jax.random.fold_in(rng, i), choice)[0], constrain_cache(
+        cache, rules)
 
-  out_sh = (batch_sh, (cache_sh, cache_sh))
-  jit_prefill = jax.jit(prefill, in_shardings=(param_sh, batch_sh, repl, repl),
+  out_sh = (batch_sh, cache_sh)
+  # Weights prepared once per stream, not once per token.
+  layer_sh = None
+  if split_layers_here():
+    one_sh = jax.tree.map(lambda x: NamedSharding(mesh, P(*x.spec[1:])), param_sh['blocks'])
+    layer_sh = (one_sh,) * mcfg.n_layers
+  weights_sh = (param_sh, layer_sh)
+  jit_weights = jax.jit(functools.partial(decoding_weights, mcfg=mcfg), in_shardings=(param_sh,),
+                        out_shardings=weights_sh)
+  if layer_sh is None and mcfg.dtype == mcfg.param_dtype:  # nothing to prepare: no copy
+    jit_weights = lambda params: (params, None)  # noqa: E731
+  jit_prefill = jax.jit(prefill_fn, in_shardings=(weights_sh, batch_sh, repl, repl),
                         out_shardings=out_sh)
-  jit_step = jax.jit(step, in_shardings=(param_sh, batch_sh, repl, (cache_sh, cache_sh), repl,
-                                         repl),
+  jit_step = jax.jit(step, in_shardings=(weights_sh, batch_sh, repl, cache_sh, repl, repl),
                      out_shardings=out_sh, donate_argnums=(3,))
-  return jit_prefill, jit_step
+  return jit_weights, jit_prefill, jit_step
 
 
 def stream(graphdef, params, mcfg, prompt_ids: Sequence[int], *, settings: SamplingConfig,
@@ -473,8 +600,10 @@ def stream(graphdef, params, mcfg, prompt_ids: Sequence[int], *, settings: Sampl
   n_new = min(int(settings.max_new_tokens), room)
   mesh, treedef, param_shardings = mesh_and_param_shardings(params)
   choice = SamplingConfig(max_new_tokens=1, temperature=settings.temperature,
-                          top_k=settings.top_k, top_p=settings.top_p)
-  prefill, step = _stream_fns(graphdef, mcfg, choice, mesh, treedef, param_shardings)
+                          top_k=settings.top_k, top_p=settings.top_p,
+                          prefill_chunk=settings.prefill_chunk)
+  weights_fn, prefill_step, step = _stream_fns(graphdef, mcfg, choice, mesh, treedef,
+                                               param_shardings)
   rows = batch_multiple(mesh, mcfg.rules)
   width = min(-(-n_prompt // bucket) * bucket, mcfg.max_seq_len)
   prompts_bw = np.zeros((rows, width), np.int32)
@@ -482,12 +611,13 @@ def stream(graphdef, params, mcfg, prompt_ids: Sequence[int], *, settings: Sampl
   rng = jax.device_put(jax.random.PRNGKey(seed), sharding.replicated(mesh))
   stops = set(settings.stop_ids)
   with jax.set_mesh(mesh):
-    tok_b, cache = prefill(params, prompts_bw, np.int32(n_prompt), rng)
+    weights = weights_fn(params)
+    tok_b, cache = prefill_step(weights, prompts_bw, np.int32(n_prompt), rng)
   for i in range(n_new):
     current_b = tok_b
     if i + 1 < n_new:  # dispatch the next step before reading this token: overlap
       with jax.set_mesh(mesh):
-        tok_b, cache = step(params, current_b, np.int32(n_prompt + i), cache, rng,
+        tok_b, cache = step(weights, current_b, np.int32(n_prompt + i), cache, rng,
                             np.int32(i + 1))
     token = int(np.asarray(jax.device_get(current_b))[0])
     yield token

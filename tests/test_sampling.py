@@ -6,16 +6,19 @@ on one device with host parameters, so they also check the sharded program.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 import helpers
 from jaxgpt import losses
 from jaxgpt import model as model_lib
 from jaxgpt import sampling, sharding
+from jaxgpt.model import kv_cache
 from jaxgpt.sampling import SamplingConfig
 
 B, P, N = 4, 8, 8
@@ -331,3 +334,69 @@ def test_rejects_bad_shapes():
     s.sample(SamplingConfig(max_new_tokens=N), prompts=s.prompts[:3], lengths=LENGTHS[:3])
   with pytest.raises(ValueError, match='top_p'):
     SamplingConfig(max_new_tokens=N, top_p=0.0)
+
+
+# -- the cache is written in place -----------------------------------------------------------
+
+_CALLS = re.compile(r'(?:calls|to_apply|body|condition|true_computation|false_computation)'
+                    r'=%([\w.\-]+)|branch_computations=\{([^}]*)\}')
+
+
+def loop_computations(hlo: str) -> dict[str, list[str]]:
+  """{name: instruction lines} of the HLO computations that while loops run: their bodies
+  and conditions and everything those call (fusions included)."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r'(?:ENTRY )?%([\w.\-]+) \(.*\{$', line)
+    if head:
+      name = head.group(1)
+      comps[name] = []
+    elif name is not None:
+      comps[name].append(line)
+  todo = [m for lines in comps.values() for line in lines if ' while(' in line
+          for m in re.findall(r'(?:body|condition)=%([\w.\-]+)', line)]
+  seen = set()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      for called, branches in _CALLS.findall(line):
+        todo.extend([called] if called else re.findall(r'%([\w.\-]+)', branches))
+  return {n: comps[n] for n in seen}
+
+
+@pytest.mark.parametrize('stacked', [False, True], ids=['per-layer', 'stacked-blocks'])
+def test_cache_is_written_in_place(monkeypatch, stacked):
+  """No instruction inside the compiled sampler's loops copies or scatters a buffer of the
+  cache's shape: each step writes its keys and values into the one cache (a
+  dynamic-update-slice). `stacked`: the GPU / TPU layout, one (L, B, K, S, H) array per
+  keys and values, read in blocks of 4 slots here (so the loop over blocks runs), with
+  the prompts prefilled 3 tokens at a time; the same tokens and log-probs either way."""
+  if stacked:
+    monkeypatch.setattr(sampling, 'split_layers_here', lambda: False)
+    monkeypatch.setattr(kv_cache, 'BLOCK', 4)
+  setup = MAIN_SETUPS[0]
+  s = get_setup(*setup)
+  settings = SamplingConfig(max_new_tokens=N, temperature=0.0, prefill_chunk=3)
+  fn = jax.jit(sampling.decode_fn(s.graphdef, s.mcfg, settings))
+  rows = sharding.batch_sharding(s.mesh, s.mcfg.rules)
+  args = (s.params, jax.device_put(s.prompts, rows), jax.device_put(LENGTHS, rows),
+          jax.random.PRNGKey(0))
+  with jax.set_mesh(s.mesh):
+    compiled = fn.lower(*args).compile()
+    out = jax.device_get(compiled(*args))
+  g = greedy(*setup)
+  np.testing.assert_array_equal(out.tokens, g.tokens)
+  np.testing.assert_allclose(out.logprobs, g.logprobs, atol=2e-5)
+
+  m = s.mcfg
+  shape = (m.n_layers, B * m.n_kv_heads, P + N - 1, m.head_dim)[0 if stacked else 1:]
+  spec = sampling.cache_spec(m.rules, len(shape))
+  shard = NamedSharding(s.mesh, spec).shard_shape(shape)
+  buffer = re.compile(r'= f32\[%s\]\{[\d,]*\} ([\w\-]+)\(' % ','.join(map(str, shard)))
+  ops = [match.group(1) for lines in loop_computations(compiled.as_text()).values()
+         for line in lines for match in [buffer.search(line)] if match]
+  assert 'dynamic-update-slice' in ops  # the loops do write the cache (the check has teeth)
+  assert not {'copy', 'scatter'} & set(ops), ops

@@ -1,21 +1,30 @@
-r"""Decoding throughput with and without the KV cache, on whatever devices exist.
+r"""Decoding throughput against the memory-bandwidth limit, beside Hugging Face `generate`.
 
-    python tools/bench_decode.py --config experiments/tiny.py --batch 8 \
-        --prompt_len 64 --new_tokens 64
+    python tools/bench_decode.py --config experiments/bench_33m.py         # batch 1, 8, 64
+    python tools/bench_decode.py --config experiments/tiny.py --batch 8 --norecompute
 
-Random parameters of the experiment's model, greedy decoding of `--new_tokens` tokens
-for a batch of `--prompt_len`-token prompts, no stop ids (every step runs):
+Random parameters of the experiment's model, greedy, `--prompt_len`-token prompts,
+`--new_tokens` new tokens, no stop ids (every step runs). For each batch size:
 
-* cache:    `jaxgpt.sampling.sample` — prefill once, then one token per step against
-            the KV cache (a compiled while_loop);
-* no cache: a compiled fori_loop that reruns the full forward over the whole
-            (batch, prompt_len + new_tokens) buffer every step and reads the logits at
-            the newest position (causal attention makes the not-yet-written tail
-            irrelevant; a fixed shape keeps it to one compilation).
+* jaxgpt:       `jaxgpt.sampling.sample` (a prefill, then one token per step against the
+                KV cache, one compiled while_loop);
+* transformers: `generate` of the PyTorch model holding the same weights
+                (`jaxgpt.model.hf.to_hf`), greedy with its KV cache, when `transformers`
+                and `torch` are installed (`--nohf` skips it);
+* no cache:     a compiled loop that reruns the full forward over the whole
+                (batch, prompt_len + new_tokens) buffer every step (`--norecompute`
+                skips it: it is slow).
 
-Both produce the same tokens (checked and printed). Tokens/s counts new tokens,
-batch * new_tokens / wall time of one whole generation (prefill included), best of
-`--repeats` runs after a compiling warm-up. Figures only: tests never use timings.
+tokens/s = batch * new_tokens / wall time of one whole generation (prefill included),
+best of `--repeats` runs after a warm-up call. Bandwidth: a decode step has to read at
+least every weight it multiplies (all parameters but the embedding table, of which it
+reads B rows, unless the table is also the output head) and the keys and values of the
+filled cache slots; `MB/step` is that, averaged over the generation's steps (the
+prefill counted as one), and `BW util` = (MB/step / seconds per step) / peak
+bandwidth. The peak is a large array copy measured here (read + write bytes) on CPU,
+the chip's published figure on a GPU or TPU (`--bandwidth_gbs` sets it). `agree` is
+the share of new tokens equal to jaxgpt's (float round-off can flip a near-tie on
+random weights, and everything after it). Figures only: tests never use timings.
 """
 
 from __future__ import annotations
@@ -28,15 +37,77 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxgpt import config as config_lib
+from jaxgpt import errors
 from jaxgpt import model as model_lib
 from jaxgpt import sampling, sharding
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
-_BATCH = flags.DEFINE_integer('batch', 8, 'prompts decoded together')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'tokens per prompt')
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'tokens generated per prompt')
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
+                                          'experiment config')
+_BATCH = flags.DEFINE_list('batch', ['1', '8', '64'], 'batch sizes (prompts decoded together)')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'tokens per prompt')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'tokens generated per prompt')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per variant (best is reported)')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and prompt seed')
+_RECOMPUTE = flags.DEFINE_bool('recompute', True, 'also time the no-cache variant (slow)')
+_HF = flags.DEFINE_bool('hf', True, 'also time transformers generate (when installed)')
+_BANDWIDTH = flags.DEFINE_float('bandwidth_gbs', 0.0,
+                                'peak memory bandwidth in GB/s; 0: measured on CPU, '
+                                'published on a known GPU / TPU')
+
+# Published peak memory bandwidth, GB/s, by a substring of `device_kind` (first match).
+PUBLISHED_GBS = (
+    ('H200', 4800), ('H100 NVL', 3900), ('H100 PCIe', 2000), ('H100', 3350),
+    ('A100-SXM4-80GB', 2039), ('A100 80GB PCIe', 1935), ('A100', 1555), ('L40S', 864),
+    ('A10G', 600), ('L4', 300), ('T4', 320), ('V100', 900),
+    ('TPU v6', 1640), ('TPU v5p', 2765), ('TPU v5', 819), ('TPU v4', 1228),
+)
+
+
+# -- bandwidth ---------------------------------------------------------------------------------
+
+
+def measured_copy_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+  """GB/s of a large array copy on the default device (read + write bytes), the best of a
+  jitted in-place add and, on CPU, numpy's copy."""
+  n = megabytes * 2**20 // 4
+  add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+  x = add(jnp.zeros((n,), jnp.float32)).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    x = add(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  gbs = 2 * 4 * n / best / 1e9
+  if jax.default_backend() == 'cpu':
+    a, b = np.ones(n, np.float32), np.empty(n, np.float32)
+    for _ in range(repeats):
+      start = time.perf_counter()
+      np.copyto(b, a)
+      gbs = max(gbs, 2 * a.nbytes / (time.perf_counter() - start) / 1e9)
+  return gbs
+
+
+def published_gbs(device_kind: str) -> float | None:
+  for name, gbs in PUBLISHED_GBS:
+    if name.lower() in device_kind.lower():
+      return float(gbs)
+  return None
+
+
+def bytes_per_step(mcfg, params, batch: int, prompt_len: int, new_tokens: int) -> float:
+  """Bytes a decode step must move at least, averaged over a generation (see the doc)."""
+  dtype = jnp.dtype(mcfg.decode_dtype or mcfg.dtype)
+  itemsize = dtype.itemsize
+  n_weights = model_lib.count_params(params)
+  if not mcfg.tied:  # the lookup reads B rows of the table, not all of it
+    n_weights -= (mcfg.padded_vocab_size - batch) * mcfg.d_model
+  per_slot = 2 * mcfg.n_layers * batch * mcfg.n_kv_heads * mcfg.head_dim * itemsize
+  mean_filled = prompt_len + (new_tokens - 1) / 2  # slots read by step i: prompt_len + i
+  return n_weights * itemsize + per_slot * (mean_filled + 1)  # + the new slot's write
+
+
+# -- the variants ------------------------------------------------------------------------------
 
 
 def recompute_fn(graphdef, n_new: int):
@@ -62,7 +133,36 @@ def recompute_fn(graphdef, n_new: int):
   return run
 
 
+def hf_generate_fn(mcfg, params):
+  """`run(prompts_bp) -> new tokens (B, N)` with transformers' greedy `generate` on the
+  same weights (float32 CPU torch), or None when transformers / torch are missing."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  from jaxgpt.model import hf  # pylint: disable=import-outside-toplevel
+  fields = hf.hf_config_from_model(mcfg)
+  hf_config = transformers.AutoConfig.for_model(fields.pop('model_type'), **fields)
+  model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in hf.to_hf(host, mcfg).items()},
+                        strict=True)
+  model.generation_config.eos_token_id = None  # no stop ids: every step runs
+
+  def run(prompts_bp, n_new):
+    ids = torch.from_numpy(np.asarray(prompts_bp, np.int64))
+    with torch.no_grad():
+      out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           max_new_tokens=n_new, do_sample=False, use_cache=True,
+                           pad_token_id=0)
+    return out[:, ids.shape[1]:].numpy()
+
+  return run
+
+
 def timed(fn, repeats):
+  """(output, first call seconds, best seconds of `repeats` more calls)."""
   start = time.perf_counter()
   out = jax.block_until_ready(fn())
   first = time.perf_counter() - start
@@ -74,56 +174,91 @@ def timed(fn, repeats):
   return out, first, best
 
 
+# -- main --------------------------------------------------------------------------------------
+
+
+def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak_gbs):
+  p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
+  prompts = np.random.default_rng(_SEED.value).integers(
+      0, mcfg.vocab_size, size=(b, p)).astype(np.int32)
+  lengths = np.full((b,), p, np.int32)
+  settings = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0)
+  key = jax.random.PRNGKey(0)
+  rows = []
+  ours, first, best = timed(
+      lambda: sampling.sample(graphdef, params, mcfg, prompts, lengths, key, settings).tokens,
+      _REPEATS.value)
+  ours = np.asarray(ours)
+  rows.append(('jaxgpt', first, best, 1.0))
+  if hf_run is not None:
+    theirs, first, best = timed(lambda: hf_run(prompts, n), _REPEATS.value)
+    rows.append(('transformers', first, best, float(np.mean(theirs == ours))))
+  if _RECOMPUTE.value:
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
+    recompute = jax.jit(recompute_fn(graphdef, n), in_shardings=(param_sh, batch_sh),
+                        out_shardings=batch_sh)
+    prompts_dev = jax.device_put(prompts, batch_sh)
+
+    def run_recompute():
+      with jax.set_mesh(mesh):
+        return recompute(params, prompts_dev)
+
+    full, first, best = timed(run_recompute, _REPEATS.value)
+    rows.append(('no cache', first, best, float(np.mean(np.asarray(full) == ours))))
+
+  step_bytes = bytes_per_step(mcfg, params, b, p, n)
+  print(f'\nbatch {b}: {step_bytes / 1e6:.1f} MB must move per step')
+  print(f'{"":13s} {"first s":>8s} {"best s":>8s} {"ms/step":>8s} {"tokens/s":>9s} '
+        f'{"GB/s":>7s} {"BW util":>8s} {"vs HF":>6s} {"agree":>6s}')
+  hf_best = dict((r[0], r[2]) for r in rows).get('transformers')
+  for name, first, best, agree in rows:
+    gbs = step_bytes * n / best / 1e9
+    vs_hf = f'{hf_best / best:5.2f}x' if hf_best else '     -'
+    print(f'{name:13s} {first:8.2f} {best:8.3f} {1e3 * best / n:8.2f} {b * n / best:9.1f} '
+          f'{gbs:7.1f} {100 * gbs / peak_gbs:7.1f}% {vs_hf} {100 * agree:5.1f}%')
+  return rows
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  b, p, n = _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  config_lib.validate(cfg, jax.device_count())
+  batches = [int(x) for x in _BATCH.value]
+  p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
   mcfg = model_lib.ModelConfig.from_config(cfg)
   mesh = sharding.make_mesh(cfg)
   if p + n > mcfg.max_seq_len:
     raise app.UsageError(f'--prompt_len + --new_tokens = {p + n} exceeds '
                          f'config.model.max_seq_len={mcfg.max_seq_len}.')
   mult = sampling.batch_multiple(mesh, mcfg.rules)
-  if b % mult:
-    raise app.UsageError(f'--batch={b} must be a multiple of {mult} (data-parallel devices).')
+  if any(b % mult for b in batches):
+    raise app.UsageError(f'--batch={batches}: each must be a multiple of {mult} '
+                         '(data-parallel devices).')
 
   graphdef, params = model_lib.init_params(mcfg, mesh, _SEED.value)
-  prompts = np.random.default_rng(_SEED.value).integers(
-      0, mcfg.vocab_size, size=(b, p)).astype(np.int32)
-  lengths = np.full((b,), p, np.int32)
   devices = jax.devices()
-  print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), '
-        f'mesh {dict(mesh.shape)}')
+  kind = devices[0].device_kind
+  measured = measured_copy_gbs()
+  published = published_gbs(kind) if jax.default_backend() != 'cpu' else None
+  peak = _BANDWIDTH.value or published or measured
+  source = ('--bandwidth_gbs' if _BANDWIDTH.value else
+            'published' if published else 'measured array copy')
+  print(f'devices: {len(devices)} x {kind} ({jax.default_backend()}), mesh {dict(mesh.shape)}')
   print(f'model: {mcfg.family}, {model_lib.count_params(params) / 1e6:.2f}M params, '
-        f'd_model={mcfg.d_model}, layers={mcfg.n_layers}, vocab={mcfg.vocab_size}, '
-        f'dtype={mcfg.dtype.name}')
-  print(f'batch={b} prompt_len={p} new_tokens={n} (greedy, best of {_REPEATS.value})')
-
-  settings = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0)
-  key = jax.random.PRNGKey(0)
-  cached, c_first, c_best = timed(
-      lambda: sampling.sample(graphdef, params, mcfg, prompts, lengths, key, settings).tokens,
-      _REPEATS.value)
-
-  param_sh = jax.tree.map(lambda x: x.sharding, params)
-  batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
-  recompute = jax.jit(recompute_fn(graphdef, n), in_shardings=(param_sh, batch_sh),
-                      out_shardings=batch_sh)
-  prompts_dev = jax.device_put(prompts, batch_sh)
-
-  def run_recompute():
-    with jax.set_mesh(mesh):
-      return recompute(params, prompts_dev)
-
-  full, f_first, f_best = timed(run_recompute, _REPEATS.value)
-
-  new = b * n
-  print(f'{"":10s} {"first call s":>13s} {"best s":>8s} {"ms/token step":>14s} {"tokens/s":>10s}')
-  for name, first, best in (('kv cache', c_first, c_best), ('no cache', f_first, f_best)):
-    print(f'{name:10s} {first:13.2f} {best:8.3f} {1e3 * best / n:14.2f} {new / best:10.1f}')
-  print(f'speed-up with the cache: {f_best / c_best:.1f}x; '
-        f'greedy tokens agree: {bool(np.array_equal(np.asarray(cached), np.asarray(full)))}')
+        f'd_model={mcfg.d_model}, layers={mcfg.n_layers}, heads={mcfg.n_heads}, '
+        f'd_ff={mcfg.d_ff}, vocab={mcfg.vocab_size}, '
+        f'dtype={jnp.dtype(mcfg.decode_dtype or mcfg.dtype).name}')
+  print(f'prompt_len={p} new_tokens={n} greedy, no stop ids, best of {_REPEATS.value}; '
+        f'peak bandwidth {peak:.1f} GB/s ({source}; copy measured here {measured:.1f} GB/s)')
+  hf_run = None
+  if _HF.value:
+    hf_run = hf_generate_fn(mcfg, params)
+    if hf_run is None:
+      print('transformers / torch not installed: no Hugging Face peer (pip install .[hf])')
+  for b in batches:
+    bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main, 'bench_decode')

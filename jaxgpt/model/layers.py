@@ -98,16 +98,17 @@ class Attention(nnx.Module):
     self.v = Proj('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
                   bias_shape=(k, h) if bias else None, bias_axes=('kv_heads', 'head_dim'),
                   std=cfg.init_std, **kw)
-    self.o = Proj('btnh,nhd->btd', (n, h, d), ('q_heads', 'head_dim', 'embed'),
+    # 'N' (heads) sorts before 'h': jnp.einsum contracts its sorted letters in that order,
+    # so the kernel is read as stored rather than transposed at every call.
+    self.o = Proj('btNh,Nhd->btd', (n, h, d), ('q_heads', 'head_dim', 'embed'),
                   bias_shape=(d,) if bias else None, bias_axes=('embed',),
                   std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
 
   def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
-    """Returns (y_btd, new_cache). `cache` is (k_bskh, v_bskh) or None.
+    """Returns (y_btd, new_cache). `cache` is a `kv_cache.LayerCache` or None.
 
-    With a cache, the new keys/values are written at their positions and queries
-    attend to every cache slot at a position <= their own. Rows may be at
-    different positions (prompts of different lengths, right-padded).
+    With a cache, the new keys/values are written into it in place and queries attend
+    to the filled cache slots at or before their own (see `jaxgpt.model.kv_cache`).
     """
     cfg, rules = self.cfg, self.cfg.rules
     q_btnh = sharding.constrain(self.q(x_btd), ('act_batch', 'act_seq', 'act_heads', None), rules)
@@ -117,29 +118,17 @@ class Attention(nnx.Module):
       q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
       k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
 
-    if cache is None:
-      new_cache = None
-      if segment_ids_bt is None:
-        mask, causal = None, True
-      else:
-        same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-        mask, causal = same[:, None, :, :], True
-      k_bskh, v_bskh = k_btkh, v_btkh
-    else:
-      k_bskh, v_bskh = cache
-      rows_b1 = jnp.arange(x_btd.shape[0])[:, None]
-      k_bskh = k_bskh.at[rows_b1, positions_bt].set(k_btkh.astype(k_bskh.dtype))
-      v_bskh = v_bskh.at[rows_b1, positions_bt].set(v_btkh.astype(v_bskh.dtype))
-      new_cache = (k_bskh, v_bskh)
-      slots_s = jnp.arange(k_bskh.shape[1])
-      mask = (slots_s[None, None, :] <= positions_bt[:, :, None])[:, None, :, :]
-      causal = False
-      k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
+    if cache is not None:
+      y_btnh, cache = cache.write_and_attend(q_btnh, k_btkh, v_btkh, positions_bt)
+      return self.o(y_btnh), cache
 
+    mask = None
+    if segment_ids_bt is not None:
+      mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None, :, :]
     impl = None if cfg.attention == 'auto' else cfg.attention
-    y_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, is_causal=causal,
+    y_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, is_causal=True,
                                           implementation=impl)
-    return self.o(y_btnh), new_cache
+    return self.o(y_btnh), None
 
 
 class MLP(nnx.Module):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxgpt import config as config_lib
 from jaxgpt import sharding
+from jaxgpt.model import kv_cache
 from jaxgpt.model.layers import Block, Norm, Proj, _param
 
 _REMAT_POLICIES = {
@@ -47,11 +48,26 @@ class ModelConfig:
   rules: tuple
   scalar_head: bool = False
   lm_head: bool = True      # False: a reward / value model, which never reads logits
+  tie_embeddings: bool = False  # llama: logits from the embedding table (gpt2 always ties)
+  vocab_multiple: int = 1   # table rows padded to a multiple; ids >= vocab_size are padding
+  decode_dtype: Any = None  # the sampler's weights, compute and KV cache; None: dtype
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Rows of the embedding / output head: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def tied(self) -> bool:
+    return self.family == 'gpt2' or self.tie_embeddings
 
   @classmethod
   def from_config(cls, cfg, *, scalar_head=False, lm_head=True) -> 'ModelConfig':
     """Build from the full experiment config (model fields + mesh rules)."""
     m = cfg.model
+    if m.vocab_multiple < 1:
+      raise config_lib.ConfigError(
+          f'config.model.vocab_multiple={m.vocab_multiple} must be >= 1 (1: no padding).')
     return cls(
         family=m.family, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
         n_heads=m.n_heads,
@@ -61,7 +77,9 @@ class ModelConfig:
         dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
         scan_layers=bool(m.scan_layers), remat=m.remat, init_std=float(m.init_std),
         attention=m.attention, rules=sharding.rules_tuple(cfg.mesh.rules),
-        scalar_head=scalar_head, lm_head=lm_head)
+        scalar_head=scalar_head, lm_head=lm_head, tie_embeddings=bool(m.tie_embeddings),
+        vocab_multiple=int(m.vocab_multiple),
+        decode_dtype=jnp.dtype(m.decode_dtype) if m.decode_dtype else None)
 
 
 class Transformer(nnx.Module):
@@ -70,7 +88,7 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     gpt2 = cfg.family == 'gpt2'
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+    self.embed = _param(rngs, (cfg.padded_vocab_size, cfg.d_model), ('vocab', 'embed'),
                         cfg.init_std, cfg.param_dtype)
     self.pos_embed = (_param(rngs, (cfg.max_seq_len, cfg.d_model), ('positions', 'embed'),
                              cfg.init_std / 2, cfg.param_dtype) if gpt2 else None)
@@ -83,9 +101,9 @@ class Transformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.final_norm = Norm(cfg.d_model, kind='layernorm' if gpt2 else 'rmsnorm',
                            eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
-    # GPT-2 ties the output head to the input embedding; a reward model has none.
-    self.lm_head = None if gpt2 or not cfg.lm_head else Proj(
-        'btd,dv->btv', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+    # GPT-2 (and a tied LLaMA) reads logits from the input embedding; a reward model has none.
+    self.lm_head = None if cfg.tied or not cfg.lm_head else Proj(
+        'btd,dv->btv', (cfg.d_model, cfg.padded_vocab_size), ('embed', 'vocab'),
         std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     # Reward model / value function: one scalar per position read from the final hidden
     # state; N(0, 1/sqrt(d+1)) keeps the initial scores O(1) whatever the width.
@@ -115,36 +133,46 @@ class Transformer(nnx.Module):
     else:
       w_dv = self.lm_head.kernel[...].astype(self.cfg.dtype)
       logits_btv = jnp.einsum('btd,dv->btv', h_btd, w_dv, preferred_element_type=jnp.float32)
+    if self.cfg.padded_vocab_size > self.cfg.vocab_size:
+      # Padding rows are no tokens: a large finite negative (not -inf, so p * log p stays
+      # 0) keeps them out of the loss, the sampler and every log-prob.
+      valid_v = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+      logits_btv = jnp.where(valid_v, logits_btv, -1e9)
     return sharding.constrain(logits_btv, ('act_batch', 'act_seq', 'act_vocab'), self.cfg.rules)
 
   def scalars(self, h_btd):
     """float32 scalar per position (reward / value), from final hidden states."""
     return self.scalar_head(h_btd.astype(jnp.float32))
 
-  def _run_blocks(self, x_btd, positions_bt, segment_ids_bt, cache):
-    """Applies every block; `cache` is None or (k_lbskh, v_lbskh)."""
+  def _run_blocks(self, x_btd, positions_bt, segment_ids_bt, cache=None, slot=None, pad=None,
+                  layers=None):
+    """Applies every block. `cache` (a `kv_cache.KVCache`, every layer's keys and values)
+    rides in the loop carry, so each layer writes its own slice in place; `slot`, `pad`,
+    `layers` as in `decode`. Returns (x_btd, cache)."""
     cfg = self.cfg
     graphdef, layer_params = nnx.split(self.blocks)
 
-    def layer(x_btd, params_and_cache):
-      params, layer_cache = params_and_cache
-      y_btd, new_cache = nnx.merge(graphdef, params)(x_btd, positions_bt, segment_ids_bt,
-                                                     layer_cache)
-      return y_btd, new_cache
+    def layer(carry, params_and_index):
+      x_btd, cache = carry
+      params, index = params_and_index
+      view = None if cache is None else kv_cache.LayerCache(cache, index, slot, pad)
+      y_btd, view = nnx.merge(graphdef, params)(x_btd, positions_bt, segment_ids_bt, view)
+      return (y_btd, None if view is None else view.cache), None
 
-    if cfg.remat != 'none':
+    if cfg.remat != 'none' and cache is None:  # decoding takes no gradients
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
                              prevent_cse=not cfg.scan_layers)
+    if layers is not None:
+      for i, params_i in enumerate(layers):
+        (x_btd, cache), _ = layer((x_btd, cache), (params_i, i))
+      return x_btd, cache
     if cfg.scan_layers:
-      return jax.lax.scan(layer, x_btd, (layer_params, cache))
-    new_caches = []
+      indices = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+      return jax.lax.scan(layer, (x_btd, cache), (layer_params, indices))[0]
     for i in range(cfg.n_layers):
-      slice_i = jax.tree.map(lambda a: a[i], (layer_params, cache))
-      x_btd, new_cache = layer(x_btd, slice_i)
-      new_caches.append(new_cache)
-    if cache is None:
-      return x_btd, None
-    return x_btd, jax.tree.map(lambda *xs: jnp.stack(xs), *new_caches)
+      params_i = jax.tree.map(lambda a: a[i], layer_params)
+      (x_btd, cache), _ = layer((x_btd, cache), (params_i, i))
+    return x_btd, cache
 
   def scalar_at(self, h_btd, index_b):
     """float32 scalar of each row read at one position (e.g. its <|reward|> token)."""
@@ -171,18 +199,36 @@ class Transformer(nnx.Module):
     either side is invisible to it."""
     return self.scalar_at(self.hidden(tokens_bt, positions_bt, segment_ids_bt), readout_b)
 
-  def decode(self, tokens_bt, positions_bt, cache):
-    """KV-cache forward: prefill (t > 1) or one step (t = 1).
+  def decode(self, tokens_bt, positions_bt, cache, slot=None, pad=None, layers=None):
+    """KV-cache forward: prefill (t > 1) or one step (t = 1); returns (hidden_btd, cache).
 
-    `cache` is (k_lbskh, v_lbskh) from `init_cache`; returns (hidden_btd, new_cache).
+    `cache` is a `kv_cache.KVCache` from `init_cache`, updated in place (donate it or
+    carry it in a loop). `slot=None`: row b's token t goes to cache slot
+    positions_bt[b, t]; `slot` (int32 scalar): every row's tokens go to slots slot ..
+    slot+t-1 in one dynamic-update-slice. `pad = (pad_start_b, pad_stop)`: slots of row
+    b never attended (its prompt padding). See `jaxgpt.model.kv_cache`. `layers`: the
+    blocks' parameters as one tree per layer (`split_layers`), run unrolled in place of
+    the stacked ones.
     """
     x_btd = self.embed_tokens(tokens_bt, positions_bt)
-    x_btd, new_cache = self._run_blocks(x_btd, positions_bt, None, cache)
-    return self.final_norm(x_btd), new_cache
+    x_btd, cache = self._run_blocks(x_btd, positions_bt, None, cache, slot, pad, layers)
+    return self.final_norm(x_btd), cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """Zeroed KV cache for `batch` rows of up to `length` positions."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-  dtype = dtype or cfg.dtype
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+def split_layers(params) -> tuple:
+  """The blocks' stacked parameters as one tree per layer, for `decode(layers=...)`.
+
+  Slice once, outside a decoding loop: on CPU a matmul cannot read one layer of the
+  stack in place, so every pass of a loop over the stack would copy all the weights.
+  """
+  n_layers = jax.tree.leaves(params['blocks'])[0].shape[0]
+  return tuple(jax.tree.map(lambda a, i=i: a[i], params['blocks']) for i in range(n_layers))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None,
+               per_layer: bool = False) -> kv_cache.KVCache:
+  """Zeroed KV cache for `batch` rows of up to `length` slots, (L, B, K, S, H) each for
+  keys and values (`per_layer`: a tuple of L (B, K, S, H), for `decode(layers=...)`),
+  in `dtype` (default: the decoding dtype)."""
+  return kv_cache.zeros(cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim,
+                        dtype or cfg.decode_dtype or cfg.dtype, per_layer)
