@@ -6,6 +6,8 @@ that accumulates micro-batches can divide once by the count of the whole step.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -33,6 +35,44 @@ def masked_lm_loss_sum(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0):
   loss_sum = nll_sum
   if z_loss:
     loss_sum = loss_sum + z_loss * jnp.sum(jnp.square(logz_bt) * weights_bt)
+  return loss_sum, nll_sum
+
+
+def chunked_lm_loss_sum(h_btd, logits_fn, targets_bt, weights_bt, chunk: int,
+                        z_loss: float = 0.0):
+  """`masked_lm_loss_sum(logits_fn(h_btd), ...)` taken `chunk` positions at a time.
+
+  At most one (b, chunk, v) float32 slice of logits exists at once, in the forward and
+  the backward pass: the scan body is rematerialised, so the backward recomputes a
+  chunk's logits from its hidden states instead of keeping every chunk's. Same value
+  and gradient as the unchunked loss (up to float summation order). `logits_fn` maps
+  (b, c, d) hidden states to (b, c, v) logits; a length that `chunk` does not divide is
+  padded with weight-0 positions.
+  """
+  b, t, _ = h_btd.shape
+  n = -(-t // chunk)
+  if n == 1:
+    return masked_lm_loss_sum(logits_fn(h_btd), targets_bt, weights_bt, z_loss)
+  pad = n * chunk - t
+  if pad:
+    h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
+    targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+    weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))
+
+  def chunks(x_bt):  # (b, n * c, ...) -> (n, b, c, ...): the scan runs over chunks
+    return jnp.swapaxes(x_bt.reshape(b, n, chunk, *x_bt.shape[2:]), 0, 1)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan CSE cannot merge it
+  def one_chunk(h_bcd, targets_bc, weights_bc):
+    return masked_lm_loss_sum(logits_fn(h_bcd), targets_bc, weights_bc, z_loss)
+
+  def body(sums, xs):
+    loss, nll = one_chunk(*xs)
+    return (sums[0] + loss, sums[1] + nll), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss_sum, nll_sum), _ = jax.lax.scan(
+      body, (zero, zero), (chunks(h_btd), chunks(targets_bt), chunks(weights_bt)))
   return loss_sum, nll_sum
 
 

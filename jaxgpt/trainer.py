@@ -139,14 +139,21 @@ def make_eval_step(graphdef, loss_fn: LossFn, param_shardings, mesh, rules, batc
                  out_shardings=sharding.replicated(mesh))
 
 
-def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False) -> LossFn:
-  """Masked next-token cross-entropy over batch['weights'] (pretraining and SFT)."""
+def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False,
+               loss_chunk: int = 0) -> LossFn:
+  """Masked next-token cross-entropy over batch['weights'] (pretraining and SFT);
+  `loss_chunk` > 0 computes it that many positions at a time (config.train.loss_chunk)."""
 
   def loss_fn(model, batch):
     segment_ids = batch['segment_ids'] if use_segment_ids else None
-    logits_btv = model(batch['inputs'], batch['positions'], segment_ids)
-    loss_sum, nll_sum = losses.masked_lm_loss_sum(logits_btv, batch['targets'],
-                                                  batch['weights'], z_loss)
+    if loss_chunk:
+      h_btd = model.hidden(batch['inputs'], batch['positions'], segment_ids)
+      loss_sum, nll_sum = losses.chunked_lm_loss_sum(h_btd, model.logits, batch['targets'],
+                                                     batch['weights'], loss_chunk, z_loss)
+    else:
+      logits_btv = model(batch['inputs'], batch['positions'], segment_ids)
+      loss_sum, nll_sum = losses.masked_lm_loss_sum(logits_btv, batch['targets'],
+                                                    batch['weights'], z_loss)
     return loss_sum, {'loss': nll_sum, 'weight': batch['weights'].sum()}
 
   return loss_fn

@@ -45,7 +45,8 @@ def run(cfg, workdir: str) -> loop.Result:
   t = config_lib.stage_train_config(cfg, NAME)
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
-      loss_fn=trainer.lm_loss_fn(t.z_loss, use_segment_ids=bool(cfg.sft.packing)), data=data,
+      loss_fn=trainer.lm_loss_fn(t.z_loss, use_segment_ids=bool(cfg.sft.packing),
+                                 loss_chunk=t.loss_chunk), data=data,
       init_params=lambda: params0, sample_fn=chat_sampler(tok, mcfg, cfg.sft.eval_tokens),
       meta={'tokenizer': tok.path, 'init_from': init_dir,
             'config': cfg.to_json_best_effort()})

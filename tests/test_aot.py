@@ -1,0 +1,96 @@
+"""Ahead-of-time compile-and-fit (`jaxgpt.aot`, `tools/aot.py`) on tiny configs.
+
+On the 8 CPU devices; the TPU case compiles for a v5p-8 slice when libtpu is installed
+(`pip install -e '.[tpu-aot]'`) and is skipped otherwise.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import helpers
+from jaxgpt import aot, sharding
+from jaxgpt import config as config_lib
+from jaxgpt import model as model_lib
+from jaxgpt import targets
+from jaxgpt.aot_plans import plan
+
+
+def hand_computed_state_bytes(cfg, devices: int) -> float:
+  """float32 parameters and AdamW's two moments, split evenly over the devices."""
+  n = model_lib.count_params(model_lib.abstract_model(model_lib.ModelConfig.from_config(cfg))[1])
+  return 3 * 4 * n / devices
+
+
+def measure_train_step(cfg, devices):
+  config_lib.validate(cfg, len(devices))
+  p = plan(cfg, 'pretrain', sharding.make_mesh(cfg, devices))
+  return p, aot.measure(p, p.steps[0])
+
+
+def test_train_step_memory_on_8_cpu_devices_is_parameters_and_adam_moments():
+  cfg = helpers.tiny_config(mesh=(1, 8, 1))
+  p, train = measure_train_step(cfg, jax.devices())
+  hand = hand_computed_state_bytes(cfg, 8)
+  assert train.step == 'train' and train.shape == '16x16'
+  assert abs(p.state_bytes - hand) / hand < 0.1
+  assert abs(train.argument_bytes - hand) / hand < 0.1  # the compiler's own count
+  assert train.total_bytes >= train.argument_bytes and not train.refused
+  lookup = cfg.model.vocab_size * cfg.model.d_model  # the untied embedding is no matmul
+  assert train.flops > 6 * (p.n_params - lookup) * 16 * 16  # 6N a token plus attention
+
+
+def test_state_larger_than_a_device_fails_in_one_line_before_compiling(monkeypatch):
+  cfg = helpers.tiny_config(mesh=(1, 8, 1))
+  monkeypatch.setattr(targets, '_host_memory_bytes', lambda: 8 * 2 ** 10)  # 1 KiB a device
+  with pytest.raises(aot.DoesNotFit) as e:
+    aot.check_fits(cfg, compile_steps=False)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith('pretrain needs ') and 'GiB per device' in message
+  monkeypatch.undo()
+  assert aot.check_fits(cfg, compile_steps=False) == []  # fits: nothing compiled
+
+
+def test_slice_names_map_to_libtpu_topologies():
+  v5p, v5e = targets.FAMILIES['v5p'], targets.FAMILIES['v5e']
+  assert targets.slice_shape(v5p, 4) == (2, 2, 1)      # v5p-8: 4 chips
+  assert targets.slice_shape(v5p, 32) == (2, 4, 4)     # v5p-64
+  assert targets.slice_shape(v5e, 8) == (2, 4)         # v5e-8
+  assert targets.slice_shape(v5e, 1) == (1, 1)         # Colab's v5e-1
+  for bad in ('v9-8', 'v5p', 'v2-16', 'v5e-3'):
+    with pytest.raises(config_lib.ConfigError, match='--topology'):
+      targets.tpu_target(bad)
+
+
+@pytest.mark.skipif(not targets.libtpu_installed(),
+                    reason="libtpu is not installed (pip install -e '.[tpu-aot]')")
+def test_small_train_step_compiles_for_a_v5p_slice_without_a_tpu():
+  # Every weight's last two dims a multiple of TPU tiles (8, 128) on each device, so
+  # padding does not blur the comparison with the hand-computed bytes.
+  cfg = helpers.tiny_config(vocab=1024)
+  m = cfg.model
+  m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff = 512, 8, 8, 128, 1024
+  cfg.tokenizer.vocab_size = 1024
+  cfg.mesh.fsdp = -1
+  target = targets.tpu_target('v5p-8')
+  assert len(target.devices) == 4 and target.device_kind.startswith('TPU v5')
+  _, train = measure_train_step(cfg, target.devices)
+  hand = hand_computed_state_bytes(cfg, 4)
+  assert abs(train.argument_bytes - hand) / hand < 0.1
+  assert train.fits(target.hbm_bytes) and train.temp_bytes > 0
+
+
+def test_tool_prints_the_table_for_this_machine():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  proc = subprocess.run(
+      [sys.executable, 'tools/aot.py', '--config=experiments/tiny.py:smoke', '--stage=pretrain',
+       '--steps=eval', '--search=false', '--peak_tflops=1'],
+      cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'local = 2 x cpu' in proc.stdout
+  row = next(line for line in proc.stdout.splitlines() if line.startswith('| eval | 8x64 |'))
+  assert '| yes |' in row

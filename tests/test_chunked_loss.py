@@ -1,0 +1,49 @@
+"""The chunked cross-entropy (config.train.loss_chunk) equals the whole-sequence one."""
+
+import jax
+import numpy as np
+import pytest
+
+import helpers
+from jaxgpt import config as config_lib
+from jaxgpt import model as model_lib
+from jaxgpt import sharding, trainer
+
+
+def loss_and_grads(family, mesh_shape, loss_chunk):
+  """(sums, grads) of the LM loss (z-loss, packed segments) on a tiny model."""
+  cfg = helpers.tiny_config(family, mesh=mesh_shape, seq_len=16)
+  mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  graphdef, abstract, logical = model_lib.abstract_model(mcfg)
+  param_sh = sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
+  params = jax.device_put(helpers.random_params(mcfg, seed=0), param_sh)
+  loss_fn = trainer.lm_loss_fn(z_loss=1e-3, use_segment_ids=True, loss_chunk=loss_chunk)
+  grad_fn = trainer.make_grad_fn(graphdef, loss_fn, 1, mcfg.rules)
+  batch = helpers.random_batch(cfg, segments=True)
+  batch_sh = {k: sharding.batch_sharding(mesh, mcfg.rules) for k in batch}
+  with jax.set_mesh(mesh):
+    grads, sums = jax.jit(grad_fn, in_shardings=(param_sh, batch_sh),
+                          out_shardings=(param_sh, None))(params, batch)
+  return jax.device_get((sums, grads))
+
+
+@pytest.mark.parametrize('family', ['llama', 'gpt2'])  # gpt2: logits from the tied embedding
+def test_chunked_loss_on_8_devices_equals_whole_loss_on_one(family):
+  # 16 positions in chunks of 6: three chunks, the last padded with weight-0 positions.
+  ref_sums, ref_grads = loss_and_grads(family, (1, 1, 1), loss_chunk=0)
+  sums, grads = loss_and_grads(family, (2, 2, 2), loss_chunk=6)
+  for k in ('loss', 'weight'):
+    np.testing.assert_allclose(sums[k], ref_sums[k], rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                            jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_negative_loss_chunk_is_a_config_error():
+  cfg = helpers.tiny_config()
+  cfg.train.loss_chunk = -1
+  with pytest.raises(config_lib.ConfigError, match='config.train.loss_chunk=-1'):
+    config_lib.validate(cfg, 1)
