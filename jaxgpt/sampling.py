@@ -2,13 +2,16 @@
 
 One compiled program per (batch, prompt length) shape and `SamplingConfig`:
 
-1. prefill: the right-padded prompts (B, P) run through `model.decode` once, filling
-   cache slots 0..P-1. Row b's first new token is sampled from the logits at index
-   `lengths[b] - 1`;
-2. a `jax.lax.while_loop` feeds back one token per step: the token sampled at step i-1
-   is written at position `lengths[b] + i - 1` (overwriting prompt padding before it is
-   ever attended to) and the logits it yields give the token of step i. The loop ends
-   after `max_new_tokens` steps or as soon as every row has emitted a stop id.
+1. prefill: the right-padded prompts (B, P) run through `model.decode` (in chunks of
+   `prefill_chunk` tokens when longer), filling cache slots 0..P-1; only the hidden
+   state at each row's last prompt token, `lengths[b] - 1`, reaches the LM head, and
+   gives row b's first new token;
+2. a `jax.lax.while_loop` feeds back one token per step: the token sampled at step i-1,
+   at position `lengths[b] + i - 1`, is written to cache slot P + i - 1 of every row
+   (one dynamic-update-slice into the cache, in place; a row's prompt padding, slots
+   lengths[b]..P-1, is never attended to) and the logits it yields give the token of
+   step i. The loop ends after `max_new_tokens` steps or as soon as every row has
+   emitted a stop id.
 
 Per row, the response is every sampled token up to and including the first stop id
 (the stop token is part of the response: a policy must learn to emit it). After it the
@@ -41,11 +44,21 @@ logits). Randomness: the step-i draw uses `jax.random.fold_in(rng, i)`, so a see
 the whole output; with `jax_threefry_partitionable` the result does not depend on the
 mesh.
 
+Memory traffic (see `jaxgpt.model.kv_cache`). A step reads each weight once and the
+keys / values it attends to, and writes one slot: the weights are cast to the compute
+dtype once per call (`config.model.decode_dtype`, e.g. bfloat16 for the weights, the
+compute and the cache: half the bytes, log-probs then no longer equal a float32
+training forward); on CPU, where a matmul cannot read one layer of a stacked array in
+place, the layers' weights are sliced once per call and each layer keeps its own cache
+buffer (`split_layers_here`); on GPU / TPU the stacked cache is read in blocks up to the
+filled length.
+
 Sharding. `sample` runs on the mesh the parameters live on, with the training
 parameters in place: `in_shardings` are the parameters' own shardings, prompts and
-outputs are batch-sharded (`act_batch`), and the cache (L, B, S, K, H) is constrained to
-(None, act_batch, act_seq, act_kv_heads, None) after every write. `decode_fn` is the
-pure function underneath, usable inside another jitted program (e.g. a PPO step).
+outputs are batch-sharded (`act_batch`), and the cache, (L,) B*K, S, H, is constrained
+to `cache_spec`: the merged rows x kv-heads axis over the mesh axes of act_batch and
+act_kv_heads, slots over act_seq. `decode_fn` is the pure function underneath, usable
+inside another jitted program (e.g. a PPO step).
 """
 
 from __future__ import annotations

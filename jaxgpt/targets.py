@@ -80,11 +80,13 @@ def libtpu_installed() -> bool:
 
 def _quiet_libtpu(name: str) -> None:
   """On a machine without TPUs, tell libtpu what it would ask the TPU VM's metadata
-  server (it warns about each at length otherwise); compiling does not depend on them."""
+  server (it warns about each at length otherwise; compiling does not depend on them),
+  and let several processes compile at once (libtpu locks the TPU, and there is none)."""
   if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'):
     return  # a TPU VM: libtpu finds its own
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', name)
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
 def tpu_target(name: str) -> Target:

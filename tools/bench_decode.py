@@ -51,6 +51,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per variant (best is r
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and prompt seed')
 _RECOMPUTE = flags.DEFINE_bool('recompute', True, 'also time the no-cache variant (slow)')
 _HF = flags.DEFINE_bool('hf', True, 'also time transformers generate (when installed)')
+_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
 _BANDWIDTH = flags.DEFINE_float('bandwidth_gbs', 0.0,
                                 'peak memory bandwidth in GB/s; 0: measured on CPU, '
                                 'published on a known GPU / TPU')
@@ -149,6 +150,10 @@ def hf_generate_fn(mcfg, params):
   model.load_state_dict({k: torch.from_numpy(v) for k, v in hf.to_hf(host, mcfg).items()},
                         strict=True)
   model.generation_config.eos_token_id = None  # no stop ids: every step runs
+  if _TORCH_THREADS.value:
+    torch.set_num_threads(_TORCH_THREADS.value)
+  print(f'transformers {transformers.__version__}, torch {torch.__version__} '
+        f'({torch.get_num_threads()} threads), attention {model.config._attn_implementation}')
 
   def run(prompts_bp, n_new):
     ids = torch.from_numpy(np.asarray(prompts_bp, np.int64))

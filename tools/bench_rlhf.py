@@ -236,8 +236,8 @@ def part_ppo(cfg, mesh, rng):
         graphdefs['policy'], policy, roles.policy, ids, lengths, key, s).lengths, _REPEATS.value)
     new = int(np.asarray(out).sum())
     print(f'{name:28s} {first:8.2f} {best:8.3f} {new:11d} {new / best:10.0f}')
-  print(f'(the greedy row is tools/bench_decode.py --batch {p.rollout_batch} --prompt_len '
-        f'{width} --new_tokens {n}, kv cache)')
+  print(f'(the greedy row is tools/bench_decode.py --config <this config> --batch '
+        f'{p.rollout_batch} --prompt_len {width} --new_tokens {n}, jaxgpt)')
 
 
 def main(argv):

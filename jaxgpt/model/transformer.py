@@ -227,8 +227,8 @@ def split_layers(params) -> tuple:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None,
                per_layer: bool = False) -> kv_cache.KVCache:
-  """Zeroed KV cache for `batch` rows of up to `length` slots, (L, B, K, S, H) each for
-  keys and values (`per_layer`: a tuple of L (B, K, S, H), for `decode(layers=...)`),
-  in `dtype` (default: the decoding dtype)."""
+  """Zeroed KV cache for `batch` rows of up to `length` slots: keys and values each
+  (L, B*K, S, H) (`per_layer`: a tuple of L (B*K, S, H), for `decode(layers=...)`), in
+  `dtype` (default: the decoding dtype). See `jaxgpt.model.kv_cache`."""
   return kv_cache.zeros(cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim,
                         dtype or cfg.decode_dtype or cfg.dtype, per_layer)
