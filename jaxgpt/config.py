@@ -15,7 +15,8 @@ import ml_collections
 
 STAGES = ('pretrain', 'sft', 'reward', 'ppo', 'all')
 FAMILIES = ('llama', 'gpt2')
-REMAT_POLICIES = ('none', 'full', 'dots_saveable')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'save_proj')
+ATTENTION_KERNELS = ('auto', 'xla', 'cudnn', 'splash')  # jaxgpt.model.attention_kernels
 DTYPES = ('float32', 'bfloat16')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -50,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'pretrain'
   c.seed = 0
+  c.preflight = True          # before allocating: stop a run whose parameters and optimizer
+                              # state alone exceed a device's memory (jaxgpt.preflight)
 
   c.model = m = ml_collections.ConfigDict()
   m.family = 'llama'
@@ -66,9 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'         # compute dtype
   m.param_dtype = 'float32'
   m.scan_layers = True
-  m.remat = 'none'
+  m.remat = 'none'            # none | full | dots_saveable | save_proj (projections kept)
   m.init_std = 0.02
-  m.attention = 'auto'        # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+  m.attention = 'auto'        # auto | xla | cudnn | splash (jaxgpt.model.attention_kernels)
   m.decode_dtype = ''         # the sampler's weights, compute and KV cache ('' -> dtype);
                               # 'bfloat16' halves the bytes a decode step reads
 
@@ -310,11 +313,15 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   check_known_fields(cfg)
   if cfg.stage not in STAGES:
     raise ConfigError(f"config.stage='{cfg.stage}' must be one of {STAGES}.")
+  if not isinstance(cfg.preflight, bool):
+    raise ConfigError(f'config.preflight={cfg.preflight!r} must be True or False.')
   m = cfg.model
   if m.family not in FAMILIES:
     raise ConfigError(f"config.model.family='{m.family}' must be one of {FAMILIES}.")
   if m.remat not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat='{m.remat}' must be one of {REMAT_POLICIES}.")
+  if m.attention not in ATTENTION_KERNELS:
+    raise ConfigError(f"config.model.attention='{m.attention}' must be one of {ATTENTION_KERNELS}.")
   for field in ('dtype', 'param_dtype'):
     if m[field] not in DTYPES:
       raise ConfigError(f"config.model.{field}='{m[field]}' must be one of {DTYPES}.")

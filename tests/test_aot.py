@@ -1,7 +1,8 @@
 """Ahead-of-time compile-and-fit (`jaxgpt.aot`, `tools/aot.py`) on tiny configs.
 
-On the 8 CPU devices; the TPU case compiles for a v5p-8 slice when libtpu is installed
-(`pip install -e '.[tpu-aot]'`) and is skipped otherwise.
+On the 8 CPU devices; the TPU cases compile for a v5p-8 slice (the train step, then the
+splash attention kernel inside it) when libtpu is installed (`pip install -e '.[tpu-aot]'`)
+and are skipped otherwise.
 """
 
 import os
@@ -82,6 +83,26 @@ def test_small_train_step_compiles_for_a_v5p_slice_without_a_tpu():
   hand = hand_computed_state_bytes(cfg, 4)
   assert abs(train.argument_bytes - hand) / hand < 0.1
   assert train.fits(target.hbm_bytes) and train.temp_bytes > 0
+
+
+@pytest.mark.skipif(not targets.libtpu_installed(),
+                    reason="libtpu is not installed (pip install -e '.[tpu-aot]')")
+@pytest.mark.parametrize('attention', ['splash', 'auto'])
+def test_splash_attention_compiles_inside_the_train_step_for_a_tpu_slice(attention):
+  """The Pallas kernel (forward and backward) lowers to a Mosaic custom call inside the
+  scanned, sharded train step and compiles for v5p: rows over 'data', heads over
+  'tensor' (shard_map), 16 positions padded to a 128-block, GQA. On a TPU mesh, 'auto'
+  picks splash for rows of a block or more."""
+  cfg = helpers.tiny_config(mesh=(2, 1, 2), seq_len=16 if attention == 'splash' else 128)
+  cfg.model.max_seq_len = 128
+  cfg.model.attention = attention
+  target = targets.tpu_target('v5p-8')
+  config_lib.validate(cfg, len(target.devices))
+  p = plan(cfg, 'pretrain', sharding.make_mesh(cfg, target.devices))
+  lowered = p.steps[0].lower(p.steps[0].rows)
+  # One kernel forward, its dq and dkv kernels in the backward pass (scanned layers: once).
+  assert lowered.as_text().count('tpu_custom_call') == 3
+  assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
 
 
 def test_tool_prints_the_table_for_this_machine():

@@ -3,7 +3,8 @@
 Every parameter carries logical axis names (`sharding_names`); `jaxgpt.sharding`
 maps them to mesh axes through the rules table in the config. Shapes are in the
 names: b batch, t query positions, s key positions, d model width, n query heads,
-k key/value heads, h head width, f MLP width, v vocabulary.
+k key/value heads, h head width, f MLP width, v vocabulary. Projection outputs carry
+`checkpoint_name`s (PROJ_NAMES) that remat policies can save by name.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt import sharding
+from jaxgpt.model import attention_kernels
 
 # Parameters are created unsharded and placed by jit(out_shardings=...) in
 # jaxgpt.model.init, so flax must not try to shard them eagerly at creation.
 nnx.use_eager_sharding(False)
+
+
+# Every projection output a block names (for jax.checkpoint_policies.save_only_these_names).
+PROJ_NAMES = ('attn_q_proj', 'attn_k_proj', 'attn_v_proj', 'attn_out_proj', 'mlp_gate_proj',
+              'mlp_up_proj', 'mlp_down_proj')
 
 
 def _param(rngs, shape, axes, std, dtype):
@@ -111,9 +119,12 @@ class Attention(nnx.Module):
     to the filled cache slots at or before their own (see `jaxgpt.model.kv_cache`).
     """
     cfg, rules = self.cfg, self.cfg.rules
-    q_btnh = sharding.constrain(self.q(x_btd), ('act_batch', 'act_seq', 'act_heads', None), rules)
-    k_btkh = sharding.constrain(self.k(x_btd), ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
-    v_btkh = sharding.constrain(self.v(x_btd), ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+    q_btnh = sharding.constrain(checkpoint_name(self.q(x_btd), 'attn_q_proj'),
+                                ('act_batch', 'act_seq', 'act_heads', None), rules)
+    k_btkh = sharding.constrain(checkpoint_name(self.k(x_btd), 'attn_k_proj'),
+                                ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+    v_btkh = sharding.constrain(checkpoint_name(self.v(x_btd), 'attn_v_proj'),
+                                ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
     if cfg.family == 'llama':
       q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
       k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
@@ -122,13 +133,9 @@ class Attention(nnx.Module):
       y_btnh, cache = cache.write_and_attend(q_btnh, k_btkh, v_btkh, positions_bt)
       return self.o(y_btnh), cache
 
-    mask = None
-    if segment_ids_bt is not None:
-      mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None, :, :]
-    impl = None if cfg.attention == 'auto' else cfg.attention
-    y_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, is_causal=True,
-                                          implementation=impl)
-    return self.o(y_btnh), None
+    y_btnh = attention_kernels.attend(q_btnh, k_btkh, v_btkh, segment_ids_bt,
+                                      attention=cfg.attention, rules=rules)
+    return checkpoint_name(self.o(y_btnh), 'attn_out_proj'), None
 
 
 class MLP(nnx.Module):
@@ -148,12 +155,15 @@ class MLP(nnx.Module):
                      std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
 
   def __call__(self, x_btd):
+    # Projection outputs are named for remat='save_proj'; the hidden h_btf is not (it is
+    # one elementwise op away from them, so cheap to recompute and not worth its memory).
+    up_btf = checkpoint_name(self.up(x_btd), 'mlp_up_proj')
     if self.gate is None:
-      h_btf = jax.nn.gelu(self.up(x_btd), approximate=True)
+      h_btf = jax.nn.gelu(up_btf, approximate=True)
     else:
-      h_btf = jax.nn.silu(self.gate(x_btd)) * self.up(x_btd)
+      h_btf = jax.nn.silu(checkpoint_name(self.gate(x_btd), 'mlp_gate_proj')) * up_btf
     h_btf = sharding.constrain(h_btf, ('act_batch', 'act_seq', 'act_mlp'), self.cfg.rules)
-    return self.down(h_btf)
+    return checkpoint_name(self.down(h_btf), 'mlp_down_proj')
 
 
 class Block(nnx.Module):

@@ -17,11 +17,14 @@ from flax import nnx
 from jaxgpt import config as config_lib
 from jaxgpt import sharding
 from jaxgpt.model import kv_cache
-from jaxgpt.model.layers import Block, Norm, Proj, _param
+from jaxgpt.model.layers import PROJ_NAMES, Block, Norm, Proj, _param
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the q/k/v/out and MLP projection outputs; recompute norms, RoPE, attention and
+    # the MLP hidden (f wide, the largest activation, one elementwise op from saved ones).
+    'save_proj': jax.checkpoint_policies.save_only_these_names(*PROJ_NAMES),
 }
 
 
