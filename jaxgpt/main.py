@@ -30,7 +30,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run.run(_CONFIG.value, _WORKDIR.value)
+  run.run(_CONFIG.value, _WORKDIR.value, config_flags.get_config_filename(flags.FLAGS['config']))
   return 0
 
 

@@ -9,9 +9,8 @@ import tempfile
 import jax
 
 from jaxgpt import config as config_lib
-from jaxgpt import hf_import
+from jaxgpt import hf_import, preflight, sharding
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
 
 # In recipe order; `all` runs them one after the other, each from the previous one.
 PIPELINE = ('pretrain', 'sft', 'reward', 'ppo')
@@ -31,17 +30,20 @@ def _check_writable(workdir: str) -> None:
     raise OSError(e.errno, e.strerror, workdir) from None
 
 
-def run(cfg, workdir: str) -> dict:
-  """Validates the config, then runs each stage; returns {stage: loop.Result}."""
+def run(cfg, workdir: str, config_file: str = '') -> dict:
+  """Validates the config, then runs each stage; returns {stage: loop.Result}.
+  `config_file` (the experiment's path) only goes into messages."""
   jax.config.update('jax_threefry_partitionable', True)
   hf_import.adopt_init_settings(cfg, workdir)  # init_from a published model: its architecture
   config_lib.validate(cfg, jax.device_count())
   # A model the mesh cannot split fails now (abstractly), not after the data and tokenizer.
-  model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg),
-                                    sharding.make_mesh(cfg))
+  mesh = sharding.make_mesh(cfg)
+  model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg), mesh)
+  names = PIPELINE if cfg.stage == 'all' else (cfg.stage,)
+  # One that cannot hold its state, or names a missing tokenizer, fails before the workdir.
+  preflight.check(cfg, names, mesh, config_file)
   os.makedirs(workdir, exist_ok=True)
   _check_writable(workdir)
-  names = PIPELINE if cfg.stage == 'all' else (cfg.stage,)
   results = {name: _stage_module(name).run(cfg, workdir) for name in names}
   if cfg.stage == 'all':
     from jaxgpt import report  # pylint: disable=import-outside-toplevel

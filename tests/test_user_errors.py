@@ -170,7 +170,12 @@ CASES = [
          ('config.model.vocab_size=511', "'vocab'", 'config.mesh.rules')),
     # tokenizer
     Case('tokenizer-missing-llama', ('-m', 'jaxgpt.main', '--config=experiments/llama_7b.py',
-                                     WD), ("'tokenizer.model'", 'config.tokenizer.path')),
+                                     WD, '--config.preflight=False'),
+         ("'tokenizer.model'", 'config.tokenizer.path', 'tools/train_tokenizer.py')),
+    # memory: checked before the tokenizer and before anything is allocated
+    Case('llama-does-not-fit', ('-m', 'jaxgpt.main', '--config=experiments/llama_7b.py', WD),
+         ('pretrain needs', 'GiB per device', 'a device here has', 'tools/aot.py',
+          'config.preflight=False')),
     # the workdir
     Case('workdir-is-a-file', (*MAIN, '--workdir={d}/file'), ('{d}/file', 'not a directory'),
          write({'file': 'x'})),
