@@ -64,48 +64,30 @@ def device_budget(devices=None) -> Budget | None:
   return Budget(float(stats['bytes_limit']), f'{d.device_kind} bytes_limit')
 
 
-@dataclasses.dataclass(frozen=True)
-class Need:
-  stage: str
-  params_bytes: float          # per device
-  opt_bytes: float             # per device: optimizer state, step, rng
-  n_params: int
-
-  @property
-  def total(self) -> float:
-    return self.params_bytes + self.opt_bytes
-
-
-def state_need(cfg, stage: str, mesh) -> Need:
-  """Per-device bytes of the long-lived state of `stage` on `mesh` (abstract only)."""
-  p = aot_plans.plan(cfg, stage, mesh)
-  return Need(stage, p.params_bytes, p.opt_bytes, p.n_params)
-
-
 def _gib(x: float) -> str:
   return f'{x / GIB:.1f} GiB' if x >= 0.1 * GIB else f'{x / 2 ** 20:.1f} MiB'
 
 
 def check_memory(cfg, mesh, stages, config_file: str = '', budget: Budget | None = None
-                 ) -> list[Need]:
+                 ) -> list[aot_plans.Plan]:
   """Raise `aot.DoesNotFit` (one line) if a stage's parameters and optimizer state alone
-  exceed a device's memory. Returns each stage's need."""
+  exceed a device's memory. Returns each stage's plan (`state_bytes`: what it needs)."""
   budget = budget or device_budget()
-  needs = []
+  plans = []
   for stage in stages:
-    need = state_need(cfg, stage, mesh)
-    needs.append(need)
-    if budget is not None and need.total > budget.bytes:
+    p = aot_plans.plan(cfg, stage, mesh)
+    plans.append(p)
+    if budget is not None and p.state_bytes > budget.bytes:
       devices = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
       aot_cmd = f'python tools/aot.py --config {config_file or "EXPERIMENT.py"} --topology v5p-8'
       raise aot.DoesNotFit(
-          f'{stage} needs {_gib(need.total)} per device for parameters and optimizer state '
-          f'alone ({need.n_params / 1e9:.2f}B parameters: {_gib(need.params_bytes)} + optimizer '
-          f'{_gib(need.opt_bytes)}, mesh {devices}), but a device here has '
+          f'{stage} needs {_gib(p.state_bytes)} per device for parameters and optimizer state '
+          f'alone ({p.n_params / 1e9:.2f}B parameters: {_gib(p.params_bytes)} + optimizer '
+          f'{_gib(p.opt_bytes)}, mesh {devices}), but a device here has '
           f'{_gib(budget.bytes)} ({budget.what}); run on more or larger devices (check a '
           f'slice first, without it: {aot_cmd}), pick a smaller model, or set '
           'config.preflight=False to try anyway.')
-  return needs
+  return plans
 
 
 def check_tokenizer(cfg) -> None:

@@ -9,7 +9,7 @@ Random parameters of the experiment's model, greedy, `--prompt_len`-token prompt
 * jaxgpt:       `jaxgpt.sampling.sample` (a prefill, then one token per step against the
                 KV cache, one compiled while_loop);
 * transformers: `generate` of the PyTorch model holding the same weights
-                (`jaxgpt.model.hf.to_hf`), greedy with its KV cache, when `transformers`
+                (`jaxgpt.torch_peer`), greedy with its KV cache, when `transformers`
                 and `torch` are installed (`--nohf` skips it);
 * no cache:     a compiled loop that reruns the full forward over the whole
                 (batch, prompt_len + new_tokens) buffer every step (`--norecompute`
@@ -40,7 +40,7 @@ from ml_collections import config_flags
 from jaxgpt import config as config_lib
 from jaxgpt import errors
 from jaxgpt import model as model_lib
-from jaxgpt import sampling, sharding
+from jaxgpt import sampling, sharding, torch_peer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
                                           'experiment config')
@@ -137,23 +137,14 @@ def recompute_fn(graphdef, n_new: int):
 def hf_generate_fn(mcfg, params):
   """`run(prompts_bp) -> new tokens (B, N)` with transformers' greedy `generate` on the
   same weights (float32 CPU torch), or None when transformers / torch are missing."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  peer = torch_peer.causal_lm(mcfg, params, threads=_TORCH_THREADS.value)
+  if peer is None:
     return None
-  from jaxgpt.model import hf  # pylint: disable=import-outside-toplevel
-  fields = hf.hf_config_from_model(mcfg)
-  hf_config = transformers.AutoConfig.for_model(fields.pop('model_type'), **fields)
-  model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in hf.to_hf(host, mcfg).items()},
-                        strict=True)
+  import torch  # pylint: disable=import-outside-toplevel
+  model, about = peer
+  model.eval()
   model.generation_config.eos_token_id = None  # no stop ids: every step runs
-  if _TORCH_THREADS.value:
-    torch.set_num_threads(_TORCH_THREADS.value)
-  print(f'transformers {transformers.__version__}, torch {torch.__version__} '
-        f'({torch.get_num_threads()} threads), attention {model.config._attn_implementation}')
+  print(about)
 
   def run(prompts_bp, n_new):
     ids = torch.from_numpy(np.asarray(prompts_bp, np.int64))

@@ -8,7 +8,7 @@ token rows of config.train.batch_size x config.data.seq_len:
 * jaxgpt:  the pretraining step (`trainer.make_train_step` with the LM loss, the optax
            chain of config.train, `jit_train_step`: compiled once, state donated);
 * pytorch: the Hugging Face model of the same architecture holding the same weights
-           (`jaxgpt.model.hf.to_hf`), eager (no torch.compile): forward, mean
+           (`jaxgpt.torch_peer`), eager (no torch.compile): forward, mean
            cross-entropy, backward, global-norm clipping and AdamW with the same
            hyper-parameters (decay on matrices only); when `transformers` and `torch`
            are installed (`--nopytorch` skips it).
@@ -32,7 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxgpt import config as config_lib
-from jaxgpt import errors, metrics, optim, sharding, trainer
+from jaxgpt import errors, metrics, optim, sharding, torch_peer, trainer
 from jaxgpt import model as model_lib
 from jaxgpt.stages import loop
 
@@ -104,22 +104,13 @@ def jaxgpt_step(cfg, mcfg, mesh, rows):
 
 def pytorch_step(cfg, mcfg, params, rows):
   """step() of the eager PyTorch peer, or None when transformers / torch are missing."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  peer = torch_peer.causal_lm(mcfg, params, threads=_TORCH_THREADS.value)
+  if peer is None:
     return None
-  from jaxgpt.model import hf  # pylint: disable=import-outside-toplevel
-  fields = hf.hf_config_from_model(mcfg)
-  hf_config = transformers.AutoConfig.for_model(fields.pop('model_type'), **fields)
-  model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).train()
-  if _TORCH_THREADS.value:
-    torch.set_num_threads(_TORCH_THREADS.value)
-  print(f'pytorch peer: torch {torch.__version__} ({torch.get_num_threads()} threads), '
-        f'transformers {transformers.__version__}, attention {model.config._attn_implementation}')
-  host = jax.tree.map(lambda x: np.array(x, np.float32), params)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in hf.to_hf(host, mcfg).items()},
-                        strict=True)
+  import torch  # pylint: disable=import-outside-toplevel
+  model, about = peer
+  model.train()
+  print(f'pytorch peer: {about}')
   t = cfg.train
   matrices = [p for p in model.parameters() if p.ndim >= 2]
   others = [p for p in model.parameters() if p.ndim < 2]
