@@ -7,6 +7,10 @@ Trains on a TFDS dataset prepared once (see README, "Your own corpus"):
 
 The tokenizer (50,257 pieces, sentencepiece BPE) is trained from the corpus on first
 use unless `--config.tokenizer.path` names one.
+
+`experiments/gpt2_124m.py:colab` fits one 16 GiB chip (Colab's v5e-1): the same 512-row
+step in 32 micro-batches of 16 rows. Check a chip first with
+`python tools/aot.py --config experiments/gpt2_124m.py:colab --topology v5e-1`.
 """
 
 from jaxgpt.config import base_config
@@ -33,6 +37,7 @@ def get_config(arg=None):
   t = c.train
   t.batch_size = 512            # 0.5M tokens per step, as in GPT-3 small
   t.micro_batches = 8
+  t.loss_chunk = 512            # the (rows, 1024, 50304) float32 logits never exist whole
   t.steps = 20000
   t.lr = 6e-4
   t.min_lr_ratio = 0.1
@@ -43,4 +48,6 @@ def get_config(arg=None):
   t.eval_every = 1000
   t.sample_every = 2000
   c.checkpoint.every_steps = 1000
+  if arg == 'colab':
+    t.micro_batches = 32        # 16 rows at a time: 60% of a v5e chip's 15.75 GiB
   return c

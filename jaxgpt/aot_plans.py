@@ -100,7 +100,8 @@ def _train_and_eval(name_prefix, mcfg, mesh, t, loss_fn, batch_fn, shape, tokens
   train = trainer.jit_train_step(
       trainer.make_train_step(graphdef, optimizer, loss_fn, t.micro_batches, rules,
                               lr_schedule=optim.schedule(t)), shardings, mesh, rules, keys)
-  evaluate = trainer.make_eval_step(graphdef, loss_fn, shardings['params'], mesh, rules, keys)
+  evaluate = trainer.make_eval_step(graphdef, loss_fn, shardings['params'], mesh, rules, keys,
+                                    t.micro_batches)
   n = model_lib.count_params(abstract_state['params'])
   per_token = metrics.flops_per_token(mcfg, context, n)
   params_bytes = bytes_per_device(state['params'])

@@ -129,11 +129,27 @@ def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, ru
   return train_step
 
 
-def make_eval_step(graphdef, loss_fn: LossFn, param_shardings, mesh, rules, batch_keys):
-  """Jitted `(params, batch) -> sums` (loss sums and weight) for validation."""
+def make_eval_step(graphdef, loss_fn: LossFn, param_shardings, mesh, rules, batch_keys,
+                   micro_batches: int = 1):
+  """Jitted `(params, batch) -> sums` (loss sums and weight) for validation, summed over
+  `micro_batches` slices of the batch as the train step does: an eval batch is as large
+  as a train batch, and its activations (the logits above all) do not fit whole either."""
+  def sums_of(params, batch):
+    return loss_fn(model_lib.merge(graphdef, params), batch)[1]
+
   def eval_step(params, batch):
-    _, sums = loss_fn(model_lib.merge(graphdef, params), batch)
-    return sums
+    if micro_batches == 1:
+      return sums_of(params, batch)
+    micro = _split_micro_batches(batch, micro_batches)
+
+    def body(acc, mb):
+      mb = jax.tree.map(
+          lambda x: sharding.constrain(x, ('act_batch',) + (None,) * (x.ndim - 1), rules), mb)
+      return jax.tree.map(jnp.add, acc, sums_of(params, mb)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_of, params, first))
+    return jax.lax.scan(body, zeros, micro)[0]
   batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in batch_keys}
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sh),
                  out_shardings=sharding.replicated(mesh))

@@ -47,3 +47,26 @@ def test_negative_loss_chunk_is_a_config_error():
   cfg.train.loss_chunk = -1
   with pytest.raises(config_lib.ConfigError, match='config.train.loss_chunk=-1'):
     config_lib.validate(cfg, 1)
+
+
+def test_eval_step_in_micro_batches_equals_the_whole_batch():
+  """The eval step sums its loss over config.train.micro_batches slices (an eval batch is
+  a train batch: whole, its logits need not fit)."""
+  cfg = helpers.tiny_config(mesh=(2, 2, 2), seq_len=16)
+  mesh = sharding.make_mesh(cfg, helpers.devices_for((2, 2, 2)))
+  mcfg = model_lib.ModelConfig.from_config(cfg)
+  graphdef, abstract, logical = model_lib.abstract_model(mcfg)
+  param_sh = sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
+  params = jax.device_put(helpers.random_params(mcfg, seed=0), param_sh)
+  batch = helpers.random_batch(cfg)
+  loss_fn = trainer.lm_loss_fn(loss_chunk=6)
+
+  def sums(micro_batches):
+    step = trainer.make_eval_step(graphdef, loss_fn, param_sh, mesh, mcfg.rules, list(batch),
+                                  micro_batches)
+    with jax.set_mesh(mesh):
+      return jax.device_get(step(params, batch))
+
+  whole, micro = sums(1), sums(2)
+  for k in ('loss', 'weight'):
+    np.testing.assert_allclose(micro[k], whole[k], rtol=1e-5)

@@ -200,7 +200,7 @@ def train(stage: Stage, workdir: str) -> Result:
   batch_keys = list(first.keys()) if first is not None else ['inputs']
   jit_step = trainer.jit_train_step(step_fn, shardings, mesh, rules, batch_keys)
   eval_step = trainer.make_eval_step(graphdef, stage.loss_fn, shardings['params'], mesh, rules,
-                                     batch_keys)
+                                     batch_keys, t.micro_batches)
   val_batches = stage.data.val_batches(t.eval_batches)
   writer = metrics_lib.MetricsWriter(out_dir, stage=stage.name, total_steps=t.steps,
                                      start_step=start)
