@@ -11,6 +11,10 @@ the chip's memory; that refusal is read as "does not fit" with the size it repor
 `DoesNotFit` (a ConfigError: one line) when the parameters and optimizer state alone
 exceed a device's memory (arithmetic only), or when the compiled train step does.
 
+For the sampler's programs it also reads the collectives of one decode step from the
+compiled HLO (`jaxgpt.collectives`): the bytes the per-token loop moves between devices,
+which the decode layout (config.mesh.decode_rules) exists to cut.
+
 FLOPs are analytic (6 N per token plus attention, `jaxgpt.metrics.flops_per_token`):
 XLA's cost analysis counts a scanned layer once.
 """
@@ -20,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jaxgpt import collectives, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import sharding
 from jaxgpt import targets as targets_lib
 from jaxgpt.aot_plans import Plan, Step, plan
 
@@ -45,6 +49,7 @@ class Measured:
                                # code + long-lived state outside the arguments
   flops: float                 # model FLOPs of one call, all devices
   refused: str = ''            # the compiler's out-of-memory message, when it refused
+  decode_step: collectives.Collectives | None = None  # a sampler's: one decode step's
 
   def fits(self, hbm_bytes: float) -> bool:
     return not self.refused and self.total_bytes <= hbm_bytes
@@ -91,6 +96,8 @@ def measure(p: Plan, step: Step, rows: int | None = None) -> Measured:
   m = compiled.memory_analysis()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
            m.temp_size_in_bytes + m.generated_code_size_in_bytes + outside)
+  if step.decode_weight_bytes:
+    base['decode_step'] = collectives.decode_step_bytes(compiled)
   return Measured(argument_bytes=float(m.argument_size_in_bytes),
                   temp_bytes=float(m.temp_size_in_bytes), total_bytes=float(total), **base)
 

@@ -45,6 +45,8 @@ class Step:
   state_bytes: float                     # per device: long-lived state among its arguments
   batch_field: str = ''                  # the config field `rows` comes from (searchable)
   unit: int = 1                          # rows must be a multiple of this
+  decode_weight_bytes: float = 0.0       # a sampler program: per device, the weights as it
+                                         # decodes with them (a copy, when cast or resharded)
 
 
 @dataclasses.dataclass
@@ -142,10 +144,27 @@ def sampler_steps(graphdef, mcfg, mesh, params, n_params, rows, prompt_len, new_
                                                                           n_params)
 
   params_bytes = bytes_per_device(params)
+  weights = decode_weight_bytes(mcfg, mesh, params)
   return [Step(names[0], rows, lambda r: f'{r}x{p}', lower(1), prefill_flops, params_bytes,
-               unit=unit),
+               unit=unit, decode_weight_bytes=weights),
           Step(names[1], rows, lambda r: f'{r}x({p}+{n})', lower(n), generate_flops,
-               params_bytes, unit=unit)]
+               params_bytes, unit=unit, decode_weight_bytes=weights)]
+
+
+def decode_weight_bytes(mcfg, mesh, params) -> float:
+  """Per device: the weights as `sampling.decoding_weights` prepares them, cast to the
+  decoding dtype and in the decode layout (config.mesh.decode_rules): replicated over
+  'fsdp', they cost fsdp times the bytes of a training shard."""
+  mcfg = sampling.decoding_model(None, mcfg)[1]
+  layout = sampling.decode_layout(mcfg)
+  shardings = (jax.tree.map(lambda x: x.sharding, params) if layout is None
+               else sampling.decode_param_shardings(mcfg, mesh, layout))
+
+  def one(path, x, sharding_):
+    cast = getattr(path[-1], 'key', None) in sampling.CAST_ONCE
+    return _spec(x.shape, mcfg.dtype if cast else x.dtype, sharding_)
+
+  return bytes_per_device(jax.tree_util.tree_map_with_path(one, params, shardings))
 
 
 def _opt_bytes(state) -> float:

@@ -45,6 +45,21 @@ DEFAULT_RULES = (
     ('act_vocab', 'tensor'),
 )
 
+# What the sampler changes in DEFAULT_RULES (`config.mesh.decode_rules`): weights whole
+# over 'fsdp'. FSDP shards 'embed', the dimension every matmul contracts, so with the
+# training layout each decode step would all-gather every weight (for one token); the
+# sampler reshards them once per call instead, at the cost of fsdp-fold weight bytes.
+DEFAULT_DECODE_RULES = (('embed', None),)
+# The alternative that costs no memory: 'fsdp' as more tensor parallelism (heads, MLP,
+# vocabulary), rows only over 'data'; n_kv_heads and d_ff must divide by tensor * fsdp.
+DECODE_RULES_FSDP_AS_TENSOR = (
+    ('embed', None),
+    *((name, ('tensor', 'fsdp')) for name in ('vocab', 'mlp', 'q_heads', 'kv_heads',
+                                              'act_heads', 'act_kv_heads', 'act_mlp',
+                                              'act_vocab')),
+    ('act_batch', 'data'),
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field an experiment may set, with defaults for a tiny CPU run."""
@@ -80,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1            # -1: all devices left over
   c.mesh.tensor = 1
   c.mesh.rules = DEFAULT_RULES
+  c.mesh.decode_rules = DEFAULT_DECODE_RULES  # entries of rules replaced while sampling;
+                              # () samples in the training layout
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''       # '' -> WORKDIR/tokenizer.model, trained from the corpus on first use
@@ -374,9 +391,33 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   if t.loss_chunk < 0:
     raise ConfigError(f'config.train.loss_chunk={t.loss_chunk} must be >= 0 (0: the whole '
                       'sequence at once).')
+  _validate_decode_rules(cfg)
   _validate_reward(cfg, batch_shards)
   _validate_ppo(cfg, batch_shards)
   return sizes
+
+
+def _validate_decode_rules(cfg) -> None:
+  """Entries of known logical axes onto mesh axes; rows split over no more devices than
+  in training (so a batch the training rules accept suits the sampler too)."""
+  names = {n for n, _ in DEFAULT_RULES}
+  for entry in cfg.mesh.decode_rules:
+    if len(entry) != 2 or entry[0] not in names:
+      raise ConfigError(f'config.mesh.decode_rules: {entry!r} is not a (logical axis, mesh '
+                        f'axes) pair of a logical axis in config.mesh.rules.')
+    axes = entry[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if any(a not in MESH_AXES for a in axes):
+      raise ConfigError(f'config.mesh.decode_rules: {entry!r} names mesh axes other than '
+                        f'{MESH_AXES}.')
+  def batch_axes(rules):
+    axes = dict(rules).get('act_batch')
+    return set(() if axes is None else (axes,) if isinstance(axes, str) else axes)
+  decode = batch_axes(tuple(cfg.mesh.rules) + tuple(cfg.mesh.decode_rules))
+  if not decode <= batch_axes(cfg.mesh.rules):
+    raise ConfigError(f"config.mesh.decode_rules maps 'act_batch' to {sorted(decode)}: "
+                      "sampling may split rows over a subset of the axes config.mesh.rules' "
+                      'act_batch uses, not more.')
 
 
 def _choice(cfg, field: str, allowed) -> None:

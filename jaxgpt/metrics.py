@@ -45,6 +45,14 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> fl
   return 2 * n ** 3 * len(devices) / best
 
 
+def human_bytes(x: float) -> str:
+  """e.g. '12.6 GiB', '51.2 MiB': the largest unit of which x is at least a tenth."""
+  for unit, scale in (('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if x >= 0.1 * scale:
+      return f'{x / scale:.1f} {unit}'
+  return f'{x:.0f} B'
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(seconds)
   if seconds >= 3600:

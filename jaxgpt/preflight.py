@@ -23,8 +23,7 @@ import jax
 
 from jaxgpt import aot, aot_plans
 from jaxgpt import config as config_lib
-
-GIB = 2 ** 30
+from jaxgpt.metrics import human_bytes
 
 
 class TokenizerMissing(config_lib.ConfigError):
@@ -64,10 +63,6 @@ def device_budget(devices=None) -> Budget | None:
   return Budget(float(stats['bytes_limit']), f'{d.device_kind} bytes_limit')
 
 
-def _gib(x: float) -> str:
-  return f'{x / GIB:.1f} GiB' if x >= 0.1 * GIB else f'{x / 2 ** 20:.1f} MiB'
-
-
 def check_memory(cfg, mesh, stages, config_file: str = '', budget: Budget | None = None
                  ) -> list[aot_plans.Plan]:
   """Raise `aot.DoesNotFit` (one line) if a stage's parameters and optimizer state alone
@@ -81,10 +76,10 @@ def check_memory(cfg, mesh, stages, config_file: str = '', budget: Budget | None
       devices = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
       aot_cmd = f'python tools/aot.py --config {config_file or "EXPERIMENT.py"} --topology v5p-8'
       raise aot.DoesNotFit(
-          f'{stage} needs {_gib(p.state_bytes)} per device for parameters and optimizer state '
-          f'alone ({p.n_params / 1e9:.2f}B parameters: {_gib(p.params_bytes)} + optimizer '
-          f'{_gib(p.opt_bytes)}, mesh {devices}), but a device here has '
-          f'{_gib(budget.bytes)} ({budget.what}); run on more or larger devices (check a '
+          f'{stage} needs {human_bytes(p.state_bytes)} per device for parameters and optimizer state '
+          f'alone ({p.n_params / 1e9:.2f}B parameters: {human_bytes(p.params_bytes)} + optimizer '
+          f'{human_bytes(p.opt_bytes)}, mesh {devices}), but a device here has '
+          f'{human_bytes(budget.bytes)} ({budget.what}); run on more or larger devices (check a '
           f'slice first, without it: {aot_cmd}), pick a smaller model, or set '
           'config.preflight=False to try anyway.')
   return plans

@@ -53,12 +53,16 @@ place, the layers' weights are sliced once per call and each layer keeps its own
 buffer (`split_layers_here`); on GPU / TPU the stacked cache is read in blocks up to the
 filled length.
 
-Sharding. `sample` runs on the mesh the parameters live on, with the training
-parameters in place: `in_shardings` are the parameters' own shardings, prompts and
-outputs are batch-sharded (`act_batch`), and the cache, (L,) B*K, S, H, is constrained
-to `cache_spec`: the merged rows x kv-heads axis over the mesh axes of act_batch and
-act_kv_heads, slots over act_seq. `decode_fn` is the pure function underneath, usable
-inside another jitted program (e.g. a PPO step).
+Sharding. `sample` runs on the mesh the parameters live on and takes them in their
+training shardings; prompts and outputs are batch-sharded (`act_batch`). Decoding has its
+own rules table, `config.mesh.decode_rules` (`mcfg.decode_rules`: the training rules with
+those entries replaced): `decoding_weights` reshards the weights to it once per call, and
+activations and the cache follow it. The default keeps weights whole over 'fsdp': FSDP
+shards the contracted model dimension, so the training layout would all-gather every
+weight at every token (tools/aot.py prints the collective bytes of one decode step). The
+cache, (L,) B*K, S, H, is constrained to `cache_spec`: the merged rows x kv-heads axis
+over the mesh axes of act_batch and act_kv_heads, slots over act_seq. `decode_fn` is the
+pure function underneath, usable inside another jitted program (e.g. a PPO step).
 """
 
 from __future__ import annotations
@@ -186,15 +190,22 @@ def _is_stop(tokens_b, stop_ids):
 
 # -- the decoding program -------------------------------------------------------------------
 
+# The op name scope of the per-token while loop in `decode_fn`'s compiled program.
+DECODE_LOOP = 'decode_loop'
+
 # Parameters the model reads through `.astype(dtype)`: cast once per call instead.
-_CAST_ONCE = ('kernel', 'embed', 'pos_embed')
+CAST_ONCE = ('kernel', 'embed', 'pos_embed')
 
 
 def decoding_model(graphdef, mcfg):
-  """(graphdef, mcfg) computing in `mcfg.decode_dtype` (unchanged when it is unset)."""
-  if mcfg.decode_dtype is None or mcfg.decode_dtype == mcfg.dtype:
+  """(graphdef, mcfg) computing in `mcfg.decode_dtype` with activations constrained by
+  `mcfg.decode_rules` (unchanged when both are unset). `decode_rules` stays set: it tells
+  `decode_layout` that the weights need resharding."""
+  dtype = mcfg.decode_dtype or mcfg.dtype
+  rules = mcfg.decode_rules or mcfg.rules
+  if dtype == mcfg.dtype and rules == mcfg.rules:
     return graphdef, mcfg
-  mcfg = dataclasses.replace(mcfg, dtype=mcfg.decode_dtype)
+  mcfg = dataclasses.replace(mcfg, dtype=dtype, rules=rules)
   return model_lib.abstract_model(mcfg)[0], mcfg
 
 
@@ -205,21 +216,36 @@ def split_layers_here() -> bool:
   return jax.default_backend() == 'cpu'
 
 
-def decoding_weights(params, mcfg):
+def decode_layout(mcfg):
+  """(abstract params, logical specs) that `decoding_weights` reshards to when
+  `mcfg.decode_rules` is set, else None."""
+  if mcfg.decode_rules is None:
+    return None
+  return model_lib.abstract_model(mcfg)[1:]
+
+
+def decode_param_shardings(mcfg, mesh, layout):
+  """The parameters' shardings while sampling (`mcfg.decode_rules`, on `mesh`)."""
+  return sharding.param_shardings(*layout, mesh, mcfg.decode_rules, 'config.mesh.decode_rules')
+
+
+def decoding_weights(params, mcfg, layout=None):
   """(params, layers) for `model.decode`, prepared once per call rather than every step:
   weight matrices cast to the compute dtype (the values the model would compute with;
-  norm scales stay as they are) and, where `split_layers_here`, the blocks as one tree
-  per layer (`layers`, else None)."""
+  norm scales stay as they are), resharded to the sampler's layout (`layout`, from
+  `decode_layout`: one all-gather here instead of one per token inside the loop) and,
+  where `split_layers_here`, the blocks as one tree per layer (`layers`, else None)."""
   def cast(path, x):
     name = getattr(path[-1], 'key', None)
-    return x.astype(mcfg.dtype) if name in _CAST_ONCE else x
+    return x.astype(mcfg.dtype) if name in CAST_ONCE else x
 
-  def cast_tree(tree):
-    return jax.tree_util.tree_map_with_path(cast, tree)
-
+  params = jax.tree_util.tree_map_with_path(cast, params)
+  mesh = jax.sharding.get_abstract_mesh()
+  if layout is not None and not mesh.empty:  # after the cast: fewer bytes to gather
+    params = jax.lax.with_sharding_constraint(params, decode_param_shardings(mcfg, mesh, layout))
   if not split_layers_here():
-    return cast_tree(params), None
-  return cast_tree(params), tuple(cast_tree(t) for t in model_lib.split_layers(params))
+    return params, None
+  return params, model_lib.split_layers(params)
 
 
 def prefill_width(p: int, chunk: int) -> int:
@@ -305,15 +331,16 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
   lengths_b[b]..P-1 never attended) and puts new token i of every row in slot P+i-1,
   so each step writes one shared slot in place (see `jaxgpt.model.kv_cache`).
   """
-  rules = mcfg.rules
   n_new = int(settings.max_new_tokens)
   graphdef, mcfg = decoding_model(graphdef, mcfg)
+  rules = mcfg.rules
+  layout = decode_layout(mcfg)
 
   def run(params, prompts_bp, lengths_b, rng):
     b, p = prompts_bp.shape
     prompts_bp = prompts_bp.astype(jnp.int32)
     lengths_b = lengths_b.astype(jnp.int32)
-    params, layers = decoding_weights(params, mcfg)
+    params, layers = decoding_weights(params, mcfg, layout)
     pad = (lengths_b, p)
     slots = max(p + n_new - 1, prefill_width(p, settings.prefill_chunk))
     cache = constrain_cache(
@@ -357,7 +384,8 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
               put(logprobs_bn, lp_b), put(mask_bn, live_b), done_b)
 
     carry = (jnp.int32(1), cache, tokens_bn, logprobs_bn, mask_bn, done_b)
-    _, _, tokens_bn, logprobs_bn, mask_bn, done_b = jax.lax.while_loop(cond, body, carry)
+    with jax.named_scope(DECODE_LOOP):  # how jaxgpt.collectives finds the per-token loop
+      _, _, tokens_bn, logprobs_bn, mask_bn, done_b = jax.lax.while_loop(cond, body, carry)
     return SampleOutput(tokens=tokens_bn, logprobs=logprobs_bn, response_mask=mask_bn,
                         lengths=mask_bn.sum(axis=1, dtype=jnp.int32), finished=done_b)
 
@@ -533,7 +561,9 @@ def _stream_fns(graphdef, mcfg, choice: SamplingConfig, mesh, param_treedef, par
   slot = position: the step compiles once, the prefill once per prompt-width bucket. The
   step donates the cache and writes one slot of it in place; `weights` prepares the
   parameters once per stream (`decoding_weights`; a copy only when it changes them)."""
-  rules = mcfg.rules
+  param_sh = jax.tree.unflatten(param_treedef, param_shardings)
+  graphdef, mcfg = decoding_model(graphdef, mcfg)
+  rules = mcfg.rules  # the sampler's (config.mesh.decode_rules in force)
   batch_sh = sharding.batch_sharding(mesh, rules)
   repl = sharding.replicated(mesh)
   if split_layers_here():
@@ -542,8 +572,6 @@ def _stream_fns(graphdef, mcfg, choice: SamplingConfig, mesh, param_treedef, par
   else:
     stacked_sh = NamedSharding(mesh, cache_spec(rules, 4))
     cache_sh = model_lib.KVCache(stacked_sh, stacked_sh)
-  param_sh = jax.tree.unflatten(param_treedef, param_shardings)
-  graphdef, mcfg = decoding_model(graphdef, mcfg)
   chunk = choice.prefill_chunk
   slots = prefill_width(mcfg.max_seq_len, chunk)  # any bucket's prefill fits
 
@@ -572,14 +600,17 @@ def _stream_fns(graphdef, mcfg, choice: SamplingConfig, mesh, param_treedef, par
 
   out_sh = (batch_sh, cache_sh)
   # Weights prepared once per stream, not once per token.
+  layout = decode_layout(mcfg)
+  decode_sh = param_sh if layout is None else decode_param_shardings(mcfg, mesh, layout)
   layer_sh = None
   if split_layers_here():
-    one_sh = jax.tree.map(lambda x: NamedSharding(mesh, P(*x.spec[1:])), param_sh['blocks'])
+    one_sh = jax.tree.map(lambda x: NamedSharding(mesh, P(*x.spec[1:])), decode_sh['blocks'])
     layer_sh = (one_sh,) * mcfg.n_layers
-  weights_sh = (param_sh, layer_sh)
-  jit_weights = jax.jit(functools.partial(decoding_weights, mcfg=mcfg), in_shardings=(param_sh,),
-                        out_shardings=weights_sh)
-  if layer_sh is None and mcfg.dtype == mcfg.param_dtype:  # nothing to prepare: no copy
+  weights_sh = (decode_sh, layer_sh)
+  jit_weights = jax.jit(functools.partial(decoding_weights, mcfg=mcfg, layout=layout),
+                        in_shardings=(param_sh,), out_shardings=weights_sh)
+  if layer_sh is None and mcfg.dtype == mcfg.param_dtype and decode_sh is param_sh:
+    # nothing to prepare: no copy
     jit_weights = lambda params: (params, None)  # noqa: E731
   jit_prefill = jax.jit(prefill_fn, in_shardings=(weights_sh, batch_sh, repl, repl),
                         out_shardings=out_sh)

@@ -38,6 +38,14 @@ def rules_tuple(rules) -> tuple:
   return tuple(out)
 
 
+def with_overrides(rules, overrides) -> tuple:
+  """`rules` with the entries `overrides` names replaced (e.g. config.mesh.decode_rules)."""
+  rules, overrides = rules_tuple(rules), rules_tuple(overrides)
+  replaced = dict(overrides)
+  return tuple((n, replaced.pop(n) if n in replaced else a) for n, a in rules) + tuple(
+      replaced.items())
+
+
 def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
   """The ('data', 'fsdp', 'tensor') mesh from config.mesh; fails naming the field."""
   devices = list(devices if devices is not None else jax.devices())
@@ -78,10 +86,12 @@ def _axis_size(mesh, mesh_axes) -> int:
   return int(np.prod([mesh.shape[a] for a in mesh_axes]))
 
 
-def param_shardings(abstract_params, logical_specs, mesh, rules):
+def param_shardings(abstract_params, logical_specs, mesh, rules,
+                    rules_field='config.mesh.rules'):
   """NamedShardings for a parameter tree; fails if a mesh axis does not divide a dim.
 
-  `logical_specs` is the same tree with PartitionSpecs of logical names.
+  `logical_specs` is the same tree with PartitionSpecs of logical names; `rules_field` is
+  the config field `rules` comes from (for the error message).
   """
   def one(path, leaf, logical):
     spec = logical_to_spec(tuple(logical), rules)
@@ -93,9 +103,9 @@ def param_shardings(abstract_params, logical_specs, mesh, rules):
                 'vocab': ' (or pad it: config.model.vocab_multiple)'}.get(logical_name, '')
         raise config_lib.ConfigError(
             f'{field}={dim} (parameter {jax.tree_util.keystr(path)}) is not divisible '
-            f'by {size}: config.mesh.rules maps its logical axis {logical_name!r} to mesh '
+            f'by {size}: {rules_field} maps its logical axis {logical_name!r} to mesh '
             f'axes {mesh_axes!r} of that size. Change {field}{note} or config.mesh, or map '
-            f"{logical_name!r} to None in config.mesh.rules (('{logical_name}', None)) to "
+            f"{logical_name!r} to None in {rules_field} (('{logical_name}', None)) to "
             'keep it whole.')
     return NamedSharding(mesh, spec)
 

@@ -1,8 +1,8 @@
 """Ahead-of-time compile-and-fit (`jaxgpt.aot`, `tools/aot.py`) on tiny configs.
 
 On the 8 CPU devices; the TPU cases compile for a v5p-8 slice (the train step, then the
-splash attention kernel inside it) when libtpu is installed (`pip install -e '.[tpu-aot]'`)
-and are skipped otherwise.
+splash attention kernel inside it, the sampler in both decode layouts) when libtpu is
+installed (`pip install -e '.[tpu-aot]'`) and are skipped otherwise.
 """
 
 import os
@@ -13,7 +13,7 @@ import jax
 import pytest
 
 import helpers
-from jaxgpt import aot, sharding
+from jaxgpt import aot, collectives, sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt import targets
@@ -115,3 +115,78 @@ def test_tool_prints_the_table_for_this_machine():
   assert 'local = 2 x cpu' in proc.stdout
   row = next(line for line in proc.stdout.splitlines() if line.startswith('| eval | 8x64 |'))
   assert '| yes |' in row
+
+
+# A decode loop (scope 'decode_loop') whose body gathers a weight twice (sync and async)
+# and runs a 3-trip layer loop with one all-reduce; an all-gather outside it, and another
+# loop, do not count.
+DECODE_HLO = """
+HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%layer (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %ar = f32[4,8]{1,0} all-reduce(%x), channel_id=1, to_apply=%add
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %ar)
+}
+
+%step (p: (s32[], f32[4,8], bf16[2,8])) -> (s32[], f32[4,8], bf16[2,8]) {
+  %p = (s32[], f32[4,8]{1,0}, bf16[2,8]{1,0}) parameter(0)
+  %w = bf16[2,8]{1,0} get-tuple-element(%p), index=2
+  %ag = bf16[8,8]{1,0} all-gather(%w), channel_id=2, dimensions={0}
+  %ags = (bf16[2,8]{1,0}, bf16[8,8]{1,0}) all-gather-start(bf16[2,8]{1,0} %w), dimensions={0}
+  %agd = bf16[8,8]{1,0} all-gather-done(%ags)
+  %l = (s32[], f32[4,8]{1,0}) while(%p), condition=%c, body=%layer, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = (s32[], f32[4,8]{1,0}, bf16[2,8]{1,0}) tuple(%p)
+}
+
+ENTRY %main (x: f32[8,8]) -> f32[64,8] {
+  %x = f32[8,8]{1,0} parameter(0)
+  %g = f32[64,8]{1,0} all-gather(%x), dimensions={0}
+  %d = (s32[], f32[4,8]{1,0}, bf16[2,8]{1,0}) while(%t), condition=%c, body=%step, metadata={op_name="jit(run)/decode_loop/while" stack_frame_id=3}
+  %o = (s32[], f32[4,8]{1,0}) while(%t), condition=%c, body=%layer, metadata={op_name="jit(run)/while"}
+  ROOT %y = f32[64,8]{1,0} copy(%g)
+}
+"""
+
+
+def test_collectives_of_one_decode_step_from_hlo_text():
+  step = collectives.loop_body_collectives(DECODE_HLO, 'decode_loop')
+  assert dict(step.bytes_by_kind) == {'all-gather': 2 * 8 * 8 * 2, 'all-reduce': 3 * 4 * 8 * 4}
+  assert dict(step.count_by_kind) == {'all-gather': 2, 'all-reduce': 3}
+  assert collectives.loop_body_collectives(DECODE_HLO, 'prefill_loop') is None
+
+
+@pytest.mark.skipif(not targets.libtpu_installed(),
+                    reason="libtpu is not installed (pip install -e '.[tpu-aot]')")
+def test_decode_layout_moves_fewer_bytes_per_decode_step_on_a_tpu_slice():
+  """FSDP over the 4 chips of a v5p-8. In the training layout the TPU compiler gathers
+  every weight inside the per-token loop (XLA:CPU hoists the gathers out of it, so the
+  CPU mesh cannot show the difference); the decode layout gathers them once, before the
+  loop, and holds them whole: 4x the bytes of a training shard."""
+  target = targets.tpu_target('v5p-8')
+
+  def generate(decode_rules):
+    cfg = helpers.tiny_config(mesh=(1, 4, 1))
+    cfg.mesh.decode_rules = decode_rules
+    cfg.train.sample_tokens = 8
+    config_lib.validate(cfg, len(target.devices))
+    p = plan(cfg, 'pretrain', sharding.make_mesh(cfg, target.devices), prompt_len=8)
+    step = next(s for s in p.steps if s.name == 'generate')
+    return p, step, aot.measure(p, step)
+
+  p, train_layout, before = generate(())
+  _, decode_layout, after = generate(config_lib.DEFAULT_DECODE_RULES)
+  assert before.decode_step.bytes_by_kind['all-gather'] > 0.5 * p.params_bytes * 4
+  assert after.decode_step.total_bytes < before.decode_step.total_bytes
+  assert after.decode_step.bytes_by_kind.get('all-gather', 0) == 0
+  assert train_layout.decode_weight_bytes == p.params_bytes
+  assert decode_layout.decode_weight_bytes == 4 * p.n_params  # float32, whole on every chip
+  assert after.fits(target.hbm_bytes)

@@ -12,7 +12,11 @@ v5p / v5e / v6e / v4 slices) or 'local'. Each program of the stage is compiled f
 the compiler's memory analysis printed as a markdown table, per device: the parameters
 and optimizer state the stage holds, the program's temporaries, the total it needs next to
 the device's memory, its model FLOPs and the step time at --mfu of the device's peak.
-Then the largest batch of the stage's main step that fits, found by compiling (--search).
+Under the table, for the sampler's programs: the bytes one decode step moves between
+devices (the collectives of the per-token loop, from the compiled HLO) and the weights
+per device in the layout it decodes with (config.mesh.decode_rules; '()' decodes in the
+training layout, for a before / after). Then the largest batch of the stage's main step
+that fits, found by compiling (--search).
 Nothing runs and nothing is allocated; a 7B step takes minutes to compile on 2 cores.
 """
 
@@ -24,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import aot, errors, sharding
+from jaxgpt import aot, collectives, errors, sharding
 from jaxgpt import config as config_lib
 from jaxgpt import metrics as metrics_lib
 from jaxgpt import targets as targets_lib
@@ -46,8 +50,7 @@ _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 0, 'Sampler prompt width (0: th
 flags.mark_flag_as_required('config')
 
 
-def _bytes(x: float) -> str:
-  return f'{x / aot.GIB:.1f} GiB' if x >= 0.1 * aot.GIB else f'{x / 2 ** 20:.1f} MiB'
+_bytes = metrics_lib.human_bytes
 
 
 def _flops(x: float) -> str:
@@ -88,6 +91,19 @@ def table(p, rows, target, peak) -> list[str]:
   return lines
 
 
+def decode_lines(cfg, steps, rows) -> list[str]:
+  """One line per sampler program: collective bytes per decode step, weights per device."""
+  rules = tuple(tuple(r) for r in cfg.mesh.decode_rules) or '() (the training layout)'
+  lines = []
+  for s, m in zip(steps, rows):
+    if s.decode_weight_bytes and m.decode_step is not None:
+      lines.append(f'{s.name}: collective bytes per decode step (per device) '
+                   f'{collectives.describe(m.decode_step)}; weights while decoding '
+                   f'{_bytes(s.decode_weight_bytes)} per device '
+                   f'(config.mesh.decode_rules={rules})')
+  return [''] + lines if lines else []
+
+
 def search(p, main, first, target) -> str:
   """The largest batch of `main` that fits, found by compiling; each compile is printed."""
   def show(m):
@@ -119,7 +135,8 @@ def report_stage(cfg, stage, target, mesh, peak) -> None:
     rows.append(aot.measure(p, s))
     print(f'  compiled {s.name} ({rows[-1].shape}) in {time.perf_counter() - start:.0f} s',
           flush=True)
-  print('\n'.join([''] + table(p, rows, target, peak) + ['']), flush=True)
+  print('\n'.join([''] + table(p, rows, target, peak) + decode_lines(cfg, steps, rows) + ['']),
+        flush=True)
   main = next((s for s in steps if s.batch_field), None)
   if _SEARCH.value and main is not None:
     print('\n' + search(p, main, next(m for m in rows if m.step == main.name), target),

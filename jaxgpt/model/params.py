@@ -10,8 +10,11 @@ from jaxgpt.model.transformer import ModelConfig, Transformer
 
 
 def abstract_model(mcfg: ModelConfig):
-  """(graphdef, abstract params, logical specs) without allocating any parameter."""
-  abstract = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+  """(graphdef, abstract params, logical specs) without allocating any parameter; also
+  under `jax.set_mesh` (e.g. the sampler's, inside jit), where nnx would otherwise read
+  the logical axis names as mesh axes."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    abstract = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract, nnx.Param)
   return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 

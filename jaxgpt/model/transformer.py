@@ -54,6 +54,7 @@ class ModelConfig:
   tie_embeddings: bool = False  # llama: logits from the embedding table (gpt2 always ties)
   vocab_multiple: int = 1   # table rows padded to a multiple; ids >= vocab_size are padding
   decode_dtype: Any = None  # the sampler's weights, compute and KV cache; None: dtype
+  decode_rules: tuple | None = None  # the sampler's rules table; None: rules
 
   @property
   def padded_vocab_size(self) -> int:
@@ -82,7 +83,8 @@ class ModelConfig:
         attention=m.attention, rules=sharding.rules_tuple(cfg.mesh.rules),
         scalar_head=scalar_head, lm_head=lm_head, tie_embeddings=bool(m.tie_embeddings),
         vocab_multiple=int(m.vocab_multiple),
-        decode_dtype=jnp.dtype(m.decode_dtype) if m.decode_dtype else None)
+        decode_dtype=jnp.dtype(m.decode_dtype) if m.decode_dtype else None,
+        decode_rules=_decode_rules(cfg))
 
 
 class Transformer(nnx.Module):
@@ -216,6 +218,13 @@ class Transformer(nnx.Module):
     x_btd = self.embed_tokens(tokens_bt, positions_bt)
     x_btd, cache = self._run_blocks(x_btd, positions_bt, None, cache, slot, pad, layers)
     return self.final_norm(x_btd), cache
+
+
+def _decode_rules(cfg) -> tuple | None:
+  """config.mesh.rules with config.mesh.decode_rules in force; None when they change nothing."""
+  rules = sharding.rules_tuple(cfg.mesh.rules)
+  decode = sharding.with_overrides(rules, cfg.mesh.get('decode_rules', ()))
+  return None if dict(decode) == dict(rules) else decode
 
 
 def split_layers(params) -> tuple:
