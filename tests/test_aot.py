@@ -190,3 +190,20 @@ def test_decode_layout_moves_fewer_bytes_per_decode_step_on_a_tpu_slice():
   assert train_layout.decode_weight_bytes == p.params_bytes
   assert decode_layout.decode_weight_bytes == 4 * p.n_params  # float32, whole on every chip
   assert after.fits(target.hbm_bytes)
+
+
+@pytest.mark.skipif(not targets.libtpu_installed(),
+                    reason="libtpu is not installed (pip install -e '.[tpu-aot]')")
+@pytest.mark.parametrize('variant', ['smoke', None], ids=['smoke', 'tiny'])
+def test_every_program_of_the_shipped_tiny_configs_compiles_and_fits_a_tpu_chip(variant):
+  """experiments/tiny.py (and its smoke variant), as shipped, on Colab's v5e-1: the SFT
+  stage's train and eval steps and the sampler's prefill and generation."""
+  cfg = helpers.load_experiment('tiny').get_config(variant)
+  target = targets.tpu_target('v5e-1')
+  config_lib.validate(cfg, len(target.devices))
+  p = plan(cfg, 'sft', sharding.make_mesh(cfg, target.devices))
+  assert [s.name for s in p.steps] == ['train', 'eval', 'prefill', 'generate']
+  for step in p.steps:
+    measured = aot.measure(p, step)
+    assert measured.fits(target.hbm_bytes) and measured.total_bytes >= measured.argument_bytes, (
+        step.name)
