@@ -397,6 +397,11 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def mesh_axes_of(axes) -> tuple:
+  """A rules entry's mesh axes (None, one name or several) as a tuple."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def _validate_decode_rules(cfg) -> None:
   """Entries of known logical axes onto mesh axes; rows split over no more devices than
   in training (so a batch the training rules accept suits the sampler too)."""
@@ -405,14 +410,11 @@ def _validate_decode_rules(cfg) -> None:
     if len(entry) != 2 or entry[0] not in names:
       raise ConfigError(f'config.mesh.decode_rules: {entry!r} is not a (logical axis, mesh '
                         f'axes) pair of a logical axis in config.mesh.rules.')
-    axes = entry[1]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    if any(a not in MESH_AXES for a in axes):
+    if any(a not in MESH_AXES for a in mesh_axes_of(entry[1])):
       raise ConfigError(f'config.mesh.decode_rules: {entry!r} names mesh axes other than '
                         f'{MESH_AXES}.')
   def batch_axes(rules):
-    axes = dict(rules).get('act_batch')
-    return set(() if axes is None else (axes,) if isinstance(axes, str) else axes)
+    return set(mesh_axes_of(dict(rules).get('act_batch')))
   decode = batch_axes(tuple(cfg.mesh.rules) + tuple(cfg.mesh.decode_rules))
   if not decode <= batch_axes(cfg.mesh.rules):
     raise ConfigError(f"config.mesh.decode_rules maps 'act_batch' to {sorted(decode)}: "
@@ -431,8 +433,7 @@ class BatchShards:
   config.mesh.rules maps 'act_batch' to (1 when it maps it to None), and how to say so."""
 
   def __init__(self, cfg, sizes: dict[str, int]):
-    axes = dict(cfg.mesh.rules).get('act_batch')
-    self.axes = (() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
+    self.axes = mesh_axes_of(dict(cfg.mesh.rules).get('act_batch'))
     unknown = [a for a in self.axes if a not in sizes]
     if unknown:
       raise ConfigError(f"config.mesh.rules maps 'act_batch' to {unknown}, which are not mesh "

@@ -83,25 +83,29 @@ def make_grad_fn(graphdef, loss_fn: LossFn, micro_batches: int, rules):
     return grads, sums
 
   def grad_fn(params, batch):
-    if micro_batches == 1:
-      grads, sums = sum_grads(params, batch)
-    else:
-      micro = _split_micro_batches(batch, micro_batches)
-
-      def body(acc, mb):
-        mb = jax.tree.map(
-            lambda x: sharding.constrain(x, ('act_batch',) + (None,) * (x.ndim - 1), rules), mb)
-        g, s = sum_grads(params, mb)
-        return jax.tree.map(jnp.add, acc, (g, s)), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sum_grads, params, first))
-      (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    grads, sums = _summed_over_micro_batches(sum_grads, params, batch, micro_batches, rules)
     denom = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     return grads, sums
 
   return grad_fn
+
+
+def _summed_over_micro_batches(fn, params, batch, micro_batches: int, rules):
+  """fn(params, batch) for a tree of sums, computed over `micro_batches` slices of the
+  batch in a scan (one slice's activations live at a time) and added up."""
+  if micro_batches == 1:
+    return fn(params, batch)
+  micro = _split_micro_batches(batch, micro_batches)
+
+  def body(acc, mb):
+    mb = jax.tree.map(
+        lambda x: sharding.constrain(x, ('act_batch',) + (None,) * (x.ndim - 1), rules), mb)
+    return jax.tree.map(jnp.add, acc, fn(params, mb)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, first))
+  return jax.lax.scan(body, zeros, micro)[0]
 
 
 def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, rules,
@@ -138,18 +142,7 @@ def make_eval_step(graphdef, loss_fn: LossFn, param_shardings, mesh, rules, batc
     return loss_fn(model_lib.merge(graphdef, params), batch)[1]
 
   def eval_step(params, batch):
-    if micro_batches == 1:
-      return sums_of(params, batch)
-    micro = _split_micro_batches(batch, micro_batches)
-
-    def body(acc, mb):
-      mb = jax.tree.map(
-          lambda x: sharding.constrain(x, ('act_batch',) + (None,) * (x.ndim - 1), rules), mb)
-      return jax.tree.map(jnp.add, acc, sums_of(params, mb)), None
-
-    first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_of, params, first))
-    return jax.lax.scan(body, zeros, micro)[0]
+    return _summed_over_micro_batches(sums_of, params, batch, micro_batches, rules)
   batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in batch_keys}
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sh),
                  out_shardings=sharding.replicated(mesh))
