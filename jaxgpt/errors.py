@@ -21,6 +21,7 @@ not check, or a bug, so they keep their traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -99,6 +100,10 @@ def _exit_code(e: BaseException, prog: str, verbose: bool) -> int | None:
   sys.stdout.flush()  # what the program printed before comes first
   if verbose:
     traceback.print_exception(e)
+  else:
+    # A library's failed call can leave sibling futures whose errors (the same failure)
+    # asyncio logs with a traceback when they are collected, after our line.
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)
   print(f'{prog}: {message(e)}', file=sys.stderr, flush=True)
   return 1
 

@@ -13,11 +13,14 @@ logged once.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import glob
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import random
@@ -453,3 +456,24 @@ def test_a_bug_keeps_its_traceback_and_verbose_shows_every_one(capsys):
   assert errors.guard(lambda: config_lib.validate(bad, 1), 'prog', verbose=True) == 1
   err = capsys.readouterr().err
   assert 'Traceback' in err and err.endswith('prog: config.train.steps=0 must be >= 1.\n')
+
+
+def test_a_user_error_is_not_followed_by_a_librarys_leftover_futures(caplog):
+  """orbax reads a checkpoint's arrays concurrently: when one read fails, the others'
+  failed futures are collected after the one-line report, and asyncio would log each with
+  a traceback (seen on a damaged checkpoint)."""
+  loop = asyncio.new_event_loop()
+  leftover = loop.create_future()
+  leftover.set_exception(ValueError('OUT_OF_RANGE: the same damaged file'))
+  bad = helpers.tiny_config()
+  bad.train.steps = 0
+  asyncio_logger = logging.getLogger('asyncio')
+  level = asyncio_logger.level
+  try:
+    assert errors.guard(lambda: config_lib.validate(bad, 1), 'prog') == 1
+    del leftover
+    gc.collect()
+  finally:
+    asyncio_logger.setLevel(level)
+    loop.close()
+  assert not [r for r in caplog.records if r.name == 'asyncio']
