@@ -25,24 +25,10 @@ token on a full training forward of prompt + response. That is what PPO needs (t
 behaviour policy's log-probs for the importance ratio and the KL to the reference
 model); temperature and filtering only decide *which* token is drawn.
 
-Token choice (`SamplingConfig`), applied in this order:
-
-* temperature == 0: greedy, `argmax` of the raw logits; ties go to the lowest id.
-  top_k / top_p are ignored.
-* otherwise logits / temperature, then top-k, then top-p, then one categorical draw:
-  - top-k keeps exactly `min(top_k, V)` tokens: the largest logits, ties broken towards
-    the lower token id (`jax.lax.top_k`'s documented order);
-  - top-p (nucleus) keeps the shortest prefix of the tokens sorted by (logit descending,
-    id ascending) whose probability mass — of the tempered distribution, renormalised
-    over the top-k survivors — reaches `top_p`; the most likely token is always kept.
-    Inside a group of tied logits the cut keeps the lower ids, so the support is
-    deterministic. (Token r of the sorted list is kept iff the mass of tokens 0..r-1 is
-    < top_p.)
-
-`filter_logits` is that filtering on its own (tests check the support on crafted
-logits). Randomness: the step-i draw uses `jax.random.fold_in(rng, i)`, so a seed fixes
-the whole output; with `jax_threefry_partitionable` the result does not depend on the
-mesh.
+Token choice (`SamplingConfig`: greedy, or temperature then top-k then top-p, then one
+categorical draw) is `jaxgpt.token_choice`. Randomness: the step-i draw uses
+`jax.random.fold_in(rng, i)`, so a seed fixes the whole output; with
+`jax_threefry_partitionable` the result does not depend on the mesh.
 
 Memory traffic (see `jaxgpt.model.kv_cache`). A step reads each weight once and the
 keys / values it attends to, and writes one slot: the weights are cast to the compute
@@ -81,6 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
+from jaxgpt.token_choice import filter_logits, is_stop, next_token  # noqa: F401 (the API)
 
 
 
@@ -139,53 +126,6 @@ class SampleOutput:
   response_mask: jax.Array
   lengths: jax.Array
   finished: jax.Array
-
-
-# -- token choice ---------------------------------------------------------------------------
-
-
-def filter_logits(logits_bv, top_k: int = 0, top_p: float = 1.0):
-  """`logits_bv` with -inf outside the top-k / top-p support (see the module docstring).
-
-  Apply temperature before calling: the top-p cut depends on it, the top-k one does not.
-  """
-  v = logits_bv.shape[-1]
-  k = min(int(top_k), v) if top_k else v
-  if k == v and top_p >= 1.0:
-    return logits_bv
-  # Sorted by value descending, ties by lower index first (documented for lax.top_k).
-  vals_bk, idx_bk = jax.lax.top_k(logits_bv, k)
-  keep_bk = jnp.ones(vals_bk.shape, bool)
-  if top_p < 1.0:
-    probs_bk = jax.nn.softmax(vals_bk.astype(jnp.float32), axis=-1)
-    mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
-    keep_bk = (mass_before_bk < top_p) | (jnp.arange(k) == 0)
-  rows_b1 = jnp.arange(logits_bv.shape[0])[:, None]
-  keep_bv = jnp.zeros(logits_bv.shape, bool).at[rows_b1, idx_bk].set(keep_bk)
-  return jnp.where(keep_bv, logits_bv, -jnp.inf)
-
-
-def next_token(logits_bv, key, settings: SamplingConfig):
-  """(tokens_b int32, logprobs_b float32) from one step's raw float32 logits.
-
-  The log-prob is that of the chosen token under softmax(raw logits).
-  """
-  logits_bv = logits_bv.astype(jnp.float32)
-  if settings.temperature == 0.0:
-    tokens_b = jnp.argmax(logits_bv, axis=-1)
-  else:
-    scaled_bv = filter_logits(logits_bv / settings.temperature, settings.top_k, settings.top_p)
-    tokens_b = jax.random.categorical(key, scaled_bv, axis=-1)
-  tokens_b = tokens_b.astype(jnp.int32)
-  logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-  logprobs_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
-  return tokens_b, logprobs_b
-
-
-def _is_stop(tokens_b, stop_ids):
-  if not stop_ids:
-    return jnp.zeros(tokens_b.shape, bool)
-  return jnp.any(tokens_b[:, None] == jnp.asarray(stop_ids, jnp.int32)[None, :], axis=-1)
 
 
 # -- the decoding program -------------------------------------------------------------------
@@ -353,7 +293,7 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
     tokens_bn = jnp.full((b, n_new), settings.pad_id, jnp.int32).at[:, 0].set(tok_b)
     logprobs_bn = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_b)
     mask_bn = jnp.zeros((b, n_new), jnp.int32).at[:, 0].set(1)
-    done_b = _is_stop(tok_b, settings.stop_ids)
+    done_b = is_stop(tok_b, settings.stop_ids)
 
     def cond(carry):
       i, _, _, _, _, done_b = carry
@@ -379,7 +319,7 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
         x_bn = jax.lax.dynamic_update_index_in_dim(x_bn, x_b.astype(x_bn.dtype), i, axis=1)
         return sharding.constrain(x_bn, batch_axes, rules)
 
-      done_b = done_b | (live_b & _is_stop(tok_b, settings.stop_ids))
+      done_b = done_b | (live_b & is_stop(tok_b, settings.stop_ids))
       return (i + 1, constrain_cache(cache, rules), put(tokens_bn, tok_b),
               put(logprobs_bn, lp_b), put(mask_bn, live_b), done_b)
 
