@@ -158,8 +158,8 @@ def reward_step(family, mesh_shape, micro_batches=1):
   return jax.device_get((metrics['loss'], grads, new_state['params']))
 
 
-@pytest.mark.parametrize('family', ['llama', 'gpt2'])
-@pytest.mark.parametrize('mesh', [(2, 2, 2), (1, 2, 4)], ids=lambda m: 'x'.join(map(str, m)))
+@pytest.mark.parametrize('family,mesh', [('llama', (2, 2, 2)), ('gpt2', (1, 2, 4))],
+                         ids=lambda x: x if isinstance(x, str) else 'x'.join(map(str, x)))
 def test_sharded_reward_step_matches_one_device(family, mesh):
   ref_loss, ref_grads, ref_params = reward_step(family, (1, 1, 1))
   loss, grads, params = reward_step(family, mesh, micro_batches=2)
