@@ -11,6 +11,10 @@ Random parameters of the experiment's model, greedy, `--prompt_len`-token prompt
 * transformers: `generate` of the PyTorch model holding the same weights
                 (`jaxgpt.torch_peer`), greedy with its KV cache, when `transformers`
                 and `torch` are installed (`--nohf` skips it);
+* weight matmuls: a compiled loop of the same number of steps that only multiplies a
+                (batch, in) activation by every weight matrix once per step (each layer's
+                kernels and the output head), as XLA runs it: the floor under a decode
+                step that no cache or attention work can remove (`--nomatmuls` skips it);
 * no cache:     a compiled loop that reruns the full forward over the whole
                 (batch, prompt_len + new_tokens) buffer every step (`--norecompute`
                 skips it: it is slow).
@@ -50,6 +54,7 @@ _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 256, 'tokens generated per prom
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs per variant (best is reported)')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and prompt seed')
 _RECOMPUTE = flags.DEFINE_bool('recompute', True, 'also time the no-cache variant (slow)')
+_MATMULS = flags.DEFINE_bool('matmuls', True, "also time the step's weight matmuls alone")
 _HF = flags.DEFINE_bool('hf', True, 'also time transformers generate (when installed)')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
 _BANDWIDTH = flags.DEFINE_float('bandwidth_gbs', 0.0,
@@ -134,6 +139,48 @@ def recompute_fn(graphdef, n_new: int):
   return run
 
 
+def weight_matrices(mcfg, params) -> list:
+  """Every matrix a decode step multiplies by, one layer at a time, as (in, out) arrays in
+  the decode dtype: kernels with their input dims merged (the leading dims whose
+  product is d_model or d_ff), and the output head (the embedding, transposed, when
+  tied)."""
+  dtype = mcfg.decode_dtype or mcfg.dtype
+  mats = []
+  for path, w in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    name = getattr(path[-1], 'key', None)
+    if name == 'embed' and mcfg.tied:
+      mats.append(np.ascontiguousarray(w.T))
+      continue
+    if name != 'kernel':
+      continue
+    stacked = any(getattr(k, 'key', None) == 'blocks' for k in path)
+    for layer in (w if stacked else [w]):
+      n_in = next(i for i in range(1, layer.ndim)
+                  if np.prod(layer.shape[:i]) in (mcfg.d_model, mcfg.d_ff))
+      mats.append(layer.reshape(int(np.prod(layer.shape[:n_in])), -1))
+  return [jnp.asarray(m, dtype) for m in mats]
+
+
+def weight_matmuls_fn(mats, batch: int, n_steps: int):
+  """A compiled loop of `n_steps` steps that each multiply a (batch, in) activation by every
+  matrix once, as XLA runs it: the part of a decode step no cache or attention change can
+  remove (its ms/step against the sampler's shows what bounds the sampler)."""
+  width = max(m.shape[0] for m in mats)
+  dtype = mats[0].dtype
+
+  @jax.jit
+  def run(mats, x_bd):
+    def step(i, outs):
+      x = x_bd + i.astype(dtype)  # a new input every step: nothing to hoist out of the loop
+      return tuple(x[:, :m.shape[0]] @ m for m in mats)
+
+    outs = tuple(jnp.zeros((batch, m.shape[1]), dtype) for m in mats)
+    return jax.lax.fori_loop(0, n_steps, step, outs)
+
+  x_bd = jnp.asarray(np.random.default_rng(0).standard_normal((batch, width)), dtype)
+  return lambda: run(mats, x_bd)
+
+
 def hf_generate_fn(mcfg, params):
   """`run(prompts_bp) -> new tokens (B, N)` with transformers' greedy `generate` on the
   same weights (float32 CPU torch), or None when transformers / torch are missing."""
@@ -189,6 +236,9 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak_gbs):
   if hf_run is not None:
     theirs, first, best = timed(lambda: hf_run(prompts, n), _REPEATS.value)
     rows.append(('transformers', first, best, float(np.mean(theirs == ours))))
+  if _MATMULS.value:
+    _, first, best = timed(weight_matmuls_fn(weight_matrices(mcfg, params), b, n), _REPEATS.value)
+    rows.append(('weight matmuls', first, best, float('nan')))
   if _RECOMPUTE.value:
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
@@ -205,14 +255,15 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak_gbs):
 
   step_bytes = bytes_per_step(mcfg, params, b, p, n)
   print(f'\nbatch {b}: {step_bytes / 1e6:.1f} MB must move per step')
-  print(f'{"":13s} {"first s":>8s} {"best s":>8s} {"ms/step":>8s} {"tokens/s":>9s} '
+  print(f'{"":14s} {"first s":>8s} {"best s":>8s} {"ms/step":>8s} {"tokens/s":>9s} '
         f'{"GB/s":>7s} {"BW util":>8s} {"vs HF":>6s} {"agree":>6s}')
   hf_best = dict((r[0], r[2]) for r in rows).get('transformers')
   for name, first, best, agree in rows:
     gbs = step_bytes * n / best / 1e9
     vs_hf = f'{hf_best / best:5.2f}x' if hf_best else '     -'
-    print(f'{name:13s} {first:8.2f} {best:8.3f} {1e3 * best / n:8.2f} {b * n / best:9.1f} '
-          f'{gbs:7.1f} {100 * gbs / peak_gbs:7.1f}% {vs_hf} {100 * agree:5.1f}%')
+    agreed = '     -' if np.isnan(agree) else f'{100 * agree:5.1f}%'
+    print(f'{name:14s} {first:8.2f} {best:8.3f} {1e3 * best / n:8.2f} {b * n / best:9.1f} '
+          f'{gbs:7.1f} {100 * gbs / peak_gbs:7.1f}% {vs_hf} {agreed}')
   return rows
 
 
