@@ -197,8 +197,7 @@ def cache_spec(rules, ndim: int) -> P:
   """PartitionSpec of a cache array, (L,) B*K, S, H: the merged rows x kv-heads axis over
   the mesh axes of 'act_batch' then 'act_kv_heads' (row-major, as the merge)."""
   batch, heads, seq = sharding.logical_to_spec(('act_batch', 'act_kv_heads', 'act_seq'), rules)
-  merged = tuple(a for axes in (batch, heads) if axes is not None
-                 for a in ((axes,) if isinstance(axes, str) else axes))
+  merged = config_lib.mesh_axes_of(batch) + config_lib.mesh_axes_of(heads)
   spec = (merged or None, seq, None)
   return P(*((None,) * (ndim - 3) + spec))
 
@@ -369,10 +368,7 @@ def _jitted(graphdef, mcfg, settings, mesh, param_treedef, param_shardings):
 
 def batch_multiple(mesh, rules) -> int:
   """The batch size must be a multiple of this (the devices `act_batch` spreads rows over)."""
-  axes = sharding.logical_to_spec(('act_batch',), rules)[0]
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
+  axes = config_lib.mesh_axes_of(sharding.logical_to_spec(('act_batch',), rules)[0])
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 

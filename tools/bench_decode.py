@@ -220,7 +220,7 @@ def timed(fn, repeats):
 # -- main --------------------------------------------------------------------------------------
 
 
-def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak_gbs):
+def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs):
   p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
   prompts = np.random.default_rng(_SEED.value).integers(
       0, mcfg.vocab_size, size=(b, p)).astype(np.int32)
@@ -236,8 +236,8 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak_gbs):
   if hf_run is not None:
     theirs, first, best = timed(lambda: hf_run(prompts, n), _REPEATS.value)
     rows.append(('transformers', first, best, float(np.mean(theirs == ours))))
-  if _MATMULS.value:
-    _, first, best = timed(weight_matmuls_fn(weight_matrices(mcfg, params), b, n), _REPEATS.value)
+  if mats is not None:
+    _, first, best = timed(weight_matmuls_fn(mats, b, n), _REPEATS.value)
     rows.append(('weight matmuls', first, best, float('nan')))
   if _RECOMPUTE.value:
     param_sh = jax.tree.map(lambda x: x.sharding, params)
@@ -271,6 +271,9 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   config_lib.validate(cfg, jax.device_count())
+  if not all(x.isdigit() and int(x) > 0 for x in _BATCH.value):
+    raise app.UsageError(f'--batch={",".join(_BATCH.value)}: batch sizes must be whole '
+                         'numbers >= 1, e.g. --batch=1,8,64.')
   batches = [int(x) for x in _BATCH.value]
   p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
   mcfg = model_lib.ModelConfig.from_config(cfg)
@@ -303,8 +306,9 @@ def main(argv):
     hf_run = hf_generate_fn(mcfg, params)
     if hf_run is None:
       print('transformers / torch not installed: no Hugging Face peer (pip install .[hf])')
+  mats = weight_matrices(mcfg, params) if _MATMULS.value else None
   for b in batches:
-    bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, peak)
+    bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak)
 
 
 if __name__ == '__main__':
