@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage = 'pretrain'
   c.seed = 0
   c.preflight = True          # before allocating: stop a run whose parameters and optimizer
-                              # state alone exceed a device's memory (jaxgpt.preflight)
+                              # state alone exceed a device's memory (jaxgpt.aot.preflight)
 
   c.model = m = ml_collections.ConfigDict()
   m.family = 'llama'

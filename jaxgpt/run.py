@@ -8,9 +8,11 @@ import tempfile
 
 import jax
 
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
-from jaxgpt import hf_import, preflight, sharding
 from jaxgpt import model as model_lib
+from jaxgpt.aot import preflight
+from jaxgpt.hf import importer as hf_import
 
 # In recipe order; `all` runs them one after the other, each from the previous one.
 PIPELINE = ('pretrain', 'sft', 'reward', 'ppo')
@@ -46,6 +48,6 @@ def run(cfg, workdir: str, config_file: str = '') -> dict:
   _check_writable(workdir)
   results = {name: _stage_module(name).run(cfg, workdir) for name in names}
   if cfg.stage == 'all':
-    from jaxgpt import report  # pylint: disable=import-outside-toplevel
+    from jaxgpt.evals import report  # pylint: disable=import-outside-toplevel
     report.write_report(cfg, workdir)
   return results

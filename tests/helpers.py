@@ -115,7 +115,7 @@ def random_params(mcfg, seed=0, std=0.1):
 
 def place(params, mcfg, mesh):
   """`params` put on `mesh` in their parameter shardings."""
-  from jaxgpt import model as model_lib
   from jaxgpt import sharding
+  from jaxgpt import model as model_lib
   _, abstract, logical = model_lib.abstract_model(mcfg)
   return jax.device_put(params, sharding.param_shardings(abstract, logical, mesh, mcfg.rules))

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile-and-fit (`jaxgpt.aot`, `tools/aot.py`) on tiny configs.
+"""Ahead-of-time compile-and-fit (`jaxgpt.aot.compile_fit`, `tools/aot.py`) on tiny configs.
 
 On the 8 CPU devices; the TPU cases compile for a v5p-8 slice (the train step, then the
 splash attention kernel inside it, the sampler in both decode layouts) when libtpu is
@@ -13,11 +13,12 @@ import jax
 import pytest
 
 import helpers
-from jaxgpt import aot, collectives, sharding
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import targets
-from jaxgpt.aot_plans import plan
+from jaxgpt.aot import collectives, targets
+from jaxgpt.aot import compile_fit as aot
+from jaxgpt.aot.plans import plan
 
 
 def hand_computed_state_bytes(cfg, devices: int) -> float:

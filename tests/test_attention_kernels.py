@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxgpt import model as model_lib
 from jaxgpt import sharding
+from jaxgpt import model as model_lib
 from jaxgpt.model import attention_kernels as ak
 
 B, T, N, K, H = 2, 128, 4, 2, 32   # GQA: two query heads per key/value head

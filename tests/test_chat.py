@@ -4,8 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxgpt import tasks
-from jaxgpt.data import chat
+from jaxgpt.data import chat, tasks
 from jaxgpt.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 _TEXT = [

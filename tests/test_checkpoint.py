@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt import optim, sharding, trainer
+from jaxgpt.train import optim, trainer
+from jaxgpt.train import checkpoint as ckpt_lib
 
 
 def _state_on(mesh_shape):

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import sharding, trainer
+from jaxgpt.train import trainer
 
 
 def loss_and_grads(family, mesh_shape, loss_chunk):

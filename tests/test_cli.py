@@ -1,5 +1,5 @@
-"""The inference tools against one real tiny run: `inference.load`, `python -m jaxgpt.sample`,
-the streamed decoder `sampling.stream` and `python -m jaxgpt.chat`.
+"""The inference tools against one real tiny run: `inference.load`, `python -m jaxgpt.cli.sample`,
+the streamed decoder `sampling.stream` and `python -m jaxgpt.cli.chat`.
 
 Every test reads the session's finished smoke run (`smoke_run` in conftest.py).
 """
@@ -16,13 +16,15 @@ import pytest
 from absl import flags
 
 import helpers
-from jaxgpt import chat as chat_cli
-from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import errors, inference, optim
-from jaxgpt import sample as sample_cli
-from jaxgpt import sampling, sharding, trainer
+from jaxgpt.cli import chat as chat_cli
+from jaxgpt.cli import sample as sample_cli
 from jaxgpt.data import chat as chat_template
+from jaxgpt.inference import sampling
+from jaxgpt.inference import loading as inference
+from jaxgpt.train import optim, trainer
+from jaxgpt.train import checkpoint as ckpt_lib
 
 PROMPTS = ['What is 2 + 3?', 'ROMEO:']
 
@@ -115,7 +117,7 @@ def test_load_errors_say_what_to_run(workdir, tmp_path):
     inference.load(str(empty), 'sft')
 
 
-# -- python -m jaxgpt.sample --------------------------------------------------------------------
+# -- python -m jaxgpt.cli.sample --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize('stage', ['pretrain', 'sft'])
@@ -181,7 +183,7 @@ def test_stream_yields_the_greedy_sample_tokens(sft):
     next(sampling.stream(graphdef, peaked, mcfg, [1] * mcfg.max_seq_len, settings=settings))
 
 
-# -- python -m jaxgpt.chat ----------------------------------------------------------------------
+# -- python -m jaxgpt.cli.chat ----------------------------------------------------------------------
 
 
 def test_decode_stream_prints_multibyte_characters_whole(sft):
@@ -224,7 +226,7 @@ def test_chat_session_keeps_history_and_truncates_from_the_left(sft):
 def test_chat_repl_streams_two_replies_and_exits_on_eof(workdir):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-m', 'jaxgpt.chat', '--workdir', workdir, '--stage', 'sft',
+      [sys.executable, '-m', 'jaxgpt.cli.chat', '--workdir', workdir, '--stage', 'sft',
        '--max_new_tokens=8', '--system', 'You are helpful.'],
       input='hello\n/reset\nwhat is 2 + 3?\n', capture_output=True, text=True, cwd=helpers.ROOT,
       env=env, timeout=300, check=False)
@@ -242,15 +244,15 @@ def test_chat_missing_workdir(tmp_path):
   assert code == 1 and 'does not exist' in err
 
 
-# -- python -m jaxgpt.score and the PPO policy -------------------------------------------------
+# -- python -m jaxgpt.cli.score and the PPO policy -------------------------------------------------
 
 
 def test_score_cli_prints_reward_scores_and_comparisons(workdir, tmp_path):
-  """`python -m jaxgpt.score` (its own process: its --prompt is not sample's)."""
+  """`python -m jaxgpt.cli.score` (its own process: its --prompt is not sample's)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
 
   def score(*args):
-    proc = subprocess.run([sys.executable, '-m', 'jaxgpt.score', f'--workdir={workdir}', *args],
+    proc = subprocess.run([sys.executable, '-m', 'jaxgpt.cli.score', f'--workdir={workdir}', *args],
                           capture_output=True, text=True, env=env, cwd=helpers.ROOT, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -276,4 +278,4 @@ def test_sample_cli_reads_the_ppo_policy_and_refuses_the_reward_model(workdir):
   assert code == 0 and '=== [1] completion ===' in out, err
   code, out, err = run_main(sample_cli, [f'--workdir={workdir}', '--stage=reward',
                                          '--prompt=hi'])
-  assert code == 1 and 'jaxgpt.score' in err
+  assert code == 1 and 'jaxgpt.cli.score' in err

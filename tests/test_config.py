@@ -11,9 +11,9 @@ from absl import flags
 from ml_collections import config_flags
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
 from jaxgpt.config import ConfigError
 
 # ml_collections loads experiment files with the deprecated importlib load_module().

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import sampling, sharding
-from jaxgpt.sampling import SamplingConfig
+from jaxgpt.inference import sampling
+from jaxgpt.inference.sampling import SamplingConfig
 
 B, P, N = 4, 8, 8
 LENGTHS = np.array([8, 3, 5, 1], np.int32)

@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
-from jaxgpt import hf_export, hf_import, sharding
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat, hf_tokenizer
-from jaxgpt.model import hf
+from jaxgpt.data import chat
+from jaxgpt.data.tokenizer import hf_tokenizer
+from jaxgpt.hf import exporter as hf_export
+from jaxgpt.hf import importer as hf_import
+from jaxgpt.hf import weights as hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -355,7 +358,8 @@ def test_sft_from_hf_dir_exports_a_model_that_generates_the_same(hf_dirs, tmp_pa
   """init_from='hf:DIR' (a tokenizer without chat tokens: they are added), four SFT steps on
   a (2,2,2) mesh, export: transformers' greedy generation from its chat template equals
   jaxgpt's greedy sampling."""
-  from jaxgpt import inference, run as run_lib, sampling  # pylint: disable=import-outside-toplevel
+  from jaxgpt.inference import loading as inference, sampling  # pylint: disable=import-outside-toplevel
+  from jaxgpt import run as run_lib
   hf_dir, _ = hf_dirs['llama']
   workdir, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
   run_lib.run(helpers.smoke_config(**{

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
-from jaxgpt.model import hf
+from jaxgpt.hf import weights as hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

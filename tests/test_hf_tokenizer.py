@@ -18,9 +18,10 @@ import zipfile
 
 import pytest
 
-from jaxgpt.data import chat, hf_tokenizer
+from jaxgpt.data import chat
 from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.data.conversations import fetch_pip_package
+from jaxgpt.data.tokenizer import hf_tokenizer
 
 transformers = pytest.importorskip('transformers')
 

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import helpers
-from jaxgpt import losses, model as model_lib, trainer
+from jaxgpt import losses
+from jaxgpt import model as model_lib
 from jaxgpt.data import chat
 from jaxgpt.data.tokenizer import train_tokenizer
+from jaxgpt.train import trainer
 
 
 def test_masked_cross_entropy_equals_hand_computed_value():

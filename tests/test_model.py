@@ -10,9 +10,10 @@ import optax
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import optim, sharding, trainer
+from jaxgpt.train import optim, trainer
 
 MESH = (2, 2, 2)
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
-from jaxgpt import sampling, sharding
 from jaxgpt.data import prompts as prompts_lib
 from jaxgpt.data.jsonl import BadRowError
+from jaxgpt.inference import sampling
 from jaxgpt.rl import rollout
 from jaxgpt.stages import ppo
 
@@ -219,7 +220,7 @@ def test_ppo_ptx_mixes_pretraining_loss_and_keeps_its_position(smoke_run, tmp_pa
                                 'tokenizer.path': os.path.join(workdir, 'tokenizer.model')})
   result = run_lib.run(cfg, wd)['ppo']
   assert np.isfinite(result.final_metrics['ptx_loss']) and result.final_metrics['ptx_loss'] > 0
-  from jaxgpt import checkpoint as ckpt_lib
+  from jaxgpt.train import checkpoint as ckpt_lib
   reader = ckpt_lib.Checkpointer(ckpt_lib.stage_dir(wd, 'ppo'), async_save=False)
   try:
     assert reader.read_meta(1)['ptx_data']

@@ -1,5 +1,5 @@
 """Fit before you pay: a run that cannot hold its state, or names a missing tokenizer, stops
-in one line before it allocates anything (`jaxgpt.preflight`)."""
+in one line before it allocates anything (`jaxgpt.aot.preflight`)."""
 
 import math
 import os
@@ -12,9 +12,13 @@ import ml_collections
 import pytest
 
 import helpers
-from jaxgpt import aot, aot_plans, optim, preflight, sharding, trainer
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
+from jaxgpt.aot import preflight
+from jaxgpt.aot import compile_fit as aot
+from jaxgpt.aot import plans as aot_plans
+from jaxgpt.train import optim, trainer
 
 LLAMA = ('-m', 'jaxgpt.main', '--config=experiments/llama_7b.py')
 # Runs the command as its child and prints the child's peak RSS (kB) last: the pytest

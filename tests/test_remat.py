@@ -9,7 +9,7 @@ import pytest
 
 import helpers
 from jaxgpt import model as model_lib
-from jaxgpt import trainer
+from jaxgpt.train import trainer
 
 
 def loss_fn_of(cfg):

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt import report, sharding
+from jaxgpt.evals import report
+from jaxgpt.train import checkpoint as ckpt_lib
 
 SAMPLES = 3
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import config as config_lib
-from jaxgpt import tasks
-from jaxgpt.data import chat
+from jaxgpt.data import chat, reward, tasks
 from jaxgpt.data import comparisons as comp
-from jaxgpt.data import reward
 from jaxgpt.data.jsonl import BadRowError
 from jaxgpt.data.tokenizer import train_tokenizer
 
@@ -456,8 +454,8 @@ def test_load_comparison_files(tmp_path):
 
 
 def test_iterator_saved_and_restored_by_the_checkpointer(tmp_path, tok):
-  """The stage saves the iterator with grain.checkpoint.CheckpointSave (jaxgpt.checkpoint)."""
-  from jaxgpt import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  """The stage saves the iterator with grain.checkpoint.CheckpointSave (jaxgpt.train.checkpoint)."""
+  from jaxgpt.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   cfg, train = _cfg(), _groups(_SIZES)
   it = reward.make_reward_data(cfg, tok, train, []).train_iter
   for _ in range(5):

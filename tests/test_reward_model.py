@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxgpt import losses, optim, sharding, trainer
+from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
 from jaxgpt.stages import reward as reward_stage
+from jaxgpt.train import optim, trainer
 
 T = 24
 

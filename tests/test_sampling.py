@@ -15,11 +15,11 @@ import pytest
 from jax.sharding import NamedSharding
 
 import helpers
-from jaxgpt import losses
+from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt import sampling, sharding
+from jaxgpt.inference import sampling
+from jaxgpt.inference.sampling import SamplingConfig
 from jaxgpt.model import kv_cache
-from jaxgpt.sampling import SamplingConfig
 
 B, P, N = 4, 8, 8
 LENGTHS = np.array([8, 3, 5, 1], np.int32)

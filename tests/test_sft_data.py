@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import config as config_lib
-from jaxgpt import tasks
-from jaxgpt.data import chat, conversations, sft
+from jaxgpt.data import chat, conversations, sft, tasks
 from jaxgpt.data.tokenizer import train_tokenizer
 
 _TEXT = ['Hello there! How are you doing today? I am doing well, thank you.',

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt import optim, sharding, trainer
+from jaxgpt.train import optim, trainer
 
 MESHES = [(1, 8, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)]
 # (scan, remat, micro_batches); 'dots_saveable' is checked against the others on one

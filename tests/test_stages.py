@@ -14,9 +14,9 @@ import pytest
 
 import helpers
 
-from jaxgpt import checkpoint as ckpt_lib
 from jaxgpt import run as run_lib
 from jaxgpt.config import ConfigError
+from jaxgpt.train import checkpoint as ckpt_lib
 
 smoke_config = helpers.smoke_config
 
@@ -170,7 +170,7 @@ def test_reward_stage_writes_comparisons_eval_and_score_stats(smoke_run):
   heldout = read_jsonl(os.path.join(out, 'comparisons_heldout.jsonl'))
   assert pairs and heldout
   assert {'prompt', 'chosen', 'rejected', 'group', 'task'} <= set(pairs[0])
-  from jaxgpt import tasks
+  from jaxgpt.data import tasks
   assert all(tasks.TASKS[r['task']].split_of(tasks.TASKS[r['task']].parse(r['prompt'])) ==
              'heldout' for r in heldout)
   with open(os.path.join(out, 'eval.json'), encoding='utf-8') as f:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxgpt import tasks
+from jaxgpt.data import tasks
 
 NAMES = sorted(tasks.TASKS)
 

@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 
 import helpers
-from jaxgpt import config as config_lib
 from jaxgpt import errors
+from jaxgpt import config as config_lib
 from jaxgpt import run as run_lib
 
 ROOT = helpers.ROOT
@@ -146,7 +146,7 @@ FILES = ('--config.stage=pretrain', '--config.data.source=files',
          '--config.data.paths={d}/corpus/*', '--config.data.tfds_dir={d}/tfds')
 SFT = ('--config.stage=sft', '--config.checkpoint.init_from={run}/pretrain/checkpoints', TOK,
        '--config.sft.data={d}/sft.jsonl')
-SAMPLE = ('-m', 'jaxgpt.sample')
+SAMPLE = ('-m', 'jaxgpt.cli.sample')
 PREPARE = ('tools/prepare_corpus.py', '--name=corpus', '--tfds_dir={d}/tfds')
 NOISE = random.Random(0).randbytes(4000)
 
@@ -230,9 +230,9 @@ CASES = [
     Case('sample-damaged', (*SAMPLE, '--workdir={d}/wd', '--prompt=hi'),
          ('{d}/wd/sft/checkpoints/4 is damaged', 'state/d/', 'tensor params.'),
          damaged_copy('sft', 'chunks'), absent=('must match',)),
-    Case('chat-damaged-meta', ('-m', 'jaxgpt.chat', '--workdir={d}/wd'),
+    Case('chat-damaged-meta', ('-m', 'jaxgpt.cli.chat', '--workdir={d}/wd'),
          ('{d}/wd/sft/checkpoints/4 is damaged', 'meta/metadata'), damaged_copy('sft', 'meta')),
-    Case('score-line-not-object', ('-m', 'jaxgpt.score', '--workdir={run}',
+    Case('score-line-not-object', ('-m', 'jaxgpt.cli.score', '--workdir={run}',
                                    '--jsonl={d}/replies.jsonl'),
          ('{d}/replies.jsonl:1', 'JSON object'), write({'replies.jsonl': '[1, 2]\n'})),
     # tools

@@ -28,11 +28,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgpt import aot, collectives, errors, sharding
+from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import metrics as metrics_lib
-from jaxgpt import targets as targets_lib
-from jaxgpt.aot_plans import plan
+from jaxgpt.aot import collectives
+from jaxgpt.aot import compile_fit as aot
+from jaxgpt.aot import targets as targets_lib
+from jaxgpt.aot.plans import plan
+from jaxgpt.train import metrics as metrics_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
 _TOPOLOGY = flags.DEFINE_string('topology', 'local', "A TPU slice such as v5p-8, or 'local'.")

@@ -6,10 +6,10 @@ r"""Decoding throughput against the memory-bandwidth limit, beside Hugging Face 
 Random parameters of the experiment's model, greedy, `--prompt_len`-token prompts,
 `--new_tokens` new tokens, no stop ids (every step runs). For each batch size:
 
-* jaxgpt:       `jaxgpt.sampling.sample` (a prefill, then one token per step against the
+* jaxgpt:       `jaxgpt.inference.sampling.sample` (a prefill, then one token per step against the
                 KV cache, one compiled while_loop);
 * transformers: `generate` of the PyTorch model holding the same weights
-                (`jaxgpt.torch_peer`), greedy with its KV cache, when `transformers`
+                (`jaxgpt.hf.torch_peer`), greedy with its KV cache, when `transformers`
                 and `torch` are installed (`--nohf` skips it);
 * weight matmuls: a compiled loop of the same number of steps that only multiplies a
                 (batch, in) activation by every weight matrix once per step (each layer's
@@ -41,10 +41,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import errors
 from jaxgpt import model as model_lib
-from jaxgpt import sampling, sharding, torch_peer
+from jaxgpt.hf import torch_peer
+from jaxgpt.inference import sampling
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
                                           'experiment config')

@@ -29,11 +29,13 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import errors, metrics, optim, sampling, sharding, trainer
 from jaxgpt import model as model_lib
-from jaxgpt.stages import loop, ppo
+from jaxgpt.inference import sampling
+from jaxgpt.stages import ppo
 from jaxgpt.stages import reward as reward_stage
+from jaxgpt.train import loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
 _PROMPTS = flags.DEFINE_integer('prompts', 256, 'task prompts sampled for in part 2')

@@ -8,7 +8,7 @@ token rows of config.train.batch_size x config.data.seq_len:
 * jaxgpt:  the pretraining step (`trainer.make_train_step` with the LM loss, the optax
            chain of config.train, `jit_train_step`: compiled once, state donated);
 * pytorch: the Hugging Face model of the same architecture holding the same weights
-           (`jaxgpt.torch_peer`), eager (no torch.compile): forward, mean
+           (`jaxgpt.hf.torch_peer`), eager (no torch.compile): forward, mean
            cross-entropy, backward, global-norm clipping and AdamW with the same
            hyper-parameters (decay on matrices only); when `transformers` and `torch`
            are installed (`--nopytorch` skips it).
@@ -31,10 +31,11 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import errors, metrics, optim, sharding, torch_peer, trainer
 from jaxgpt import model as model_lib
-from jaxgpt.stages import loop
+from jaxgpt.hf import torch_peer
+from jaxgpt.train import loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
                                           'experiment config')

@@ -27,7 +27,10 @@ import os
 import sys
 import time
 
-from jaxgpt import errors, hf_export, hf_import, inference
+from jaxgpt import errors
+from jaxgpt.hf import exporter as hf_export
+from jaxgpt.hf import importer as hf_import
+from jaxgpt.inference import loading as inference
 
 
 class _Parser(argparse.ArgumentParser):

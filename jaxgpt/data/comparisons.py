@@ -44,7 +44,7 @@ import random
 import re
 from typing import Iterable, Sequence
 
-from jaxgpt import tasks
+from jaxgpt.data import tasks
 from jaxgpt.data.jsonl import BadRow, BadRowError, parse_prompt, read_rows
 
 __all__ = ['Comparison', 'read_comparisons', 'write_comparisons', 'has_repetition',

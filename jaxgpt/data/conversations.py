@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxgpt import tasks
+from jaxgpt.data import tasks
 from jaxgpt.data.corpus import cache_dir
 
 CHATTERBOT = 'chatterbot-corpus==1.3.3'
@@ -103,7 +103,7 @@ def demo_sft_rows(n_task_examples: int = 20_000, seed: int = 0,
   """The embedded SFT data: ChatterBot conversations plus train-split task examples.
 
   Task examples become single-turn user/assistant conversations; only the `train` split
-  of `jaxgpt.tasks` is used, so the held-out evaluation set stays unseen. The rows are
+  of `jaxgpt.data.tasks` is used, so the held-out evaluation set stays unseen. The rows are
   shuffled deterministically in `seed`. `conversations` replaces the ChatterBot rows
   (tests pass a few to stay offline).
   """

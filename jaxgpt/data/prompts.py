@@ -18,8 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxgpt import tasks
-from jaxgpt.data import chat
+from jaxgpt.data import chat, tasks
 from jaxgpt.data.jsonl import BadRow, expand_paths, parse_prompt, read_rows
 
 EMBEDDED_PROMPTS = 20_000

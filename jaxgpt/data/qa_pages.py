@@ -4,7 +4,7 @@ A real base model has read the internet, and the internet has pages of solved qu
 quizzes, FAQs, forum threads, homework help. Shakespeare alone has none, so a base model
 trained on it never sees a question answered and cannot be coaxed into answering one.
 With `config.data.qa_share = s > 0` the pretraining corpus also holds such pages,
-written in plain text from the task suite (`jaxgpt.tasks`).
+written in plain text from the task suite (`jaxgpt.data.tasks`).
 
 Pages
 * Each page holds 3-8 distinct question/answer pairs, each pair of a task drawn
@@ -39,8 +39,8 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable, Iterator
 
-from jaxgpt import tasks
 from jaxgpt.config import ConfigError
+from jaxgpt.data import tasks
 
 SEED = 0
 # Bump when what pages look like changes (formats, counts, the tasks they draw): it is

@@ -29,8 +29,8 @@ from absl import logging
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import config as config_lib
 from jaxgpt import sharding
+from jaxgpt import config as config_lib
 
 KERNELS = config_lib.ATTENTION_KERNELS
 SPLASH_BLOCK = 128   # splash tiles the sequence in blocks of a multiple of 128 (TPU lanes)

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt import config as config_lib
 from jaxgpt import sharding
+from jaxgpt import config as config_lib
 from jaxgpt.model import kv_cache
-from jaxgpt.model.layers import PROJ_NAMES, Block, Norm, Proj, _param
+from jaxgpt.model.layers import Block, Norm, PROJ_NAMES, Proj, _param
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,

@@ -7,12 +7,12 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
-from jaxgpt import checkpoint as ckpt_lib
-from jaxgpt import hf_import
-from jaxgpt import model as model_lib
 from jaxgpt import sharding
+from jaxgpt import model as model_lib
 from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.data.pretrain import load_or_train_tokenizer
+from jaxgpt.hf import importer as hf_import
+from jaxgpt.train import checkpoint as ckpt_lib
 
 
 def mesh_and_model(cfg, *, scalar_head=False):
@@ -51,7 +51,7 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
   on `mesh`. Top-level entries named in `fresh` (e.g. a new 'scalar_head') are
   initialised instead of read; entries the checkpoint has but `mcfg` lacks (the LM head
   of an SFT model, for a reward model) are not read at all. `directory` 'hf:DIR' reads a
-  Hugging Face model directory instead (`jaxgpt.hf_import`)."""
+  Hugging Face model directory instead (`jaxgpt.hf.importer`)."""
   if directory.startswith(hf_import.HF_PREFIX):
     hf_dir = directory[len(hf_import.HF_PREFIX):]
     params = hf_import.load_params(hf_dir, mesh, mcfg, skip=fresh)

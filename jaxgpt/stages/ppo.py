@@ -34,16 +34,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxgpt import checkpoint as ckpt_lib
-from jaxgpt import evaluation, losses, metrics as metrics_lib, optim, sampling, sharding
-from jaxgpt import scoring, tasks
+from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt import trainer
-from jaxgpt.data import chat
+from jaxgpt.data import chat, tasks
 from jaxgpt.data.pretrain import make_pretrain_data
 from jaxgpt.data.prompts import make_prompt_data
+from jaxgpt.evals import accuracy as evaluation
+from jaxgpt.inference import sampling, scoring
 from jaxgpt.rl import algo, rollout
-from jaxgpt.stages import common, loop
+from jaxgpt.stages import common
+from jaxgpt.train import loop, optim, trainer
+from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.train import metrics as metrics_lib
 
 NAME = 'ppo'
 POLICY_FROM, REWARD_FROM = 'sft', 'reward'

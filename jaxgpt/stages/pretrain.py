@@ -6,9 +6,10 @@ continued pretraining from those weights; otherwise the model starts random.
 
 from __future__ import annotations
 
-from jaxgpt import sampling, trainer
 from jaxgpt.data.pretrain import make_pretrain_data
-from jaxgpt.stages import common, loop
+from jaxgpt.inference import sampling
+from jaxgpt.stages import common
+from jaxgpt.train import loop, trainer
 
 NAME = 'pretrain'
 

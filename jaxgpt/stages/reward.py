@@ -25,12 +25,15 @@ import time
 import jax
 import numpy as np
 
+from jaxgpt import losses, sharding
 from jaxgpt import config as config_lib
-from jaxgpt import evaluation, losses, metrics, sampling, scoring, sharding, tasks, trainer
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat, comparisons
+from jaxgpt.data import chat, comparisons, tasks
 from jaxgpt.data import reward as reward_data
-from jaxgpt.stages import common, loop
+from jaxgpt.evals import accuracy as evaluation
+from jaxgpt.inference import sampling, scoring
+from jaxgpt.stages import common
+from jaxgpt.train import loop, metrics, trainer
 
 NAME = 'reward'
 PREVIOUS = 'sft'

@@ -14,10 +14,12 @@ import os
 import jax
 
 from jaxgpt import config as config_lib
-from jaxgpt import evaluation, sampling, tasks, trainer
-from jaxgpt.data import chat
+from jaxgpt.data import chat, tasks
 from jaxgpt.data.sft import make_sft_data
-from jaxgpt.stages import common, loop
+from jaxgpt.evals import accuracy as evaluation
+from jaxgpt.inference import sampling
+from jaxgpt.stages import common
+from jaxgpt.train import loop, trainer
 
 NAME = 'sft'
 PREVIOUS = 'pretrain'

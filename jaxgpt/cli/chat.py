@@ -1,6 +1,6 @@
 r"""Interactive chat with a trained stage, streamed token by token:
 
-  python -m jaxgpt.chat --workdir DIR --stage sft [--system "You are terse."] [--temperature 0.7]
+  python -m jaxgpt.cli.chat --workdir DIR --stage sft [--system "You are terse."] [--temperature 0.7]
 
 The whole conversation is kept and rendered with the chat template every turn; when it
 would not leave room for a reply in the model's context (config.model.max_seq_len), the
@@ -15,8 +15,10 @@ from typing import Iterable, Iterator, TextIO
 
 from absl import app, flags, logging
 
-from jaxgpt import errors, inference, sampling
+from jaxgpt import errors
 from jaxgpt.data import chat as chat_template
+from jaxgpt.inference import sampling
+from jaxgpt.inference import loading as inference
 
 inference.define_flags()
 flags.adopt_module_key_flags(inference)

@@ -22,8 +22,8 @@ import collections
 import random
 import re
 
-from jaxgpt import sampling, tasks
-from jaxgpt.data import chat
+from jaxgpt.data import chat, tasks
+from jaxgpt.inference import sampling
 
 MODES = ('zero_shot', 'few_shot', 'chat')
 

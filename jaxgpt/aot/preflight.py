@@ -2,7 +2,7 @@
 
 1. Memory. Every stage about to run needs, per device, at least its parameters and
    optimizer state (every model's, for PPO). Those come from `jax.eval_shape` of the train
-   state and its shardings (`jaxgpt.aot_plans`: nothing is compiled or allocated, well
+   state and its shardings (`jaxgpt.aot.plans`: nothing is compiled or allocated, well
    under a second) and are set against what a device has: the runtime's `bytes_limit` on
    GPU and TPU, the host's available RAM split among this process's devices on CPU. Only
    a run that cannot hold even that is stopped; activations and temporaries come on top,
@@ -21,9 +21,10 @@ import os
 
 import jax
 
-from jaxgpt import aot, aot_plans
 from jaxgpt import config as config_lib
-from jaxgpt.metrics import human_bytes
+from jaxgpt.aot import compile_fit as aot
+from jaxgpt.aot import plans as aot_plans
+from jaxgpt.train.metrics import human_bytes
 
 
 class TokenizerMissing(config_lib.ConfigError):

@@ -1,7 +1,7 @@
 r"""Reward-model scores of replies, to probe what the reward stage learned:
 
-  python -m jaxgpt.score --workdir DIR --prompt "What is 12 + 34?" --response 46 --response 47
-  python -m jaxgpt.score --workdir DIR --jsonl replies.jsonl
+  python -m jaxgpt.cli.score --workdir DIR --prompt "What is 12 + 34?" --response 46 --response 47
+  python -m jaxgpt.cli.score --workdir DIR --jsonl replies.jsonl
 
 Each `--response` is scored as the assistant's reply to `--prompt` (one user turn). A
 JSONL file holds one object per line: `{"prompt" | "messages", "response"}`, or a
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from jaxgpt import errors, inference, scoring
+from jaxgpt import errors
 from jaxgpt.data import jsonl
+from jaxgpt.inference import scoring
+from jaxgpt.inference import loading as inference
 
-# Shared with jaxgpt.sample / jaxgpt.chat when imported together (flags are defined once).
+# Shared with jaxgpt.cli.sample / jaxgpt.cli.chat when imported together (flags are defined once).
 if 'workdir' not in flags.FLAGS:
   flags.DEFINE_string('workdir', None, 'Run directory written by jaxgpt.main.')
 if 'mesh' not in flags.FLAGS:

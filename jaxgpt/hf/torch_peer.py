@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxgpt.model import hf
+from jaxgpt.hf import weights as hf
 
 
 def causal_lm(mcfg, params, *, threads: int = 0):

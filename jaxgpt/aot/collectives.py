@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 
-from jaxgpt.metrics import human_bytes
+from jaxgpt.train.metrics import human_bytes
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
@@ -163,7 +163,7 @@ def loop_body_collectives(hlo_text: str, scope: str) -> Collectives | None:
 
 def decode_step_bytes(compiled) -> Collectives | None:
   """Collectives of one decode step of a compiled `sampling.decode_fn` program."""
-  from jaxgpt import sampling  # pylint: disable=import-outside-toplevel
+  from jaxgpt.inference import sampling  # pylint: disable=import-outside-toplevel
   return loop_body_collectives(compiled.as_text(), sampling.DECODE_LOOP)
 
 

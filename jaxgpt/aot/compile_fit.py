@@ -1,6 +1,6 @@
 """Fit before you pay: compile a stage's programs for some devices, without running them.
 
-`measure` compiles one program (`jaxgpt.aot_plans.Step`) and reads the compiler's memory
+`measure` compiles one program (`jaxgpt.aot.plans.Step`) and reads the compiler's memory
 analysis: per device, the arguments, outputs and temporaries of the program, plus the
 long-lived state it does not take as an argument (the eval step does not take the
 optimizer state, yet it stays in memory). A TPU compiler refuses a program that exceeds
@@ -12,10 +12,10 @@ the chip's memory; that refusal is read as "does not fit" with the size it repor
 exceed a device's memory (arithmetic only), or when the compiled train step does.
 
 For the sampler's programs it also reads the collectives of one decode step from the
-compiled HLO (`jaxgpt.collectives`): the bytes the per-token loop moves between devices,
+compiled HLO (`jaxgpt.aot.collectives`): the bytes the per-token loop moves between devices,
 which the decode layout (config.mesh.decode_rules) exists to cut.
 
-FLOPs are analytic (6 N per token plus attention, `jaxgpt.metrics.flops_per_token`):
+FLOPs are analytic (6 N per token plus attention, `jaxgpt.train.metrics.flops_per_token`):
 XLA's cost analysis counts a scanned layer once.
 """
 
@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from jaxgpt import collectives, sharding
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
-from jaxgpt import targets as targets_lib
-from jaxgpt.aot_plans import Plan, Step, plan
+from jaxgpt.aot import collectives
+from jaxgpt.aot import targets as targets_lib
+from jaxgpt.aot.plans import Plan, Step, plan
 
 STAGE_ORDER = ('pretrain', 'sft', 'reward', 'ppo')
 GIB = targets_lib.GIB

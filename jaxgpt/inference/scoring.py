@@ -1,6 +1,6 @@
 """Reward-model scores of (prompt, reply) pairs, on the host's side of the stage.
 
-Used by the reward stage's evaluation (best-of-N, AUC), `python -m jaxgpt.score`, and the
+Used by the reward stage's evaluation (best-of-N, AUC), `python -m jaxgpt.cli.score`, and the
 recipe's report. Each reply is rendered with the chat template and followed by the
 `<|reward|>` readout token (`jaxgpt.data.reward.encode_reply`), then scored in
 fixed-shape batches on the parameters' own mesh.
@@ -14,9 +14,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt import sampling, sharding
 from jaxgpt.data import reward as reward_data
+from jaxgpt.inference import sampling
 
 
 @functools.lru_cache(maxsize=8)

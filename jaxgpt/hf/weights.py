@@ -2,8 +2,8 @@
 
 Everything here is numpy. The mapping is written per layer (`layer_from_hf`, `layer_to_hf`)
 plus the tensors outside the layers (`globals_from_hf`, `globals_to_hf`), so a converter
-can stream a checkpoint through host memory one layer at a time (`jaxgpt.hf_import`,
-`jaxgpt.hf_export`); `from_hf` / `to_hf` apply it to a whole state dict at once:
+can stream a checkpoint through host memory one layer at a time (`jaxgpt.hf.importer`,
+`jaxgpt.hf.exporter`); `from_hf` / `to_hf` apply it to a whole state dict at once:
 
   hf = transformers.AutoModelForCausalLM.from_pretrained(path)
   cfg.model.update(model_config_from_hf(hf.config))
@@ -410,7 +410,7 @@ def globals_to_hf(get: Get, mcfg, *, head: str = 'lm',
                   tied_copies: bool = True) -> dict[str, np.ndarray]:
   """The Hugging Face tensors outside the layers, padding rows stripped. `head='score'`
   gives the sequence-classification `score.weight` from the scalar head (its bias must be
-  folded in by the caller, see `jaxgpt.hf_export`). Without `tied_copies` a tied head is
+  folded in by the caller, see `jaxgpt.hf.exporter`). Without `tied_copies` a tied head is
   not written twice (what safetensors files hold)."""
   c = _model_config(mcfg)
   v, p = c.vocab_size, _prefix(c)

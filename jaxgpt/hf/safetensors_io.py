@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxgpt.model.hf import ConversionError, check_all_used, check_shape
+from jaxgpt.hf.weights import ConversionError, check_all_used, check_shape
 
 INDEX = 'model.safetensors.index.json'
 SINGLE = 'model.safetensors'

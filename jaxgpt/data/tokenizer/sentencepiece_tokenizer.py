@@ -37,16 +37,8 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-SPECIAL_TOKENS = {
-    'pad': '<|pad|>',
-    'endoftext': '<|endoftext|>',
-    'system': '<|system|>',
-    'user': '<|user|>',
-    'assistant': '<|assistant|>',
-    'end_of_turn': '<|end|>',
-    'reward': '<|reward|>',
-}
-ROLES = ('system', 'user', 'assistant')
+from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, SpecialIds
+
 
 _SPACE = '\u2581'  # SentencePiece's whitespace marker
 _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
@@ -54,8 +46,11 @@ _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
 MIN_VOCAB_SIZE = 256 + 1 + len(SPECIAL_TOKENS)
 
 
-class Tokenizer:
+class Tokenizer(SpecialIds):
   """A SentencePiece model plus the special-token ids the stages need."""
+
+  _MISSING_HINT = ('train a jaxgpt tokenizer (tools/train_tokenizer.py) or set '
+                   'config.tokenizer.path to one.')
 
   def __init__(self, model_proto: bytes, path: str = ''):
     self.path = path
@@ -99,15 +94,6 @@ class Tokenizer:
     idx = self._sp.piece_to_id(SPECIAL_TOKENS[name])
     return None if self._sp.is_unknown(idx) else idx
 
-  def _require(self, name: str) -> int:
-    idx = self._special_id(name)
-    if idx is None:
-      raise ValueError(
-          f'tokenizer {self.path or "<in memory>"} has no {SPECIAL_TOKENS[name]!r} token, '
-          'which the chat/reward stages need; train a jaxgpt tokenizer '
-          '(tools/train_tokenizer.py) or set config.tokenizer.path to one.')
-    return idx
-
   @functools.cached_property
   def pad_id(self) -> int:
     for idx in (self._special_id('pad'), self._sp.pad_id(), self._sp.unk_id()):
@@ -125,19 +111,6 @@ class Tokenizer:
           f'tokenizer {self.path or "<in memory>"} has neither <|endoftext|> nor an '
           'end-of-sequence piece (</s>); documents cannot be separated.')
     return idx
-
-  @property
-  def end_of_turn_id(self) -> int:
-    return self._require('end_of_turn')
-
-  @property
-  def reward_id(self) -> int:
-    return self._require('reward')
-
-  def role_id(self, role: str) -> int:
-    if role not in ROLES:
-      raise ValueError(f'unknown role {role!r}; expected one of {ROLES}.')
-    return self._require(role)
 
   # -- encode / decode ------------------------------------------------------
 
@@ -263,13 +236,6 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int,
       os.remove(tmp)
     raise OSError(e.errno, e.strerror, out_path) from None
   return Tokenizer(model.getvalue(), os.fspath(out_path))
-
-
-def load(path):
-  """Any tokenizer jaxgpt reads: a SentencePiece `.model` file, or a Hugging Face
-  tokenizer directory / tokenizer.json (`jaxgpt.data.hf_tokenizer`)."""
-  from jaxgpt.data import hf_tokenizer  # pylint: disable=import-outside-toplevel
-  return hf_tokenizer.load(path)
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

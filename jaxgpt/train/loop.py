@@ -26,10 +26,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxgpt import checkpoint as ckpt_lib
-from jaxgpt import metrics as metrics_lib
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt import optim, sharding, trainer
+from jaxgpt.train import optim, trainer
+from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.train import metrics as metrics_lib
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Loading a trained stage for inference (shared by `jaxgpt.sample` and `jaxgpt.chat`).
+"""Loading a trained stage for inference (shared by `jaxgpt.cli.sample` and `jaxgpt.cli.chat`).
 
 `load(workdir, stage)` reads the newest checkpoint of WORKDIR/<stage>/checkpoints:
 the experiment config recorded in its meta (so no experiment file is needed), only the
@@ -19,15 +19,15 @@ import jax
 import ml_collections
 from absl import flags
 
-from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
 from jaxgpt.data import tokenizer as tokenizer_lib
+from jaxgpt.train import checkpoint as ckpt_lib
 
 # Stages whose checkpoint holds a language model one can sample from.
 GENERATIVE_STAGES = ('pretrain', 'sft', 'ppo')
-# Stages whose checkpoint holds a model that scores replies (`jaxgpt.score`).
+# Stages whose checkpoint holds a model that scores replies (`jaxgpt.cli.score`).
 SCORING_STAGES = ('reward',)
 
 
@@ -59,7 +59,7 @@ def check_stage(stage: str, allowed=GENERATIVE_STAGES) -> None:
   if stage == 'reward' and allowed == GENERATIVE_STAGES:
     raise InferenceError(
         "stage 'reward' holds a reward model, which scores text and cannot generate it "
-        f'(score with python -m jaxgpt.score); use one of {GENERATIVE_STAGES}.')
+        f'(score with python -m jaxgpt.cli.score); use one of {GENERATIVE_STAGES}.')
   if stage not in allowed:
     raise InferenceError(f'unknown stage {stage!r}; use one of {allowed}.')
 
@@ -198,7 +198,7 @@ def model_config(cfg, stage: str) -> model_lib.ModelConfig:
 
 
 def define_flags() -> None:
-  """The flags `jaxgpt.sample` and `jaxgpt.chat` share (each defined once per process)."""
+  """The flags `jaxgpt.cli.sample` and `jaxgpt.cli.chat` share (each defined once per process)."""
   specs = [
       (flags.DEFINE_string, 'workdir', None, 'Run directory written by jaxgpt.main.'),
       (flags.DEFINE_string, 'stage', 'sft', f'Which stage to load: one of {GENERATIVE_STAGES}.'),

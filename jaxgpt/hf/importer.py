@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxgpt import checkpoint as ckpt_lib
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
-from jaxgpt.data import hf_tokenizer
-from jaxgpt.model import hf
+from jaxgpt.data.tokenizer import hf_tokenizer
+from jaxgpt.hf import weights as hf
+from jaxgpt.train import checkpoint as ckpt_lib
 
 HF_PREFIX = 'hf:'
 IMPORT_RECORD = 'hf_import.json'   # in an imported checkpoint's directory
@@ -201,7 +201,7 @@ def load_params(hf_dir: str, mesh, mcfg, *, skip=()) -> dict:
   'scalar_head') from a Hugging Face directory's safetensors, in their shardings on
   `mesh`. Fails naming the file and tensor on a missing, misshapen, truncated or
   corrupted tensor, and on a tensor the model has no place for."""
-  from jaxgpt.hf_io import SafetensorsReader  # pylint: disable=import-outside-toplevel
+  from jaxgpt.hf.safetensors_io import SafetensorsReader  # pylint: disable=import-outside-toplevel
   reader = SafetensorsReader(hf_dir)  # the `safetensors` package: pip install jaxgpt[hf]
   _, abstract, logical = model_lib.abstract_model(mcfg)
   shardings = sharding.param_shardings(abstract, logical, mesh, mcfg.rules)

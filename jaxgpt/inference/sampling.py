@@ -26,7 +26,7 @@ behaviour policy's log-probs for the importance ratio and the KL to the referenc
 model); temperature and filtering only decide *which* token is drawn.
 
 Token choice (`SamplingConfig`: greedy, or temperature then top-k then top-p, then one
-categorical draw) is `jaxgpt.token_choice`. Randomness: the step-i draw uses
+categorical draw) is `jaxgpt.inference.token_choice`. Randomness: the step-i draw uses
 `jax.random.fold_in(rng, i)`, so a seed fixes the whole output; with
 `jax_threefry_partitionable` the result does not depend on the mesh.
 
@@ -67,7 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
-from jaxgpt.token_choice import filter_logits, is_stop, next_token  # noqa: F401 (the API)
+from jaxgpt.inference.token_choice import filter_logits, is_stop, next_token  # noqa: F401 (the API)
 
 
 
@@ -323,7 +323,7 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
               put(logprobs_bn, lp_b), put(mask_bn, live_b), done_b)
 
     carry = (jnp.int32(1), cache, tokens_bn, logprobs_bn, mask_bn, done_b)
-    with jax.named_scope(DECODE_LOOP):  # how jaxgpt.collectives finds the per-token loop
+    with jax.named_scope(DECODE_LOOP):  # how jaxgpt.aot.collectives finds the per-token loop
       _, _, tokens_bn, logprobs_bn, mask_bn, done_b = jax.lax.while_loop(cond, body, carry)
     return SampleOutput(tokens=tokens_bn, logprobs=logprobs_bn, response_mask=mask_bn,
                         lengths=mask_bn.sum(axis=1, dtype=jnp.int32), finished=done_b)

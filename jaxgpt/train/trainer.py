@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgpt import losses
+from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
 
 LossFn = Callable[..., tuple]
 

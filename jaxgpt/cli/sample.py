@@ -1,7 +1,7 @@
 r"""Completions from a trained stage:
 
-  python -m jaxgpt.sample --workdir DIR --stage sft --prompt "What is 2 + 3?"
-  python -m jaxgpt.sample --workdir DIR --stage pretrain --prompt "ROMEO:" --prompt "JULIET:"
+  python -m jaxgpt.cli.sample --workdir DIR --stage sft --prompt "What is 2 + 3?"
+  python -m jaxgpt.cli.sample --workdir DIR --stage pretrain --prompt "ROMEO:" --prompt "JULIET:"
 
 Prompts come from `--prompt` (repeatable) and `--prompts_file` (one per line). For the
 pretrain stage a prompt starts a document (after `<|endoftext|>`, as the pretraining
@@ -16,8 +16,10 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxgpt import errors, inference, sampling
+from jaxgpt import errors
 from jaxgpt.data import chat
+from jaxgpt.inference import sampling
+from jaxgpt.inference import loading as inference
 
 inference.define_flags()
 flags.adopt_module_key_flags(inference)

@@ -30,7 +30,8 @@ import shutil
 
 from sentencepiece import sentencepiece_model_pb2
 
-from jaxgpt.data.tokenizer import ROLES, SPECIAL_TOKENS, Tokenizer
+from jaxgpt.data.tokenizer.sentencepiece_tokenizer import Tokenizer
+from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, SpecialIds
 
 # The tokens chat, reward model and PPO need; added to a model tokenizer that lacks them.
 CHAT_TOKENS = ('system', 'user', 'assistant', 'end_of_turn', 'reward')
@@ -94,8 +95,10 @@ def token_text(value) -> str | None:
   return value if isinstance(value, str) else None
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialIds):
   """A Hugging Face `tokenizers` tokenizer with the special-token ids the stages need."""
+
+  _MISSING_HINT = "config.tokenizer.chat_tokens='add' adds it on import."
 
   def __init__(self, tk_json: str, path: str, config: dict | None = None):
     import tokenizers  # pylint: disable=import-outside-toplevel
@@ -168,13 +171,8 @@ class HFTokenizer:
   def _config_id(self, name: str) -> int | None:
     return self.token_id(token_text(self.config.get(name)))
 
-  def _require(self, name: str) -> int:
-    idx = self.token_id(SPECIAL_TOKENS[name])
-    if idx is None:
-      raise ValueError(
-          f'tokenizer {self.path} has no {SPECIAL_TOKENS[name]!r} token, which the chat / '
-          "reward stages need; config.tokenizer.chat_tokens='add' adds it on import.")
-    return idx
+  def _special_id(self, name: str) -> int | None:
+    return self.token_id(SPECIAL_TOKENS[name])
 
   @functools.cached_property
   def pad_id(self) -> int:
@@ -192,19 +190,6 @@ class HFTokenizer:
         return idx
     raise ValueError(f'tokenizer {self.path} has neither <|endoftext|> nor an eos_token in '
                      'tokenizer_config.json; documents cannot be separated.')
-
-  @property
-  def end_of_turn_id(self) -> int:
-    return self._require('end_of_turn')
-
-  @property
-  def reward_id(self) -> int:
-    return self._require('reward')
-
-  def role_id(self, role: str) -> int:
-    if role not in ROLES:
-      raise ValueError(f'unknown role {role!r}; expected one of {ROLES}.')
-    return self._require(role)
 
   # -- encode / decode ------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""What each stage compiles, as abstract programs that `jaxgpt.aot` measures.
+"""What each stage compiles, as abstract programs that `jaxgpt.aot.compile_fit` measures.
 
 A `Step` lowers one of a stage's jitted programs for a number of rows, built from the
 same functions and shardings the stage runs, on abstract arguments (nothing is
@@ -26,9 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
-from jaxgpt import metrics, optim, sampling, sharding, trainer
 from jaxgpt import model as model_lib
+from jaxgpt.inference import sampling
+from jaxgpt.train import metrics, optim, trainer
 
 LM_KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
 PPO_KEYS = ('mask', 'old_logp', 'old_values', 'advantages', 'returns')

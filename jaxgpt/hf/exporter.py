@@ -26,9 +26,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxgpt.data import hf_tokenizer
-from jaxgpt.hf_io import ShardWriter
-from jaxgpt.model import hf
+from jaxgpt.data.tokenizer import hf_tokenizer
+from jaxgpt.hf import weights as hf
+from jaxgpt.hf.safetensors_io import ShardWriter
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 
@@ -125,8 +125,9 @@ def load_for_export(*, workdir: str | None = None, stage: str | None = None,
   """(params, mcfg, tokenizer, head) of WORKDIR/<stage>'s newest checkpoint, or of a
   checkpoints directory (`checkpoint`, e.g. one `convert_hf.py import` wrote). The mesh puts
   every device on 'fsdp' (each holds a slice) unless `mesh` overrides axes."""
-  from jaxgpt import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from jaxgpt import inference, sharding  # pylint: disable=import-outside-toplevel
+  from jaxgpt.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from jaxgpt.inference import loading as inference  # pylint: disable=import-outside-toplevel
+  from jaxgpt import sharding
   from jaxgpt import model as model_lib  # pylint: disable=import-outside-toplevel
   from jaxgpt.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   overrides = dict({'data': 1, 'fsdp': -1}, **(mesh or {}))

@@ -26,12 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxgpt import checkpoint as ckpt_lib
-from jaxgpt import evaluation, losses, sampling, scoring, sharding, tasks
+from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat
+from jaxgpt.data import chat, tasks
+from jaxgpt.evals import accuracy as evaluation
+from jaxgpt.inference import sampling, scoring
 from jaxgpt.stages import common
 from jaxgpt.stages import reward as reward_stage
+from jaxgpt.train import checkpoint as ckpt_lib
 
 STAGES = ('pretrain', 'sft', 'reward', 'ppo')
 PPO_KEYS = ('scores', 'kl', 'entropy', 'response_length')

@@ -1,0 +1,1 @@
+"""Command-line tools on a trained run: sample, chat, score."""

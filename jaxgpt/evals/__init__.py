@@ -1,0 +1,1 @@
+"""Held-out task accuracy and the recipe's report."""

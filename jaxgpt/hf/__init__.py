@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: safetensors I/O, import, export, weight mapping, torch peer."""

@@ -1,0 +1,1 @@
+"""Decoding, token choice, loading a stage for inference, reward-model scoring."""

@@ -1,0 +1,1 @@
+"""The training machinery every stage shares: step, loop, optimizer, checkpoints, metrics."""
