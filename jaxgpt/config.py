@@ -13,7 +13,9 @@ import re
 
 import ml_collections
 
-STAGES = ('pretrain', 'sft', 'reward', 'ppo', 'all')
+from jaxgpt.stages import PIPELINE
+
+STAGES = PIPELINE + ('all',)
 FAMILIES = ('llama', 'gpt2')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'save_proj')
 ATTENTION_KERNELS = ('auto', 'xla', 'cudnn', 'splash')  # jaxgpt.model.attention_kernels
@@ -68,8 +70,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.preflight = True          # before allocating: stop a run whose parameters and optimizer
                               # state alone exceed a device's memory (jaxgpt.aot.preflight)
+  c.model = model_section()
+  c.mesh = mesh_section()
+  c.tokenizer = tokenizer_section()
+  c.data = data_section()
+  c.train = train_section()
+  # Later stages train with config.train, except for the fields their section sets.
+  c.sft = sft_section()
+  c.reward = reward_section()
+  c.ppo = ppo_section()
+  c.checkpoint = checkpoint_section()
+  return c
 
-  c.model = m = ml_collections.ConfigDict()
+
+def model_section() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
   m.family = 'llama'
   m.vocab_size = 4096
   m.d_model = 256
@@ -89,21 +104,38 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention = 'auto'        # auto | xla | cudnn | splash (jaxgpt.model.attention_kernels)
   m.decode_dtype = ''         # the sampler's weights, compute and KV cache ('' -> dtype);
                               # 'bfloat16' halves the bytes a decode step reads
+  # Published models in and out (tools/convert_hf.py; init_from='hf:DIR' takes the
+  # architecture from DIR/config.json and the tokenizer from DIR).
+  m.tie_embeddings = False    # llama: the output head is the input embedding (gpt2 always ties)
+  m.vocab_multiple = 1        # embedding/head rows padded to a multiple (e.g. 128, so 'tensor'
+                              # divides them); padded logits are masked, export strips them
+  return m
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
-  c.mesh.fsdp = -1            # -1: all devices left over
-  c.mesh.tensor = 1
-  c.mesh.rules = DEFAULT_RULES
-  c.mesh.decode_rules = DEFAULT_DECODE_RULES  # entries of rules replaced while sampling;
+
+def mesh_section() -> ml_collections.ConfigDict:
+  mesh = ml_collections.ConfigDict()
+  mesh.data = 1
+  mesh.fsdp = -1              # -1: all devices left over
+  mesh.tensor = 1
+  mesh.rules = DEFAULT_RULES
+  mesh.decode_rules = DEFAULT_DECODE_RULES  # entries of rules replaced while sampling;
                               # () samples in the training layout
+  return mesh
 
-  c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.path = ''       # '' -> WORKDIR/tokenizer.model, trained from the corpus on first use
-  c.tokenizer.vocab_size = 4096
-  c.tokenizer.train_chars = 20_000_000  # characters of corpus sampled to train it
 
-  c.data = d = ml_collections.ConfigDict()
+def tokenizer_section() -> ml_collections.ConfigDict:
+  tok = ml_collections.ConfigDict()
+  tok.path = ''               # '' -> WORKDIR/tokenizer.model, trained from the corpus on first use
+  tok.vocab_size = 4096
+  tok.train_chars = 20_000_000  # characters of corpus sampled to train it
+  tok.chat_tokens = 'add'     # a model's tokenizer lacking jaxgpt's chat / reward tokens:
+                              # 'add' them (new rows = mean of the old; exported with a chat
+                              # template that renders them) | 'require' (fail instead)
+  return tok
+
+
+def data_section() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
   d.source = 'embedded'       # embedded | files | tfds
   d.paths = ''                # comma-separated globs of .txt / .jsonl files (source=files)
   d.text_field = 'text'       # JSONL field holding the document
@@ -118,8 +150,11 @@ def base_config() -> ml_collections.ConfigDict:
                               # web-like Q/A pages built from train-split task instances
   d.max_invalid_utf8 = 0.2    # share of a file's bytes that may be invalid UTF-8 (each one
                               # replaced and counted); a file above it is refused, by name
+  return d
 
-  c.train = t = ml_collections.ConfigDict()
+
+def train_section() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
   t.steps = 1000
   t.batch_size = 32           # global, in rows of data.seq_len tokens
   t.micro_batches = 1         # gradient accumulation inside the step
@@ -133,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.decay = 'matrices'        # which parameters decay: matrices | all | none
   t.clip_norm = 1.0
   t.z_loss = 0.0
+  t.loss_chunk = 0            # pretrain / SFT loss over this many positions at a time, so the
+                              # (batch, length, vocab) float32 logits never exist whole; 0: off
+                              # (tools/aot.py shows the effect per chip)
   t.log_every = 10
   t.eval_every = 200
   t.eval_batches = 8
@@ -140,9 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_prompts = ('ROMEO:', 'The king said', 'To be, or not')
   t.sample_tokens = 48
   t.peak_flops = 0.0          # per device; 0 -> measured with a matmul at start
+  return t
 
-  # Later stages train with config.train, except for the fields set here.
-  c.sft = sft = ml_collections.ConfigDict()
+
+def sft_section() -> ml_collections.ConfigDict:
+  sft = ml_collections.ConfigDict()
   sft.data = 'embedded'        # 'embedded' or comma-separated JSONL paths/globs/directories
   sft.task_examples = 20000    # task-suite examples mixed into the embedded data
   sft.on_bad_row = 'error'     # error | skip (skipped rows are counted)
@@ -155,9 +195,12 @@ def base_config() -> ml_collections.ConfigDict:
   sft.eval_per_task = 40       # held-out prompts per task for eval.json
   sft.few_shot = 3             # Q/A examples in the base model's few-shot document
   sft.eval_tokens = 16         # max new tokens when answering a task prompt
+  return sft
 
-  # Stage 3: the reward model (scalar read at a <|reward|> token after each response).
-  c.reward = r = ml_collections.ConfigDict()
+
+def reward_section() -> ml_collections.ConfigDict:
+  """Stage 3: the reward model (scalar read at a <|reward|> token after each response)."""
+  r = ml_collections.ConfigDict()
   r.data = 'embedded'          # 'embedded' (sampled from the SFT model, ranked by the
                                # simulated labeler) or comma-separated JSONL paths/globs
   r.prompts = 1200             # embedded: train-split task prompts to sample for
@@ -178,9 +221,12 @@ def base_config() -> ml_collections.ConfigDict:
   r.center = 0.0               # c in + c * (r_chosen + r_rejected)^2 (0: off)
   r.eval_per_task = 40         # held-out prompts per task for eval.json
   r.best_of = (1, 4, 16)       # best-of-N with the reward model in eval.json
+  return r
 
-  # Stage 4: RLHF with PPO (policy from SFT, value model from the reward model).
-  c.ppo = p = ml_collections.ConfigDict()
+
+def ppo_section() -> ml_collections.ConfigDict:
+  """Stage 4: RLHF with PPO (policy from SFT, value model from the reward model)."""
+  p = ml_collections.ConfigDict()
   p.prompts = 'embedded'       # 'embedded' (task-suite train split) or JSONL paths/globs
   p.on_bad_row = 'error'       # error | skip
   p.steps = 60                 # PPO iterations (rollout -> score -> advantages -> update)
@@ -213,8 +259,11 @@ def base_config() -> ml_collections.ConfigDict:
   p.frozen_dtype = 'float32'   # reference and reward models held in float32 | bfloat16
   p.eval_per_task = 40         # held-out prompts per task for eval.json and the report
   p.report_samples = 8         # samples per prompt for diversity in the report
+  return p
 
-  c.checkpoint = ck = ml_collections.ConfigDict()
+
+def checkpoint_section() -> ml_collections.ConfigDict:
+  ck = ml_collections.ConfigDict()
   ck.every_steps = 500
   ck.every_minutes = 10.0
   ck.max_to_keep = 2
@@ -222,20 +271,7 @@ def base_config() -> ml_collections.ConfigDict:
   ck.on_damaged = 'fallback'  # newest checkpoint unreadable at resume: 'fallback' (move it to
                               # <stage>/damaged_checkpoints/, resume from the newest good one)
                               # or 'stop' (report it and stop)
-
-  # Published models in and out (tools/convert_hf.py; init_from='hf:DIR' takes config.model's
-  # architecture from DIR/config.json and the tokenizer from DIR).
-  m.tie_embeddings = False    # llama: the output head is the input embedding (gpt2 always ties)
-  m.vocab_multiple = 1        # embedding/head rows padded to a multiple (e.g. 128, so 'tensor'
-                              # divides them); padded logits are masked, export strips them
-  c.tokenizer.chat_tokens = 'add'  # a model's tokenizer lacking jaxgpt's chat / reward tokens:
-                              # 'add' them (new rows = mean of the old; exported with a chat
-                              # template that renders them) | 'require' (fail instead)
-
-  # Memory (tools/aot.py shows the effect per chip).
-  t.loss_chunk = 0            # pretrain / SFT loss over this many positions at a time, so the
-                              # (batch, length, vocab) float32 logits never exist whole; 0: off
-  return c
+  return ck
 
 
 class ConfigError(ValueError):
@@ -326,22 +362,32 @@ def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
 
 
 def validate(cfg, num_devices: int) -> dict[str, int]:
-  """Check the whole config; return the resolved mesh shape."""
+  """Check the whole config, section by section; return the resolved mesh shape."""
   check_known_fields(cfg)
   if cfg.stage not in STAGES:
     raise ConfigError(f"config.stage='{cfg.stage}' must be one of {STAGES}.")
   if not isinstance(cfg.preflight, bool):
     raise ConfigError(f'config.preflight={cfg.preflight!r} must be True or False.')
+  _validate_model(cfg)
+  _validate_data(cfg)
+  sizes = mesh_shape(cfg, num_devices)
+  _validate_decode_rules(cfg)
+  batch_shards = BatchShards(cfg, sizes)
+  _validate_train(cfg, batch_shards)
+  _validate_sft(cfg)
+  _validate_reward(cfg, batch_shards)
+  _validate_ppo(cfg, batch_shards)
+  _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
+  return sizes
+
+
+def _validate_model(cfg) -> None:
   m = cfg.model
-  if m.family not in FAMILIES:
-    raise ConfigError(f"config.model.family='{m.family}' must be one of {FAMILIES}.")
-  if m.remat not in REMAT_POLICIES:
-    raise ConfigError(f"config.model.remat='{m.remat}' must be one of {REMAT_POLICIES}.")
-  if m.attention not in ATTENTION_KERNELS:
-    raise ConfigError(f"config.model.attention='{m.attention}' must be one of {ATTENTION_KERNELS}.")
-  for field in ('dtype', 'param_dtype'):
-    if m[field] not in DTYPES:
-      raise ConfigError(f"config.model.{field}='{m[field]}' must be one of {DTYPES}.")
+  _choice(cfg, 'model.family', FAMILIES)
+  _choice(cfg, 'model.remat', REMAT_POLICIES)
+  _choice(cfg, 'model.attention', ATTENTION_KERNELS)
+  _choice(cfg, 'model.dtype', DTYPES)
+  _choice(cfg, 'model.param_dtype', DTYPES)
   if m.head_dim == 0 and m.d_model % m.n_heads:
     raise ConfigError(
         f'config.model.n_heads={m.n_heads} does not divide config.model.d_model={m.d_model}; '
@@ -354,14 +400,22 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       raise ConfigError(
           f'config.model.head_dim={head_dim(m)} must be even for RoPE'
           + (' (it is d_model / n_heads; set config.model.head_dim).' if not m.head_dim else '.'))
-  if cfg.data.seq_len > m.max_seq_len:
-    raise ConfigError(
-        f'config.data.seq_len={cfg.data.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}.')
   if cfg.tokenizer.vocab_size > m.vocab_size:
     raise ConfigError(
         f'config.tokenizer.vocab_size={cfg.tokenizer.vocab_size} exceeds '
         f'config.model.vocab_size={m.vocab_size}.')
-  sizes = mesh_shape(cfg, num_devices)
+
+
+def _validate_data(cfg) -> None:
+  d = cfg.data
+  if d.seq_len > cfg.model.max_seq_len:
+    raise ConfigError(
+        f'config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={cfg.model.max_seq_len}.')
+  if not 0.0 <= d.max_invalid_utf8 <= 1.0:
+    raise ConfigError(f'config.data.max_invalid_utf8={d.max_invalid_utf8} must be in [0, 1].')
+
+
+def _validate_train(cfg, batch_shards: 'BatchShards') -> None:
   t = cfg.train
   for field in ('train.steps', 'sft.steps', 'reward.steps', 'ppo.steps', 'train.log_every',
                 'train.eval_every', 'train.sample_every'):
@@ -372,29 +426,23 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
     raise ConfigError(
         f'config.train.batch_size={t.batch_size} is not divisible by '
         f'config.train.micro_batches={t.micro_batches}.')
-  batch_shards = BatchShards(cfg, sizes)
   if t.batch_size < 1 or (t.batch_size // t.micro_batches) % batch_shards.size:
     raise ConfigError(
         f'config.train.batch_size={t.batch_size} / micro_batches={t.micro_batches} = '
         f'{t.batch_size // t.micro_batches} rows per micro-batch is not a positive multiple '
         f'of {batch_shards}; change config.train.batch_size{batch_shards.or_change}.')
+  if t.decay not in ('matrices', 'all', 'none'):
+    raise ConfigError(f"config.train.decay='{t.decay}' must be matrices, all or none.")
+  if t.loss_chunk < 0:
+    raise ConfigError(f'config.train.loss_chunk={t.loss_chunk} must be >= 0 (0: the whole '
+                      'sequence at once).')
+
+
+def _validate_sft(cfg) -> None:
   if cfg.sft.on_bad_row not in ('error', 'skip'):
     raise ConfigError(f"config.sft.on_bad_row='{cfg.sft.on_bad_row}' must be error or skip.")
   if cfg.sft.on_long_row not in ('truncate', 'drop'):
     raise ConfigError(f"config.sft.on_long_row='{cfg.sft.on_long_row}' must be truncate or drop.")
-  if t.decay not in ('matrices', 'all', 'none'):
-    raise ConfigError(f"config.train.decay='{t.decay}' must be matrices, all or none.")
-  _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
-  if not 0.0 <= cfg.data.max_invalid_utf8 <= 1.0:
-    raise ConfigError(f'config.data.max_invalid_utf8={cfg.data.max_invalid_utf8} must be in '
-                      '[0, 1].')
-  if t.loss_chunk < 0:
-    raise ConfigError(f'config.train.loss_chunk={t.loss_chunk} must be >= 0 (0: the whole '
-                      'sequence at once).')
-  _validate_decode_rules(cfg)
-  _validate_reward(cfg, batch_shards)
-  _validate_ppo(cfg, batch_shards)
-  return sizes
 
 
 def mesh_axes_of(axes) -> tuple:

@@ -10,13 +10,10 @@ import jax
 
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
+from jaxgpt.stages import PIPELINE
 from jaxgpt import model as model_lib
 from jaxgpt.aot import preflight
 from jaxgpt.hf import importer as hf_import
-
-# In recipe order; `all` runs them one after the other, each from the previous one.
-PIPELINE = ('pretrain', 'sft', 'reward', 'ppo')
-
 
 def _stage_module(name: str):
   """The stage's module, imported when it runs (config validation already checked `name`)."""

@@ -29,13 +29,13 @@ def add_ppo_run(cfg, workdir):
   to SFT is 0 and its greedy answers are SFT's), and per-iteration metrics."""
   mesh = sharding.make_mesh(cfg)
   _, target = model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg), mesh)
-  params, meta, _ = ckpt_lib.restore_latest_params(ckpt_lib.stage_dir(workdir, 'sft'), target,
+  params, meta, _ = ckpt_lib.restore_latest_params(ckpt_lib.checkpoints_dir(workdir, 'sft'), target,
                                                    what='test')
   state = {'step': jnp.int32(2),
            'policy': {'params': params, 'opt_state': {'count': jnp.zeros((), jnp.int32)}},
            'value': {'params': {'w': jnp.ones((3,))}, 'opt_state': {}},
            'kl_coef': jnp.float32(0.05), 'rng': jax.random.key_data(jax.random.PRNGKey(0))}
-  ckpt = ckpt_lib.Checkpointer(ckpt_lib.stage_dir(workdir, 'ppo'), async_save=False)
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(workdir, 'ppo'), async_save=False)
   ckpt.save(2, state, meta=meta)
   ckpt.close()
   with open(os.path.join(workdir, 'ppo', 'metrics.jsonl'), 'w', encoding='utf-8') as f:
@@ -72,7 +72,7 @@ def full_report(smoke_run, tmp_path_factory):
 
 def test_report_rows_numbers_and_files(full_report):
   cfg, workdir, out = full_report
-  present = {s for s in report.STAGES if os.path.isdir(ckpt_lib.stage_dir(workdir, s))}
+  present = {s for s in report.STAGES if os.path.isdir(ckpt_lib.checkpoints_dir(workdir, s))}
   assert {'pretrain', 'sft'} <= present, 'the smoke run has no pretrain or sft stage'
   best = f'best-of-{max(cfg.reward.best_of)}'
   names = (['base zero-shot', 'base few-shot', 'SFT'] + [best] * ('reward' in present)
@@ -123,7 +123,7 @@ def test_report_sft_and_ppo_policy_subtree(smoke_run, tmp_path):
   params = add_ppo_run(cfg, workdir)
   mesh = sharding.make_mesh(cfg)
   _, target = model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg), mesh)
-  restored = ckpt_lib.restore_subtree(ckpt_lib.stage_dir(workdir, 'ppo'), 2, target,
+  restored = ckpt_lib.restore_subtree(ckpt_lib.checkpoints_dir(workdir, 'ppo'), 2, target,
                                       ('policy', 'params'))
   jax.tree.map(np.testing.assert_array_equal, restored, params)
 

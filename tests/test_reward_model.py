@@ -8,7 +8,6 @@ import pytest
 import helpers
 from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt.stages import reward as reward_stage
 from jaxgpt.train import optim, trainer
 
 T = 24
@@ -17,7 +16,7 @@ T = 24
 def rm_setup(family, mesh_shape=(1, 1, 1)):
   cfg = helpers.tiny_config(family, mesh=mesh_shape, seq_len=T)
   cfg.model.max_seq_len = 32
-  mcfg = reward_stage.reward_model_config(cfg)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
   mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
   graphdef = model_lib.abstract_model(mcfg)[0]
   params = helpers.place(helpers.random_params(mcfg, seed=1), mcfg, mesh)
@@ -27,7 +26,7 @@ def rm_setup(family, mesh_shape=(1, 1, 1)):
 @pytest.mark.parametrize('family', ['llama', 'gpt2'])
 def test_reward_model_has_no_lm_head_and_a_scaled_scalar_head(family):
   cfg = helpers.tiny_config(family)
-  mcfg = reward_stage.reward_model_config(cfg)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
   _, abstract, _ = model_lib.abstract_model(mcfg)
   assert 'lm_head' not in abstract and 'scalar_head' in abstract
   head = jax.device_get(model_lib.fresh_params(mcfg, seed=0)['scalar_head'])
@@ -137,7 +136,7 @@ def reward_step(family, mesh_shape, micro_batches=1):
   cfg = helpers.tiny_config(family, mesh=mesh_shape, seq_len=T, micro_batches=micro_batches)
   cfg.model.max_seq_len = 32
   mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
-  mcfg = reward_stage.reward_model_config(cfg)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
   opt = optim.make_optimizer(cfg.train)
   graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
   param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
@@ -146,7 +145,7 @@ def reward_step(family, mesh_shape, micro_batches=1):
   host['opt_state'] = jax.device_get(opt.init(host['params']))
   shardings = trainer.state_shardings(host, param_sh, opt, mesh)
   state = jax.device_put(host, shardings)
-  loss_fn = reward_stage.reward_loss_fn(center=0.01)
+  loss_fn = trainer.reward_loss_fn(center=0.01)
   grad_fn = trainer.make_grad_fn(graphdef, loss_fn, micro_batches, mcfg.rules)
   step = trainer.make_train_step(graphdef, opt, loss_fn, micro_batches, mcfg.rules)
   batch = pair_batch(cfg)

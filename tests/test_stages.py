@@ -178,7 +178,7 @@ def test_reward_stage_writes_comparisons_eval_and_score_stats(smoke_run):
   assert 0.0 <= report['heldout_pairs']['pairwise_accuracy'] <= 1.0
   assert set(report['best_of']) == {str(n) for n in smoke_config().reward.best_of}
   assert {'sft_greedy', 'sample_accuracy', 'auc_accepted'} <= set(report)
-  reader = ckpt_lib.Checkpointer(ckpt_lib.stage_dir(workdir, 'reward'), async_save=False)
+  reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(workdir, 'reward'), async_save=False)
   try:
     stats = reader.read_meta(reader.latest_step())['score_stats']
   finally:

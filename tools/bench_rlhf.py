@@ -33,8 +33,8 @@ from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
+from jaxgpt.rl import ppo as ppo_algo
 from jaxgpt.stages import ppo
-from jaxgpt.stages import reward as reward_stage
 from jaxgpt.train import loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
@@ -98,7 +98,7 @@ def bench_step(cfg, stage, mcfg, loss_fn, batch, seq_len, mesh, peak):
 
 def part_train_steps(cfg, mesh, rng):
   lm_cfg = model_lib.ModelConfig.from_config(cfg)
-  rm_cfg = reward_stage.reward_model_config(cfg)
+  rm_cfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
   peak = metrics.measure_peak_flops(lm_cfg.dtype) * jax.process_count()
   b, t = config_lib.stage_train_config(cfg, 'sft').batch_size, cfg.data.seq_len
   seq = rng.integers(4, lm_cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
@@ -117,7 +117,7 @@ def part_train_steps(cfg, mesh, rng):
           cfg, 'sft', lm_cfg, trainer.lm_loss_fn(cfg.train.z_loss, bool(cfg.sft.packing)),
           sft_batch, t, mesh, peak)),
       'reward': (f'{rb} x 2 x {rt}', bench_step(
-          cfg, 'reward', rm_cfg, reward_stage.reward_loss_fn(cfg.reward.center), rm_batch, rt,
+          cfg, 'reward', rm_cfg, trainer.reward_loss_fn(cfg.reward.center), rm_batch, rt,
           mesh, peak))}
   print(f'\n1. train step, random parameters (best of {_REPEATS.value}); peak '
         f'{peak / 1e9:.1f} GFLOP/s measured here ({lm_cfg.dtype.name} matmul, all devices)')
@@ -169,10 +169,10 @@ def part_sampling(cfg, mesh, rng):
 
 def part_ppo(cfg, mesh, rng):
   p = cfg.ppo
-  roles = ppo.Roles.from_config(cfg)
+  roles = ppo_algo.Roles.from_config(cfg)
   rules = roles.policy.rules
-  optimizers = ppo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
-  graphdefs, _, shardings = ppo.abstract_state(roles, optimizers, mesh)
+  optimizers = ppo_algo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
+  graphdefs, _, shardings = ppo_algo.abstract_state(roles, optimizers, mesh)
   seed = _SEED.value
   params = {'policy': model_lib.init_params(roles.policy, mesh, seed)[1]}
   if roles.value is not None:
@@ -184,11 +184,11 @@ def part_ppo(cfg, mesh, rng):
   frozen = {'reference': ref, 'reward': rm}
   frozen_graphdefs = {'reference': model_lib.abstract_model(roles.reference)[0],
                       'reward': rm_graphdef}
-  state = ppo.make_state(params, cfg, optimizers, shardings, mesh)
+  state = ppo_algo.make_state(params, cfg, optimizers, shardings, mesh)
   batch_sh, repl = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
-  prepare = jax.jit(ppo.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, TOK, None),
+  prepare = jax.jit(ppo_algo.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, TOK, None),
                     out_shardings=(batch_sh, repl))
-  update = jax.jit(ppo.make_update(graphdefs, optimizers, ppo.make_loss_fns(cfg, roles),
+  update = jax.jit(ppo_algo.make_update(graphdefs, optimizers, ppo_algo.make_loss_fns(cfg, roles),
                                    p.micro_batches, rules),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                    donate_argnums=(0,))

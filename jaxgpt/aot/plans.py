@@ -30,6 +30,7 @@ from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
+from jaxgpt.rl import ppo as ppo_algo
 from jaxgpt.train import metrics, optim, trainer
 
 LM_KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
@@ -197,9 +198,8 @@ def lm_plan(cfg, stage: str, mesh, decode_rows: int, prompt_len: int) -> Plan:
 
 def reward_plan(cfg, mesh) -> Plan:
   """The reward model's Bradley-Terry loss over (B, 2, T) pairs."""
-  from jaxgpt.stages import reward as reward_stage  # pylint: disable=import-outside-toplevel
   t = config_lib.stage_train_config(cfg, 'reward')
-  mcfg = reward_stage.reward_model_config(cfg)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
   seq = cfg.reward.seq_len or cfg.data.seq_len
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
 
@@ -212,7 +212,7 @@ def reward_plan(cfg, mesh) -> Plan:
 
   field = 'config.reward.batch_size' if cfg.reward.batch_size else 'config.train.batch_size'
   _, state, n, steps = _train_and_eval(
-      'reward ', mcfg, mesh, t, reward_stage.reward_loss_fn(cfg.reward.center), batch,
+      'reward ', mcfg, mesh, t, trainer.reward_loss_fn(cfg.reward.center), batch,
       lambda r: f'{r}x2x{seq}', 2 * seq, seq, field, _batch_unit(cfg, mesh, t.micro_batches))
   return Plan('reward', mesh, n, bytes_per_device(state['params']), _opt_bytes(state), steps)
 
@@ -220,14 +220,13 @@ def reward_plan(cfg, mesh) -> Plan:
 def ppo_plan(cfg, mesh, prompt_len: int) -> Plan:
   """PPO: the minibatch update of policy (and value model), the scoring pass over a
   rollout, and the rollout itself; the reference and reward models stay resident."""
-  from jaxgpt.stages import ppo as ppo_stage  # pylint: disable=import-outside-toplevel
   p = cfg.ppo
-  roles = ppo_stage.Roles.from_config(cfg)
+  roles = ppo_algo.Roles.from_config(cfg)
   rules = roles.policy.rules
   batch_sh = sharding.batch_sharding(mesh, rules)
   repl = sharding.replicated(mesh)
-  optimizers = ppo_stage.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
-  graphdefs, abstract, shardings = ppo_stage.abstract_state(roles, optimizers, mesh)
+  optimizers = ppo_algo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
+  graphdefs, abstract, shardings = ppo_algo.abstract_state(roles, optimizers, mesh)
   state = sharding.abstract_with_shardings(abstract, shardings)
   frozen, frozen_graphdefs = {}, {}
   for role in ('reference', 'reward'):
@@ -247,13 +246,13 @@ def ppo_plan(cfg, mesh, prompt_len: int) -> Plan:
                     for k in LM_KEYS}
     return out
 
-  update = jax.jit(ppo_stage.make_update(graphdefs, optimizers,
-                                         ppo_stage.make_loss_fns(cfg, roles), p.micro_batches,
+  update = jax.jit(ppo_algo.make_update(graphdefs, optimizers,
+                                         ppo_algo.make_loss_fns(cfg, roles), p.micro_batches,
                                          rules),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                    donate_argnums=(0,))
   tok = types.SimpleNamespace(reward_id=1, pad_id=0)  # ids only enter as values
-  prepare = jax.jit(ppo_stage.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, None),
+  prepare = jax.jit(ppo_algo.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, None),
                     out_shardings=(batch_sh, repl))
 
   def rollout(rows):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Iterator, TextIO
 
-from absl import app, flags, logging
+from absl import flags
 
 from jaxgpt import errors
 from jaxgpt.data import chat as chat_template
@@ -199,11 +199,7 @@ def repl(session: Session, stdin: TextIO, stdout: TextIO, *, interactive: bool =
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
-  logging.set_verbosity(logging.WARNING)
-  if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required.')
+  inference.start_cli(argv)
   loaded = inference.load(FLAGS.workdir, FLAGS.stage, mesh=FLAGS.mesh)
   session = Session(loaded, system=_SYSTEM.value, max_new_tokens=FLAGS.max_new_tokens,
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,

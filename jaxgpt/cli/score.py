@@ -12,7 +12,7 @@ reward stage's mean and standard deviation on SFT samples are printed for scale.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxgpt import errors
 from jaxgpt.data import jsonl
@@ -52,11 +52,7 @@ def read_jsonl(path: str) -> list[tuple[list[dict], list[str]]]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
-  logging.set_verbosity(logging.WARNING)
-  if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required.')
+  inference.start_cli(argv)
   if _JSONL.value:
     rows = read_jsonl(_JSONL.value)
   elif _PROMPT.value is not None and _RESPONSE.value:

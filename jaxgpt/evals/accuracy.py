@@ -78,6 +78,11 @@ def task_accuracy(graphdef, params, mcfg, tok, mode: str, eval_set, *, max_new_t
   prompts = prompts_for(mode, tok, eval_set, shots=shots, seed=seed)
   completions = sampling.generate_text(graphdef, params, mcfg, tok, prompts,
                                        max_new_tokens=max_new_tokens)
+  return accuracy_of(mode, eval_set, completions)
+
+
+def accuracy_of(mode: str, eval_set, completions) -> dict:
+  """{'accuracy', 'per_task'} of one completion per example of `eval_set`."""
   right, total = collections.Counter(), collections.Counter()
   for e, c in zip(eval_set, completions):
     total[e.task] += 1

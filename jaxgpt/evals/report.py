@@ -15,117 +15,29 @@ from a separate full forward, so their agreement with the sampler's is a self-ch
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jaxgpt import losses, sharding
+from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.data import chat, tasks
 from jaxgpt.evals import accuracy as evaluation
+from jaxgpt.evals import best_of_n as best_of_n_lib
+from jaxgpt.evals import samples as samples_lib
 from jaxgpt.inference import sampling, scoring
-from jaxgpt.stages import common
-from jaxgpt.stages import reward as reward_stage
-from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.stages import PIPELINE, common
 
-STAGES = ('pretrain', 'sft', 'reward', 'ppo')
+STAGES = PIPELINE
 PPO_KEYS = ('scores', 'kl', 'entropy', 'response_length')
 LOSS_KEYS = ('loss', 'val_loss', 'policy_loss', 'value_loss')  # PPO logs the last two
 SAMPLE_PROMPTS = 6
 # What the table lacks without a stage.
 LOST = {'pretrain': 'no base rows', 'sft': 'no SFT or best-of-N row, no KL to SFT',
         'reward': 'no best-of-N row, no RM scores', 'ppo': 'no PPO row'}
-
-
-class Loaded(NamedTuple):
-  graphdef: Any
-  params: Any
-  mcfg: model_lib.ModelConfig
-  meta: dict
-  step: int
-
-
-def load_stage(workdir, stage, mcfg, mesh, key_path=('params',)) -> Loaded | str:
-  """The newest checkpoint of WORKDIR/<stage>, or a sentence saying why there is none."""
-  directory = ckpt_lib.stage_dir(workdir, stage)
-  if not os.path.isdir(directory):
-    return f'not run, no {directory}'
-  reader = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
-    step = reader.latest_step()
-  finally:
-    reader.close()
-  if step is None:
-    return f'no finished checkpoint in {directory}'
-  graphdef, target = model_lib.abstract_sharded_params(mcfg, mesh)
-  params, meta, step = ckpt_lib.restore_latest_params(directory, target, what=f'report: {stage}',
-                                                      key_path=key_path)
-  return Loaded(graphdef, params, mcfg, meta, step)
-
-
-def draw(m: Loaded, tok, prompts, *, n_new: int, seed: int, rows: int = 512):
-  """(response ids with the stop token, the sampler's log-probs) per prompt, at T=1:
-  `sampling.sample` on equal-shape chunks (one compilation)."""
-  settings = sampling.SamplingConfig(max_new_tokens=n_new, temperature=1.0,
-                                     stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
-  mult = sampling.batch_multiple(sampling.mesh_and_param_shardings(m.params)[0], m.mcfg.rules)
-  rows = -(-min(rows, len(prompts)) // mult) * mult
-  ids_bp, lengths_b = sampling.pad_prompts(prompts, tok.pad_id, max_len=m.mcfg.max_seq_len - n_new,
-                                           batch_multiple=rows)
-  key, out = jax.random.PRNGKey(seed), []
-  for start in range(0, len(prompts), rows):
-    res = sampling.sample(m.graphdef, m.params, m.mcfg, ids_bp[start:start + rows],
-                          lengths_b[start:start + rows], jax.random.fold_in(key, start), settings)
-    tokens_bn, n_b, logprobs_bn = multihost_utils.process_allgather(
-        (res.tokens, res.lengths, res.logprobs), tiled=True)
-    out += [(tokens_bn[r, :n_b[r]].tolist(), logprobs_bn[r, :n_b[r]])
-            for r in range(min(rows, len(prompts) - start))]
-  return out
-
-
-@functools.lru_cache(maxsize=8)
-def _forward(graphdef, mcfg, mesh, treedef, param_shardings):
-  batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
-
-  def fn(params, tokens_bt):
-    logits_btv = model_lib.merge(graphdef, params)(tokens_bt[:, :-1])
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-    entropy_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)
-    return losses.token_log_probs(logits_btv, tokens_bt[:, 1:]), entropy_bt
-
-  return jax.jit(fn, in_shardings=(jax.tree.unflatten(treedef, param_shardings), batch_sh),
-                 out_shardings=(batch_sh, batch_sh))
-
-
-def response_logprobs(m: Loaded, prompts, responses, *, rows: int = 128):
-  """Per sequence (log p(response token), entropy of the distribution it was drawn from),
-  from one training-style forward over prompt + response (not the KV-cache sampler)."""
-  mesh, treedef, shardings = sampling.mesh_and_param_shardings(m.params)
-  fn = _forward(m.graphdef, m.mcfg, mesh, treedef, shardings)
-  mult = sampling.batch_multiple(mesh, m.mcfg.rules)
-  rows = -(-min(rows, len(prompts)) // mult) * mult
-  width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-  width = min(-(-width // 16) * 16, m.mcfg.max_seq_len)
-  pairs, out = list(zip(prompts, responses)), []
-  for start in range(0, len(pairs), rows):
-    chunk = pairs[start:start + rows]
-    tokens_bt = np.zeros((rows, width), np.int32)
-    for i, (p, r) in enumerate(chunk):
-      tokens_bt[i, :len(p) + len(r)] = list(p) + list(r)
-    with jax.set_mesh(mesh):
-      logp_bt, entropy_bt = fn(m.params, tokens_bt)
-    logp_bt, entropy_bt = multihost_utils.process_allgather((logp_bt, entropy_bt), tiled=True)
-    for i, (p, r) in enumerate(chunk):  # logits at t predict token t + 1
-      at = slice(len(p) - 1, len(p) - 1 + len(r))
-      out.append((logp_bt[i, at], entropy_bt[i, at]))
-  return out
 
 
 def _mean(xs):
@@ -162,15 +74,15 @@ def write_report(cfg, workdir: str) -> dict:
   missing, rows, state = {}, [], {'tok': None}
 
   def load(stage, mcfg, key_path=('params',)):
-    got = load_stage(workdir, stage, mcfg, mesh, key_path)
+    got = samples_lib.load_stage(workdir, stage, mcfg, mesh, key_path)
     if isinstance(got, str):
       missing[stage] = got
       return None
-    state['tok'] = state['tok'] or common.tokenizer_from(cfg, workdir, got.meta, 'report')
+    state['tok'] = state['tok'] or common.recorded_tokenizer(cfg, workdir, got.meta, 'report')
     return got
 
   sft = load('sft', lm_cfg)
-  rm = load('reward', reward_stage.reward_model_config(cfg))
+  rm = load('reward', model_lib.ModelConfig.for_stage(cfg, 'reward'))
   rm_len = cfg.reward.seq_len or cfg.data.seq_len
   questions = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
 
@@ -187,14 +99,14 @@ def write_report(cfg, workdir: str) -> dict:
     greedy = sampling.generate_text(m.graphdef, m.params, m.mcfg, tok, prompts,
                                     max_new_tokens=n_new)
     rep = [p for p in prompts for _ in range(k)]
-    drawn = draw(m, tok, rep, n_new=n_new, seed=seed)
-    own = response_logprobs(m, rep, [ids for ids, _ in drawn])
+    drawn = samples_lib.draw(m, tok, rep, n_new=n_new, seed=seed)
+    own = samples_lib.response_logprobs(m, rep, [ids for ids, _ in drawn])
     gap = max(float(np.abs(lp - f).max(initial=0)) for (_, lp), (f, _) in zip(drawn, own))
     texts = [chat.completion_text(ids, tok)[0] for ids, _ in drawn]
     answers = [evaluation.answer_text(mode, t) for t in texts]
     kl, note = None, 'n/a: asked as a document' if mode != 'chat' else 'n/a: no SFT model'
     if mode == 'chat' and sft is not None:
-      ref = own if m is sft else response_logprobs(sft, rep, [ids for ids, _ in drawn])
+      ref = own if m is sft else samples_lib.response_logprobs(sft, rep, [ids for ids, _ in drawn])
       kl, note = _mean([float(np.sum(a - b)) for (a, _), (b, _) in zip(own, ref)]), 'exact'
     return summarise(name, eval_set, [evaluation.answer_text(mode, g) for g in greedy],
                      [(a, t, len(ids)) for a, t, (ids, _) in zip(answers, texts, drawn)], k,
@@ -209,9 +121,8 @@ def write_report(cfg, workdir: str) -> dict:
   if sft is not None:
     rows.append(evaluate('SFT', 'sft', sft, 'chat', cfg.seed + 13))
     if rm is not None:
-      rows.append(best_of_n(cfg, sft, rm, state['tok'], eval_set, questions, n_new, k, rm_len))
-  ppo = load('ppo', model_lib.ModelConfig.from_config(
-      cfg, scalar_head=(cfg.ppo.value_from == 'policy')), key_path=('policy', 'params'))
+      rows.append(best_of_n(cfg, sft, rm, state['tok'], eval_set, n_new, k, rm_len))
+  ppo = load('ppo', model_lib.ModelConfig.for_stage(cfg, 'ppo'), key_path=('policy', 'params'))
   if ppo is not None:
     rows.append(evaluate('PPO', 'ppo', ppo, 'chat', cfg.seed + 14))
   report = {'workdir': os.path.abspath(workdir), 'n_prompts': len(eval_set),
@@ -230,23 +141,19 @@ def write_report(cfg, workdir: str) -> dict:
   return report
 
 
-def best_of_n(cfg, sft, rm, tok, eval_set, questions, n_new, k, rm_len) -> dict:
+def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> dict:
   """k best-of-N picks per prompt: of N SFT samples at T=1, the one the RM scores highest."""
   n = max(int(x) for x in cfg.reward.best_of)
-  prompts = evaluation.prompts_for('chat', tok, eval_set)
-  rep = [p for p in prompts for _ in range(k * n)]
-  drawn = draw(sft, tok, rep, n_new=n_new, seed=cfg.seed + 15)
-  texts = [chat.completion_text(ids, tok)[0] for ids, _ in drawn]
-  items = [(questions[i // (k * n)], t) for i, t in enumerate(texts)]
-  scores = scoring.score_replies(rm.graphdef, rm.params, rm.mcfg, tok, items, seq_len=rm_len)
-  flat = (np.arange(len(texts)).reshape(-1, n)[np.arange(len(texts) // n),
-                                                 scores.reshape(-1, n).argmax(-1)])
-  own = response_logprobs(sft, [rep[i] for i in flat], [drawn[i][0] for i in flat])
-  picks = [(texts[i], texts[i], len(drawn[i][0])) for i in flat]
+  got = best_of_n_lib.sample_scored(sft, rm, tok, eval_set, k * n, n_new=n_new,
+                                    seed=cfg.seed + 15, rm_len=rm_len)
+  flat = best_of_n_lib.pick_best(got.scores_pn, n).ravel()
+  own = samples_lib.response_logprobs(sft, [got.prompts[i] for i in flat],
+                                      [got.ids[i] for i in flat])
+  picks = [(got.texts[i], got.texts[i], len(got.ids[i])) for i in flat]
   return summarise(f'best-of-{n}', eval_set, [picks[j * k][0] for j in range(len(eval_set))],
-                   picks, k, scores=scores[flat].tolist(), kl=math.log(n) - (n - 1) / n,
-                   kl_note='analytic bound log N - (N-1)/N', entropies=[e for _, e in own],
-                   stage='sft+reward')
+                   picks, k, scores=got.scores_pn.ravel()[flat].tolist(),
+                   kl=best_of_n_lib.kl_bound(n), kl_note='analytic bound log N - (N-1)/N',
+                   entropies=[e for _, e in own], stage='sft+reward')
 
 
 # -- the talk's claims --------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def load_for_export(*, workdir: str | None = None, stage: str | None = None,
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
   for axis, size in overrides.items():
     cfg.mesh[axis] = int(size)
-  mcfg = (inference.model_config(cfg, stage) if stage in allowed
+  mcfg = (model_lib.ModelConfig.for_stage(cfg, stage) if stage in allowed
           else model_lib.ModelConfig.from_config(cfg))
   _, target = model_lib.abstract_sharded_params(mcfg, sharding.make_mesh(cfg))
   params = ckpt_lib.restore_subtree(directory, step, target,

@@ -202,7 +202,7 @@ def load_params(hf_dir: str, mesh, mcfg, *, skip=()) -> dict:
   `mesh`. Fails naming the file and tensor on a missing, misshapen, truncated or
   corrupted tensor, and on a tensor the model has no place for."""
   from jaxgpt.hf.safetensors_io import SafetensorsReader  # pylint: disable=import-outside-toplevel
-  reader = SafetensorsReader(hf_dir)  # the `safetensors` package: pip install jaxgpt[hf]
+  reader = SafetensorsReader(hf_dir)
   _, abstract, logical = model_lib.abstract_model(mcfg)
   shardings = sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
   if 'scalar_head' in abstract and 'scalar_head' not in skip:

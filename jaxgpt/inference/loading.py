@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-from absl import flags
+from absl import app, flags, logging
 
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
@@ -73,9 +73,9 @@ def latest_checkpoint(workdir: str, stage: str,
     raise InferenceError(
         f'workdir {workdir} does not exist; train a model first, e.g.: '
         f'{_train_command(workdir, "pretrain")}')
-  directory = ckpt_lib.stage_dir(workdir, stage)
+  directory = ckpt_lib.checkpoints_dir(workdir, stage)
   if not os.path.isdir(directory):
-    present = sorted(s for s in allowed if os.path.isdir(ckpt_lib.stage_dir(workdir, s)))
+    present = sorted(s for s in allowed if os.path.isdir(ckpt_lib.checkpoints_dir(workdir, s)))
     raise InferenceError(
         f'{workdir} has no {stage} stage ({directory} does not exist; stages with '
         f'checkpoints here: {present or "none"}); create it with, e.g.: '
@@ -171,7 +171,7 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
     device_mesh = sharding.make_mesh(cfg)
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh --mesh={overrides}: {e}') from e
-  mcfg = model_config(cfg, stage)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, stage)
   try:
     graphdef, target = model_lib.abstract_sharded_params(mcfg, device_mesh)
   except config_lib.ConfigError as e:
@@ -186,15 +186,6 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
 
 
 # -- flags shared by the command-line tools ---------------------------------------------------
-
-
-def model_config(cfg, stage: str) -> model_lib.ModelConfig:
-  """The model a stage's checkpoint holds: the reward model has a scalar head and no LM
-  head; PPO's policy has a value head when config.ppo.value_from='policy'."""
-  if stage == 'reward':
-    return model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)
-  return model_lib.ModelConfig.from_config(
-      cfg, scalar_head=stage == 'ppo' and cfg.ppo.value_from == 'policy')
 
 
 def define_flags() -> None:
@@ -213,3 +204,12 @@ def define_flags() -> None:
   for define, name, default, help_text in specs:
     if name not in flags.FLAGS:
       define(name, default, help_text)
+
+
+def start_cli(argv) -> None:
+  """What `chat` and `score` check first: no stray arguments, a --workdir; quiet logs."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}.')
+  logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS.workdir:
+    raise app.UsageError('--workdir is required.')

@@ -86,6 +86,14 @@ class ModelConfig:
         decode_dtype=jnp.dtype(m.decode_dtype) if m.decode_dtype else None,
         decode_rules=_decode_rules(cfg))
 
+  @classmethod
+  def for_stage(cls, cfg, stage: str) -> 'ModelConfig':
+    """The model a stage's checkpoint holds: the reward model has a scalar head and no LM
+    head; PPO's policy has a value head when config.ppo.value_from='policy'."""
+    if stage == 'reward':
+      return cls.from_config(cfg, scalar_head=True, lm_head=False)
+    return cls.from_config(cfg, scalar_head=stage == 'ppo' and cfg.ppo.value_from == 'policy')
+
 
 class Transformer(nnx.Module):
   """Token embedding, a stack of blocks, final norm, LM head and an optional scalar head."""

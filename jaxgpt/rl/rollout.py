@@ -67,11 +67,12 @@ def score_rewards(raw_b, finished_b, *, stats, normalize: bool, missing_eot_pena
   return s + jnp.where(finished_b, 0.0, missing_eot_penalty)
 
 
-def advantages(old_logp_bt, ref_logp_bt, values_bt, rewards_b, mask_bt, beta, p):
+def advantages(old_logp_bt, ref_logp_bt, values_bt, rewards_b, mask_bt, beta, *,
+               kl_estimator: str, kl_clamp: float, gamma: float, lam: float):
   """Per-token KL, rewards, GAE advantages (whitened over the whole batch) and returns."""
-  kl_bt = algo.kl_per_token(old_logp_bt, ref_logp_bt, p.kl_estimator, p.kl_clamp) * mask_bt
+  kl_bt = algo.kl_per_token(old_logp_bt, ref_logp_bt, kl_estimator, kl_clamp) * mask_bt
   token_rewards_bt = algo.per_token_rewards(kl_bt, rewards_b, mask_bt, beta)
-  adv_bt, returns_bt = algo.gae(token_rewards_bt, values_bt, mask_bt, p.gamma, p.lam)
+  adv_bt, returns_bt = algo.gae(token_rewards_bt, values_bt, mask_bt, gamma, lam)
   return {'advantages': algo.masked_whiten(adv_bt, mask_bt), 'returns': returns_bt,
           'kl_bt': kl_bt, 'token_rewards': token_rewards_bt}
 

@@ -1,7 +1,8 @@
-"""Set-up every stage shares: mesh, model settings, tokenizer, sample printing."""
+"""Set-up every stage shares: mesh, model settings, tokenizer, starting weights, eval.json."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -13,6 +14,7 @@ from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.data.pretrain import load_or_train_tokenizer
 from jaxgpt.hf import importer as hf_import
 from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.train import loop
 
 
 def mesh_and_model(cfg, *, scalar_head=False):
@@ -20,7 +22,7 @@ def mesh_and_model(cfg, *, scalar_head=False):
   return mesh, model_lib.ModelConfig.from_config(cfg, scalar_head=scalar_head)
 
 
-def tokenizer_for(cfg, workdir: str) -> tokenizer_lib.Tokenizer:
+def train_or_load_tokenizer(cfg, workdir: str) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: config.tokenizer.path, or WORKDIR/tokenizer.model
   (trained from the pretraining corpus the first time, by process 0 alone)."""
   if jax.process_count() > 1:
@@ -43,7 +45,7 @@ def format_stats(stats: dict) -> str:
 def init_dir(cfg, workdir: str, previous: str) -> str:
   """Where a stage's starting weights come from: config.checkpoint.init_from, or the
   previous stage's checkpoints in the same workdir."""
-  return cfg.checkpoint.init_from or ckpt_lib.stage_dir(workdir, previous)
+  return cfg.checkpoint.init_from or ckpt_lib.checkpoints_dir(workdir, previous)
 
 
 def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), seed: int = 0):
@@ -74,7 +76,7 @@ def fresh_entries(mesh, mcfg, names, seed: int) -> dict:
                    out_shardings=shardings)()
 
 
-def tokenizer_from(cfg, workdir: str, base_meta: dict, stage: str) -> tokenizer_lib.Tokenizer:
+def recorded_tokenizer(cfg, workdir: str, base_meta: dict, stage: str) -> tokenizer_lib.Tokenizer:
   """The previous run's tokenizer (its checkpoint records which), unless config names one."""
   path = cfg.tokenizer.path or base_meta.get('tokenizer') or os.path.join(workdir,
                                                                           'tokenizer.model')
@@ -83,3 +85,25 @@ def tokenizer_from(cfg, workdir: str, base_meta: dict, stage: str) -> tokenizer_
   tok = tokenizer_lib.load(path)
   tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
   return tok
+
+
+# -- eval.json: what a stage measured after training ------------------------------------------
+
+
+def eval_path(workdir: str, name: str) -> str:
+  return os.path.join(loop.stage_dir(workdir, name), 'eval.json')
+
+
+def evaluated_before(result: loop.Result, workdir: str, name: str) -> bool:
+  """A stage that had already finished (no step run now) keeps the eval.json it wrote then."""
+  return result.steps_run == 0 and os.path.exists(eval_path(workdir, name))
+
+
+def write_eval(workdir: str, name: str, report: dict, summary) -> dict:
+  """WORKDIR/<name>/eval.json, and `summary(path)` on the console (process 0 only)."""
+  if jax.process_index() == 0:
+    path = eval_path(workdir, name)
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=1)
+    print(summary(path), flush=True)
+  return report

@@ -27,7 +27,7 @@ def text_sampler(tok, mcfg, prompts, max_new_tokens, seed=0):
 
 
 def build(cfg, workdir: str) -> loop.Stage:
-  tok = common.tokenizer_for(cfg, workdir)
+  tok = common.train_or_load_tokenizer(cfg, workdir)
   data = make_pretrain_data(cfg, tok, **common.process_info())
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
   mesh, mcfg = common.mesh_and_model(cfg)

@@ -25,13 +25,15 @@ import time
 import jax
 import numpy as np
 
-from jaxgpt import losses, sharding
+from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.data import chat, comparisons, tasks
 from jaxgpt.data import reward as reward_data
+from jaxgpt.evals import best_of_n as best_of_n_lib
+from jaxgpt.evals import samples as samples_lib
 from jaxgpt.evals import accuracy as evaluation
-from jaxgpt.inference import sampling, scoring
+from jaxgpt.inference import sampling
 from jaxgpt.stages import common
 from jaxgpt.train import loop, metrics, trainer
 
@@ -42,30 +44,10 @@ COMPARISON_FILES = {'train': 'comparisons.jsonl', 'heldout': 'comparisons_heldou
 CALIBRATION_EDGES = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
-def reward_model_config(cfg) -> model_lib.ModelConfig:
-  return model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)
-
-
-def pair_scores_bt2(model, batch):
-  """(b, 2) scores of a batch of pairs: chosen and rejected in one forward."""
-  b = batch['tokens'].shape[0]
-  flat = lambda x: x.reshape((2 * b,) + x.shape[2:])  # noqa: E731  (b, 2, ...) -> (2b, ...)
-  scores = model.score(flat(batch['tokens']), flat(batch['positions']),
-                       flat(batch['segment_ids']), flat(batch['readout']))
-  return scores.reshape(b, 2)
-
-
-def reward_loss_fn(center: float = 0.0) -> trainer.LossFn:
-  def loss_fn(model, batch):
-    scores_b2 = pair_scores_bt2(model, batch)
-    return losses.pairwise_reward_loss_sum(scores_b2[:, 0], scores_b2[:, 1], batch['weight'],
-                                           batch['margin'], center)
-  return loss_fn
-
-
 @functools.lru_cache(maxsize=4)
 def _jitted_pair_scores(graphdef, mesh, rules):
-  return jax.jit(lambda params, batch: pair_scores_bt2(model_lib.merge(graphdef, params), batch),
+  return jax.jit(lambda params, batch: trainer.pair_scores_bt2(model_lib.merge(graphdef, params),
+                                                               batch),
                  out_shardings=sharding.replicated(mesh))
 
 
@@ -158,11 +140,11 @@ def score_stats_fn(data, mesh, rules):
 def run(cfg, workdir: str) -> loop.Result:
   mesh = sharding.make_mesh(cfg)
   sft_mcfg = model_lib.ModelConfig.from_config(cfg)
-  mcfg = reward_model_config(cfg)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, NAME)
   init_dir = common.init_dir(cfg, workdir, PREVIOUS)
   sft_params, sft_meta = common.params_from_checkpoint(init_dir, mesh, sft_mcfg,
                                                        what=f'{NAME}: the SFT model')
-  tok = common.tokenizer_from(cfg, workdir, sft_meta, NAME)
+  tok = common.recorded_tokenizer(cfg, workdir, sft_meta, NAME)
   out_dir = loop.stage_dir(workdir, NAME)
   os.makedirs(out_dir, exist_ok=True)
   sft_graphdef = model_lib.abstract_model(sft_mcfg)[0]
@@ -182,16 +164,15 @@ def run(cfg, workdir: str) -> loop.Result:
   del sft_params  # the LM head is not needed from here on
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
-      loss_fn=reward_loss_fn(cfg.reward.center), data=data, init_params=lambda: trunk,
+      loss_fn=trainer.reward_loss_fn(cfg.reward.center), data=data, init_params=lambda: trunk,
       meta={'tokenizer': tok.path, 'init_from': init_dir, 'source_stats': source_stats,
             'config': cfg.to_json_best_effort()},
       count_tokens=lambda b: int(np.count_nonzero(b['segment_ids'])),
       flops_per_token=metrics.flops_per_token(mcfg, data.seq_len, n_params),
       final_meta=score_stats_fn(data, mesh, mcfg.rules), perplexity=False)
   result = loop.train(stage, workdir)
-  eval_path = os.path.join(out_dir, 'eval.json')
-  if result.steps_run == 0 and os.path.exists(eval_path):
-    return result  # a finished stage is not evaluated again
+  if common.evaluated_before(result, workdir, NAME):
+    return result
   write_eval(cfg, workdir, tok, mcfg, result.graphdef, result.state['params'], data, mesh,
              sft_graphdef, sft_mcfg, init_dir, source_stats)
   return result
@@ -233,34 +214,23 @@ def pairwise_report(scores_n2, heldout) -> dict:
           'pairs': int(len(right)), 'per_task': per_task, 'calibration': calibration}
 
 
-def best_of_n(cfg, tok, graphdef, params, mcfg, sft_graphdef, sft_params, sft_mcfg, eval_set,
-              ns, seed) -> dict:
-  """Gold accuracy of the SFT reply with the best RM score among N samples, for each N."""
-  n_max = max(ns)
-  prompts = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
-  ids = [chat.render_prompt(p, tok) for p in prompts for _ in range(n_max)]
-  samples = sampling.generate(sft_graphdef, sft_params, sft_mcfg, tok, ids,
-                              max_new_tokens=cfg.reward.response_tokens, temperature=1.0,
-                              seed=seed, batch_size=1024)
-  texts = [text for text, _ in samples]
-  items = list(zip([p for p in prompts for _ in range(n_max)], texts))
-  scores = scoring.score_replies(graphdef, params, mcfg, tok, items,
-                                 seq_len=cfg.reward.seq_len or cfg.data.seq_len)
-  gold = np.array([tasks.check(e, None, t) for e, t in
-                   zip([e for e in eval_set for _ in range(n_max)], texts)])
-  scores, gold = scores.reshape(len(eval_set), n_max), gold.reshape(len(eval_set), n_max)
+def best_of_n(cfg, tok, rm, sft, eval_set, ns, seed) -> dict:
+  """Gold accuracy of best-of-n SFT samples by RM score, for each n in `ns` (the expected
+  pick over every n-subset of max(ns) samples per prompt), and the AUC of the score."""
+  got = best_of_n_lib.sample_scored(sft, rm, tok, eval_set, max(ns),
+                                    n_new=cfg.reward.response_tokens, seed=seed,
+                                    rm_len=cfg.reward.seq_len or cfg.data.seq_len)
   task_names = np.array([e.task for e in eval_set])
-  out = {'auc_accepted': _auc(scores.ravel(), gold.ravel()),
-         'sample_accuracy': float(gold.mean()),
-         'sample_accuracy_per_task': {t: float(gold[task_names == t].mean())
-                                      for t in sorted(set(task_names))},
-         'best_of': {}}
+
+  def per_task(x_p):
+    return {t: float(x_p[task_names == t].mean()) for t in sorted(set(task_names))}
+
+  out = {'auc_accepted': _auc(got.scores_pn.ravel(), got.gold_pn.ravel()),
+         'sample_accuracy': float(got.gold_pn.mean()),
+         'sample_accuracy_per_task': per_task(got.gold_pn.mean(axis=1)), 'best_of': {}}
   for n in ns:
-    pick = np.argmax(scores[:, :n], axis=1)
-    picked = gold[np.arange(len(eval_set)), pick]
-    out['best_of'][str(n)] = {
-        'accuracy': float(picked.mean()),
-        'per_task': {t: float(picked[task_names == t].mean()) for t in sorted(set(task_names))}}
+    picked_p = best_of_n_lib.expected_best_of(got.gold_pn, got.scores_pn, n)
+    out['best_of'][str(n)] = {'accuracy': float(picked_p.mean()), 'per_task': per_task(picked_p)}
   return out
 
 
@@ -276,20 +246,18 @@ def write_eval(cfg, workdir, tok, mcfg, graphdef, params, data, mesh, sft_graphd
                                                 what=f'{NAME}: the SFT model')
   eval_set = tasks.heldout_eval_set(r.eval_per_task, seed=cfg.seed)
   start = time.perf_counter()
-  report.update(best_of_n(cfg, tok, graphdef, params, mcfg, sft_graphdef, sft_params, sft_mcfg,
-                          eval_set, tuple(int(n) for n in r.best_of), seed=cfg.seed + 7))
+  rm = samples_lib.StageModel(graphdef, params, mcfg, {}, 0)
+  sft = samples_lib.StageModel(sft_graphdef, sft_params, sft_mcfg, {}, 0)
+  report.update(best_of_n(cfg, tok, rm, sft, eval_set, tuple(int(n) for n in r.best_of),
+                          seed=cfg.seed + 7))
   report['best_of_seconds'] = round(time.perf_counter() - start, 1)
   greedy = evaluation.task_accuracy(sft_graphdef, sft_params, sft_mcfg, tok, 'chat', eval_set,
                                     max_new_tokens=cfg.sft.eval_tokens, seed=cfg.seed)
   report['sft_greedy'] = greedy
   report['n_prompts'] = len(eval_set)
   report['comparison_source'] = source_stats
-  if jax.process_index() == 0:
-    path = os.path.join(loop.stage_dir(workdir, NAME), 'eval.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=1)
-    print(format_table(report) + f'\n  ({path})', flush=True)
-  return report
+  return common.write_eval(workdir, NAME, report,
+                           lambda path: format_table(report) + f'\n  ({path})')
 
 
 def format_table(report) -> str:

@@ -8,11 +8,6 @@ the base model given a few-shot document, and the SFT model.
 
 from __future__ import annotations
 
-import json
-import os
-
-import jax
-
 from jaxgpt import config as config_lib
 from jaxgpt.data import chat, tasks
 from jaxgpt.data.sft import make_sft_data
@@ -41,7 +36,7 @@ def run(cfg, workdir: str) -> loop.Result:
   init_dir = common.init_dir(cfg, workdir, PREVIOUS)
   params0, base_meta = common.params_from_checkpoint(init_dir, mesh, mcfg,
                                                      what=f'{NAME} initial weights')
-  tok = common.tokenizer_from(cfg, workdir, base_meta, NAME)
+  tok = common.recorded_tokenizer(cfg, workdir, base_meta, NAME)
   data = make_sft_data(cfg, tok, **common.process_info())
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
   t = config_lib.stage_train_config(cfg, NAME)
@@ -53,9 +48,8 @@ def run(cfg, workdir: str) -> loop.Result:
       meta={'tokenizer': tok.path, 'init_from': init_dir,
             'config': cfg.to_json_best_effort()})
   result = loop.train(stage, workdir)
-  if result.steps_run == 0 and os.path.exists(os.path.join(loop.stage_dir(workdir, NAME),
-                                                           'eval.json')):
-    return result  # a finished stage is not evaluated again
+  if common.evaluated_before(result, workdir, NAME):
+    return result
   write_eval(cfg, workdir, tok, mcfg, result.graphdef, params0, result.state['params'])
   return result
 
@@ -73,11 +67,7 @@ def write_eval(cfg, workdir, tok, mcfg, graphdef, base, sft) -> dict:
       'sft': evaluation.task_accuracy(graphdef, sft, mcfg, tok, 'chat', eval_set, **kw),
   }
   report['n_prompts'] = len(eval_set)
-  if jax.process_index() == 0:
-    path = os.path.join(loop.stage_dir(workdir, NAME), 'eval.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=1)
-    print(f'[{NAME}] held-out task accuracy: ' + ', '.join(
-        f'{k} {v["accuracy"]:.1%}' for k, v in report.items() if isinstance(v, dict)) +
-          f'  ({path})', flush=True)
-  return report
+  return common.write_eval(workdir, NAME, report, lambda path: (
+      f'[{NAME}] held-out task accuracy: ' + ', '.join(
+          f'{k} {v["accuracy"]:.1%}' for k, v in report.items() if isinstance(v, dict)) +
+      f'  ({path})'))

@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def stage_dir(workdir: str, stage: str) -> str:
+def checkpoints_dir(workdir: str, stage: str) -> str:
   """WORKDIR/<stage>/checkpoints: where a stage's run keeps its checkpoints."""
   return os.path.join(workdir, stage, 'checkpoints')
 

@@ -99,7 +99,7 @@ def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Arr
 def open_checkpointer(cfg, workdir: str, name: str) -> ckpt_lib.Checkpointer:
   """The checkpointer of WORKDIR/<name>/checkpoints with config.checkpoint's policy."""
   return ckpt_lib.Checkpointer(
-      ckpt_lib.stage_dir(workdir, name), every_steps=cfg.checkpoint.every_steps,
+      ckpt_lib.checkpoints_dir(workdir, name), every_steps=cfg.checkpoint.every_steps,
       every_minutes=cfg.checkpoint.every_minutes, max_to_keep=cfg.checkpoint.max_to_keep,
       on_damaged=cfg.checkpoint.on_damaged)
 

@@ -167,6 +167,25 @@ def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False,
   return loss_fn
 
 
+def pair_scores_bt2(model, batch):
+  """(b, 2) scores of a batch of pairs: chosen and rejected in one forward."""
+  b = batch['tokens'].shape[0]
+  flat = lambda x: x.reshape((2 * b,) + x.shape[2:])  # noqa: E731  (b, 2, ...) -> (2b, ...)
+  scores = model.score(flat(batch['tokens']), flat(batch['positions']),
+                       flat(batch['segment_ids']), flat(batch['readout']))
+  return scores.reshape(b, 2)
+
+
+def reward_loss_fn(center: float = 0.0) -> LossFn:
+  """Pairwise -log sigmoid(r_chosen - r_rejected - margin) (+ centering) over batch['weight']
+  (the reward model)."""
+  def loss_fn(model, batch):
+    scores_b2 = pair_scores_bt2(model, batch)
+    return losses.pairwise_reward_loss_sum(scores_b2[:, 0], scores_b2[:, 1], batch['weight'],
+                                           batch['margin'], center)
+  return loss_fn
+
+
 def jit_train_step(train_step, shardings, mesh, rules, batch_keys):
   """Compile once with explicit in/out shardings; the old state is donated."""
   batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in batch_keys}

@@ -31,7 +31,7 @@ import shutil
 from sentencepiece import sentencepiece_model_pb2
 
 from jaxgpt.data.tokenizer.sentencepiece_tokenizer import Tokenizer
-from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, SpecialIds
+from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, TokenizerBase
 
 # The tokens chat, reward model and PPO need; added to a model tokenizer that lacks them.
 CHAT_TOKENS = ('system', 'user', 'assistant', 'end_of_turn', 'reward')
@@ -95,7 +95,7 @@ def token_text(value) -> str | None:
   return value if isinstance(value, str) else None
 
 
-class HFTokenizer(SpecialIds):
+class HFTokenizer(TokenizerBase):
   """A Hugging Face `tokenizers` tokenizer with the special-token ids the stages need."""
 
   _MISSING_HINT = "config.tokenizer.chat_tokens='add' adds it on import."
@@ -201,17 +201,8 @@ class HFTokenizer(SpecialIds):
     tk = self._variant(after_special, allow_special)
     return tk.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids) -> str:
-    """Ids -> text. Ids outside the vocabulary (a padded model vocab) become U+FFFD."""
-    n = self.vocab_size
-    out, run = [], []
-    for i in (int(x) for x in ids):
-      if 0 <= i < n:
-        run.append(i)
-      else:
-        out.append(self._tk.decode(run, skip_special_tokens=False) + '\ufffd')
-        run = []
-    return ''.join(out) + self._tk.decode(run, skip_special_tokens=False)
+  def _decode_run(self, ids: list[int]) -> str:
+    return self._tk.decode(ids, skip_special_tokens=False)
 
   def id_to_piece(self, idx: int) -> str:
     return self._tk.id_to_token(idx)

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, SpecialIds
+from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, TokenizerBase
 
 
 _SPACE = '\u2581'  # SentencePiece's whitespace marker
@@ -46,7 +46,7 @@ _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
 MIN_VOCAB_SIZE = 256 + 1 + len(SPECIAL_TOKENS)
 
 
-class Tokenizer(SpecialIds):
+class Tokenizer(TokenizerBase):
   """A SentencePiece model plus the special-token ids the stages need."""
 
   _MISSING_HINT = ('train a jaxgpt tokenizer (tools/train_tokenizer.py) or set '
@@ -153,17 +153,8 @@ class Tokenizer(SpecialIds):
       return self._sp_cont.encode(text)
     return [self._byte_ids[b] for b in text.encode('utf-8')]
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """Ids -> text. Ids outside the vocabulary (a padded model vocab) become U+FFFD."""
-    n = self.vocab_size
-    out, run = [], []
-    for i in (int(x) for x in ids):
-      if 0 <= i < n:
-        run.append(i)
-      else:
-        out.append(self._sp.decode(run) + '\ufffd')
-        run = []
-    return ''.join(out) + self._sp.decode(run)
+  def _decode_run(self, ids: list[int]) -> str:
+    return self._sp.decode(ids)
 
   def id_to_piece(self, idx: int) -> str:
     return self._sp.id_to_piece(idx)

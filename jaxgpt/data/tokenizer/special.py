@@ -1,4 +1,4 @@
-"""The special tokens every jaxgpt tokenizer knows, and the ids the stages read from them."""
+"""The special tokens every jaxgpt tokenizer knows, and what both tokenizer classes share."""
 
 from __future__ import annotations
 
@@ -14,14 +14,21 @@ SPECIAL_TOKENS = {
 ROLES = ('system', 'user', 'assistant')
 
 
-class SpecialIds:
-  """Chat and reward ids for a tokenizer class that defines `_special_id(name)` (the id of
-  SPECIAL_TOKENS[name], or None) and `_MISSING_HINT` (what to do when one is absent)."""
+class TokenizerBase:
+  """What both tokenizer classes share: the chat and reward ids, and decoding ids of a
+  padded model vocabulary. A subclass defines `_special_id(name)` (the id of
+  SPECIAL_TOKENS[name], or None), `_MISSING_HINT` (what to do when one is absent),
+  `vocab_size` and `_decode_run(ids)` (ids all inside the vocabulary -> text)."""
 
   path: str
   _MISSING_HINT = ''
 
+  vocab_size: int
+
   def _special_id(self, name: str) -> int | None:
+    raise NotImplementedError
+
+  def _decode_run(self, ids: list[int]) -> str:
     raise NotImplementedError
 
   def _require(self, name: str) -> int:
@@ -44,3 +51,15 @@ class SpecialIds:
     if role not in ROLES:
       raise ValueError(f'unknown role {role!r}; expected one of {ROLES}.')
     return self._require(role)
+
+  def decode(self, ids) -> str:
+    """Ids -> text. Ids outside the vocabulary (a padded model vocab) become U+FFFD."""
+    n = self.vocab_size
+    out, run = [], []
+    for i in (int(x) for x in ids):
+      if 0 <= i < n:
+        run.append(i)
+      else:
+        out.append(self._decode_run(run) + '\ufffd')
+        run = []
+    return ''.join(out) + self._decode_run(run)
