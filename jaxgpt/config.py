@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft = sft_section()
   c.reward = reward_section()
   c.ppo = ppo_section()
+  c.grpo = grpo_section()
   c.checkpoint = checkpoint_section()
   return c
 
@@ -224,42 +225,64 @@ def reward_section() -> ml_collections.ConfigDict:
   return r
 
 
+def online_rl_fields(s: ml_collections.ConfigDict, *, reward: str) -> ml_collections.ConfigDict:
+  """The fields every online-RL stage (PPO, GRPO) has: prompts, rollouts, rewards, update."""
+  s.prompts = 'embedded'       # 'embedded' (task-suite train split) or JSONL paths/globs
+  s.on_bad_row = 'error'       # error | skip
+  s.reward = reward            # '+'-separated [WEIGHT*]SOURCE terms: model (the reward model),
+                               # checker (the task verifier, 1 right / 0 wrong) or a user's
+                               # package.module:function (TRL's reward_funcs signature)
+  s.steps = 60                 # iterations (rollout -> rewards -> advantages -> update)
+  s.rollout_batch = 64         # rollouts per iteration
+  s.batch_size = 16            # rows per minibatch (one optimizer step each)
+  s.micro_batches = 1          # gradient accumulation inside a minibatch step
+  s.epochs = 4                 # passes over each rollout batch
+  s.response_tokens = 16       # max new tokens per rollout
+  s.temperature = 1.0          # rollout temperature; log-probs use logits / temperature
+  s.top_k = 0                  # must stay 0: rollouts sample the full distribution
+  s.top_p = 1.0                # must stay 1.0, for the same reason
+  s.lr = 1e-4                  # policy learning rate
+  s.warmup_steps = 10          # in iterations
+  s.clip = 0.2                 # policy ratio clip
+  s.kl_estimator = 'k1'        # k1 | k2 | k3 (per-token KL to the reference)
+  s.kl_coef = 0.05             # initial beta
+  s.kl_clamp = 10.0            # |log pi - log pi_ref| clamp inside the estimators
+  s.entropy_coef = 0.0
+  s.missing_eot_penalty = -1.0  # added to the reward of a response cut at response_tokens
+  s.normalize_scores = True    # reward-model term: (score - mean) / std with its stored stats
+  s.frozen_dtype = 'float32'   # reference and reward models held in float32 | bfloat16
+  s.eval_per_task = 40         # held-out prompts per task for eval.json and the report
+  return s
+
+
 def ppo_section() -> ml_collections.ConfigDict:
   """Stage 4: RLHF with PPO (policy from SFT, value model from the reward model)."""
-  p = ml_collections.ConfigDict()
-  p.prompts = 'embedded'       # 'embedded' (task-suite train split) or JSONL paths/globs
-  p.on_bad_row = 'error'       # error | skip
-  p.steps = 60                 # PPO iterations (rollout -> score -> advantages -> update)
-  p.rollout_batch = 64         # prompts per iteration
-  p.batch_size = 16            # rows per minibatch (one optimizer step each)
-  p.micro_batches = 1          # gradient accumulation inside a minibatch step
-  p.epochs = 4                 # passes over each rollout batch
-  p.response_tokens = 16       # max new tokens per rollout
-  p.temperature = 1.0          # rollout temperature; log-probs use logits / temperature
-  p.top_k = 0                  # must stay 0: rollouts sample the full distribution
-  p.top_p = 1.0                # must stay 1.0, for the same reason
-  p.lr = 1e-4                  # policy learning rate
+  p = online_rl_fields(ml_collections.ConfigDict(), reward='model')
   p.value_lr = 1e-4
-  p.warmup_steps = 10          # in iterations
-  p.clip = 0.2                 # policy ratio clip
   p.value_clip = 0.2
   p.gamma = 1.0
   p.lam = 0.95
-  p.kl_estimator = 'k1'        # k1 | k2 | k3 (per-token KL to the reference in the reward)
-  p.kl_coef = 0.05             # initial beta
   p.kl_target = 6.0            # adaptive controller target (nats per response); 0 -> fixed beta
   p.kl_horizon = 10000
-  p.kl_clamp = 10.0            # |log pi - log pi_ref| clamp inside the estimators
   p.value_coef = 0.1           # value-loss weight when the policy carries the value head
-  p.entropy_coef = 0.0
   p.ptx_coef = 0.0             # pretraining-loss mix (PPO-ptx); 0 -> off
-  p.missing_eot_penalty = -1.0  # added to the score of a response cut at response_tokens
-  p.normalize_scores = True    # (score - mean) / std with the reward model's stored stats
   p.value_from = 'reward'      # reward (a separate value model) | policy (head on its trunk)
-  p.frozen_dtype = 'float32'   # reference and reward models held in float32 | bfloat16
-  p.eval_per_task = 40         # held-out prompts per task for eval.json and the report
   p.report_samples = 8         # samples per prompt for diversity in the report
   return p
+
+
+def grpo_section() -> ml_collections.ConfigDict:
+  """Critic-free online RL (GRPO, Dr. GRPO, RLOO): K samples per prompt, each reply's
+  advantage from its group's rewards; no value model."""
+  g = online_rl_fields(ml_collections.ConfigDict(), reward='checker')
+  g.group_size = 8             # K samples per prompt: rollout_batch / K prompts an iteration
+  g.advantage = 'grpo'         # grpo ((r - mean) / std) | dr_grpo (r - mean) | rloo (leave-one-out)
+  g.loss_aggregation = 'auto'  # seq_mean | token_sum | token_mean; auto: token_sum for
+                               # dr_grpo, else seq_mean
+  g.kl_in = 'loss'             # loss (k3 term in the loss, GRPO) | reward (-beta * KL in the reward)
+  g.kl_estimator = 'k3'
+  g.kl_coef = 0.04
+  return g
 
 
 def checkpoint_section() -> ml_collections.ConfigDict:
@@ -377,6 +400,7 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _validate_sft(cfg)
   _validate_reward(cfg, batch_shards)
   _validate_ppo(cfg, batch_shards)
+  _validate_grpo(cfg, batch_shards)
   _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
   return sizes
 
@@ -417,7 +441,7 @@ def _validate_data(cfg) -> None:
 
 def _validate_train(cfg, batch_shards: 'BatchShards') -> None:
   t = cfg.train
-  for field in ('train.steps', 'sft.steps', 'reward.steps', 'ppo.steps', 'train.log_every',
+  for field in ('train.steps', 'sft.steps', 'reward.steps', 'train.log_every',
                 'train.eval_every', 'train.sample_every'):
     section, name = field.split('.')
     if cfg[section][name] < 1:
@@ -522,29 +546,55 @@ def _validate_reward(cfg, batch_shards: BatchShards) -> None:
                (r.batch_size or cfg.train.batch_size) // cfg.train.micro_batches, batch_shards)
 
 
+def _validate_online_rl(cfg, name: str, batch_shards: BatchShards) -> None:
+  """What PPO and GRPO share: sampling the full distribution, minibatches that split over
+  the mesh, a reward spec that parses."""
+  s = cfg[name]
+  _choice(cfg, f'{name}.on_bad_row', ('error', 'skip'))
+  _choice(cfg, f'{name}.kl_estimator', ('k1', 'k2', 'k3'))
+  _choice(cfg, f'{name}.frozen_dtype', DTYPES)
+  if s.top_k != 0 or s.top_p != 1.0:
+    raise ConfigError(
+        f'config.{name}.top_k={s.top_k} / top_p={s.top_p}: rollouts sample the full '
+        'distribution (top_k=0, top_p=1.0); filtering would make the policy that drew the '
+        f'tokens differ from the one the update scores. Lower config.{name}.temperature instead.')
+  if not s.temperature > 0:
+    raise ConfigError(f'config.{name}.temperature={s.temperature} must be > 0 (rollouts sample).')
+  if s.micro_batches < 1 or s.batch_size % s.micro_batches:
+    raise ConfigError(f'config.{name}.batch_size={s.batch_size} is not divisible by '
+                      f'config.{name}.micro_batches={s.micro_batches}.')
+  _rows_divide(f'{name}.batch_size', s.batch_size // s.micro_batches, batch_shards)
+  _rows_divide(f'{name}.rollout_batch', s.rollout_batch, batch_shards)
+  if s.rollout_batch % s.batch_size:
+    raise ConfigError(f'config.{name}.rollout_batch={s.rollout_batch} is not a multiple of '
+                      f'config.{name}.batch_size={s.batch_size} (minibatches per rollout).')
+  if s.steps < 1:
+    raise ConfigError(f'config.{name}.steps={s.steps} must be >= 1.')
+  if s.epochs < 1 or s.response_tokens < 1:
+    raise ConfigError(f'config.{name}.epochs and config.{name}.response_tokens must be >= 1.')
+  from jaxgpt.rl import rewards  # pylint: disable=import-outside-toplevel
+  rewards.parse_reward_spec(s.reward, f'config.{name}.reward')
+
+
 def _validate_ppo(cfg, batch_shards: BatchShards) -> None:
   p = cfg.ppo
-  _choice(cfg, 'ppo.on_bad_row', ('error', 'skip'))
-  _choice(cfg, 'ppo.kl_estimator', ('k1', 'k2', 'k3'))
+  _validate_online_rl(cfg, 'ppo', batch_shards)
   _choice(cfg, 'ppo.value_from', ('reward', 'policy'))
-  _choice(cfg, 'ppo.frozen_dtype', DTYPES)
-  if p.top_k != 0 or p.top_p != 1.0:
-    raise ConfigError(
-        f'config.ppo.top_k={p.top_k} / top_p={p.top_p}: PPO rollouts sample the full '
-        'distribution (top_k=0, top_p=1.0); filtering would make the policy that drew the '
-        'tokens differ from the one PPO scores. Lower config.ppo.temperature instead.')
-  if not p.temperature > 0:
-    raise ConfigError(f'config.ppo.temperature={p.temperature} must be > 0 (rollouts sample).')
-  if p.micro_batches < 1 or p.batch_size % p.micro_batches:
-    raise ConfigError(f'config.ppo.batch_size={p.batch_size} is not divisible by '
-                      f'config.ppo.micro_batches={p.micro_batches}.')
-  _rows_divide('ppo.batch_size', p.batch_size // p.micro_batches, batch_shards)
-  _rows_divide('ppo.rollout_batch', p.rollout_batch, batch_shards)
   if p.ptx_coef and cfg.train.batch_size % p.micro_batches:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} (the PPO-ptx pretraining '
                       f'rows) is not divisible by config.ppo.micro_batches={p.micro_batches}.')
-  if p.rollout_batch % p.batch_size:
-    raise ConfigError(f'config.ppo.rollout_batch={p.rollout_batch} is not a multiple of '
-                      f'config.ppo.batch_size={p.batch_size} (minibatches per rollout).')
-  if p.epochs < 1 or p.response_tokens < 1:
-    raise ConfigError('config.ppo.epochs and config.ppo.response_tokens must be >= 1.')
+
+
+def _validate_grpo(cfg, batch_shards: BatchShards) -> None:
+  g = cfg.grpo
+  _validate_online_rl(cfg, 'grpo', batch_shards)
+  _choice(cfg, 'grpo.advantage', ('grpo', 'dr_grpo', 'rloo'))
+  _choice(cfg, 'grpo.loss_aggregation', ('auto', 'seq_mean', 'token_sum', 'token_mean'))
+  _choice(cfg, 'grpo.kl_in', ('loss', 'reward'))
+  if g.group_size < 1 or g.rollout_batch % g.group_size:
+    raise ConfigError(f'config.grpo.group_size={g.group_size} must divide '
+                      f'config.grpo.rollout_batch={g.rollout_batch} (rollout_batch / group_size '
+                      'prompts an iteration, each sampled group_size times).')
+  if g.advantage == 'rloo' and g.group_size < 2:
+    raise ConfigError('config.grpo.advantage=rloo needs config.grpo.group_size >= 2 (the '
+                      'baseline is the mean of the other samples of the prompt).')

@@ -70,5 +70,5 @@ def test_no_stage_imports_another_stage():
   stages = {m for m in modules if m.startswith('jaxgpt.stages.')}
   for m in stages:
     others = {d for d in _imports(modules[m], modules) if d in stages and d != m}
-    others.discard('jaxgpt.stages.common')
+    others -= {'jaxgpt.stages.common', 'jaxgpt.stages.online_rl'}
     assert not others, f'{m} imports {others}'

@@ -32,7 +32,8 @@ def test_colab_notebook_runs_in_smoke_mode(smoke_run, tmp_path, monkeypatch):
   assert 'skipping the install' in text and '| cpu' in text and 'WARNING: no TPU' in text
   assert '[ppo] already at step' in text  # the command ran the recipe (resumed, finished)
   images = [o for o in outputs if 'image/png' in o.get('data', {})]
-  assert len(images) == 2, text  # plots/losses.png and plots/ppo.png
+  # plots/: best_of_n, grpo, losses, ppo, ppo_checker
+  assert len(images) == 5, text
   assert any('Markdown' in str(o.get('data', {}).get('text/plain', '')) or
              'text/markdown' in o.get('data', {}) for o in outputs)
   assert text.count('assistant>') == 3, text

@@ -12,14 +12,13 @@ import pytest
 
 import helpers
 from jaxgpt import sharding
-from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
 from jaxgpt.data import prompts as prompts_lib
 from jaxgpt.data.jsonl import BadRowError
-from jaxgpt.inference import sampling
 from jaxgpt.rl import rollout
+from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import ppo as ppo_algo
-from jaxgpt.stages import ppo
+from jaxgpt.rl import roles as roles_lib
 
 # Ids of a stand-in tokenizer: the stage reads only these from the real one.
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
@@ -43,11 +42,8 @@ class Setup:
   def __init__(self, cfg, devices, score_fn=None, seed=0):
     self.cfg = cfg
     self.mesh = sharding.make_mesh(cfg, devices)
-    self.roles = ppo_algo.Roles.from_config(cfg)
-    p = cfg.ppo
-    self.optimizers = ppo_algo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
-    self.graphdefs, _, self.shardings = ppo_algo.abstract_state(self.roles, self.optimizers,
-                                                           self.mesh)
+    self.algo = ppo_algo.build(cfg, TOK, self.mesh, None, score_fn)
+    self.roles, self.graphdefs = self.algo.roles, self.algo.graphdefs
     policy = helpers.random_params(self.roles.policy, seed=seed)
     params = {'policy': helpers.place(policy, self.roles.policy, self.mesh)}
     if self.roles.value is not None:
@@ -61,24 +57,9 @@ class Setup:
         'reward': helpers.place(jax.tree.map(lambda x: x.astype(frozen_dtype),
                                              helpers.random_params(self.roles.reward, seed + 2)),
                                 self.roles.reward, self.mesh)}
-    self.frozen_graphdefs = {r: model_lib.abstract_model(getattr(self.roles, r))[0]
-                             for r in ('reference', 'reward')}
-    self.state = ppo_algo.make_state(params, cfg, self.optimizers, self.shardings, self.mesh)
-    rules = self.roles.policy.rules
-    batch_sh = sharding.batch_sharding(self.mesh, rules)
-    repl = sharding.replicated(self.mesh)
-    self.prepare = jax.jit(ppo_algo.make_prepare(self.graphdefs, self.frozen_graphdefs, self.roles,
-                                            cfg, TOK, None, score_fn),
-                           out_shardings=(batch_sh, repl))
-    self.update = jax.jit(ppo_algo.make_update(self.graphdefs, self.optimizers,
-                                          ppo_algo.make_loss_fns(cfg, self.roles),
-                                          p.micro_batches, rules),
-                          in_shardings=(self.shardings, batch_sh),
-                          out_shardings=(self.shardings, repl), donate_argnums=(0,))
-    self.take = jax.jit(lambda b, idx: jax.tree.map(lambda x: x[idx], b),
-                        out_shardings=batch_sh)
-    self.settings = sampling.SamplingConfig(max_new_tokens=N, temperature=p.temperature,
-                                            stop_ids=(1, 2), pad_id=0)
+    self.state = roles_lib.make_state(params, cfg.ppo, cfg.seed, self.algo.optimizers,
+                                      self.algo.shardings, self.mesh)
+    self.update = self.algo.update
 
   def iterate(self, n, seed=0):
     rng = np.random.default_rng(seed)
@@ -86,13 +67,12 @@ class Setup:
     batches = [{'prompt': rng.integers(4, 256, (r, P)).astype(np.int32),
                 'length': rng.integers(2, P + 1, (r,)).astype(np.int32)} for _ in range(n)]
     data = types.SimpleNamespace(train_iter=iter(batches), ptx_iter=None)
+    iteration = rl_loop.Iteration(self.algo, rl_loop.Inputs(
+        data, TOK, self.frozen, None, self.mesh, self.cfg.seed, None, {}))
     out = []
     with jax.set_mesh(self.mesh):
       for step in range(n):
-        self.state, m = ppo.iteration(self.state, step, self.cfg, self.roles,
-                                      self.graphdefs['policy'], data, self.prepare,
-                                      self.update, self.take, self.settings, self.frozen,
-                                      self.mesh)
+        self.state, m = iteration(self.state, step)
         out.append(m)
     return out
 

@@ -76,7 +76,8 @@ def test_report_rows_numbers_and_files(full_report):
   assert {'pretrain', 'sft'} <= present, 'the smoke run has no pretrain or sft stage'
   best = f'best-of-{max(cfg.reward.best_of)}'
   names = (['base zero-shot', 'base few-shot', 'SFT'] + [best] * ('reward' in present)
-           + ['PPO'] * ('ppo' in present))
+           + ['PPO'] * ('ppo' in present) + ['PPO (checker)'] * ('ppo_checker' in present)
+           + [f'GRPO ({cfg.grpo.reward})'] * ('grpo' in present))
   assert [r['model'] for r in out['rows']] == names
   assert set(out['missing']) == set(report.STAGES) - present
   assert out['n_prompts'] == 8 and out['samples_per_prompt'] == SAMPLES
@@ -95,6 +96,20 @@ def test_report_rows_numbers_and_files(full_report):
   if 'ppo' in present:
     assert np.isfinite(rows['PPO']['kl_to_sft'])
   assert len(out['claims']) == len(report.CLAIMS) + 1
+  # The labeler's verdicts against SFT, each split by the key that decided it.
+  chat_rows = [n for n in names if n not in ('base zero-shot', 'base few-shot', 'SFT')]
+  assert list(out['win_rates']) == chat_rows
+  for r in out['win_rates'].values():
+    assert r['wins'] + r['losses'] + r['ties'] == r['n'] == out['n_prompts']
+    assert sum(r['wins_by'].values()) == r['wins'] and sum(r['losses_by'].values()) == r['losses']
+    assert 0.0 <= r['win_rate'] <= 1.0
+  if 'reward' in present:  # best-of-n for n = 1, 2, ..., 64 from one draw of 64 samples
+    curve = out['best_of_n_curve']
+    assert curve['n'] == [1, 2, 4, 8, 16, 32, 64] and curve['kl_bound'][0] == 0.0
+    assert all(0.0 <= g <= 1.0 for g in curve['gold'])
+    assert curve['rm_score'] == sorted(curve['rm_score'])  # the expected max rises with n
+    assert 'plots/best_of_n.png' in out['plots'] and '## Best-of-n' in open(
+        os.path.join(workdir, 'report.md'), encoding='utf-8').read()
   assert {c['verdict'] for c in out['claims']} <= {'holds', 'does not hold', 'not tested'}
   assert 1 <= len(out['samples']) <= report.SAMPLE_PROMPTS
 

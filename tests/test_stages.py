@@ -183,7 +183,13 @@ def test_reward_stage_writes_comparisons_eval_and_score_stats(smoke_run):
     stats = reader.read_meta(reader.latest_step())['score_stats']
   finally:
     reader.close()
-  assert stats['std'] > 0 and stats['n'] == 2 * len(heldout)
+  # Over the distinct held-out samples (every held-out prompt's), not the sides of pairs.
+  samples = read_jsonl(os.path.join(out, 'samples_heldout.jsonl'))
+  assert len({(r['prompt'], r['response'], r['finished']) for r in samples}) == len(samples)
+  assert {(r['prompt'], r[side], r.get(f'{side}_finished', True)) for r in heldout
+          for side in ('chosen', 'rejected')} <= {
+              (r['prompt'], r['response'], r['finished']) for r in samples}
+  assert stats['std'] > 0 and stats['n'] == len(samples)
 
 
 def test_reward_resume_equals_uninterrupted_run(smoke_run, tmp_path):
@@ -197,7 +203,8 @@ def test_reward_resume_equals_uninterrupted_run(smoke_run, tmp_path):
     wd = tmp_path / name
     shutil.copytree(os.path.join(workdir, 'sft'), wd / 'sft')
     os.makedirs(wd / 'reward')
-    for f in ('comparisons.jsonl', 'comparisons_heldout.jsonl'):  # sampled once, reused
+    for f in ('comparisons.jsonl', 'comparisons_heldout.jsonl',  # sampled once, reused
+              'samples_heldout.jsonl'):
       shutil.copy(os.path.join(workdir, 'reward', f), wd / 'reward' / f)
     runs[name] = str(wd)
   run_lib.run(smoke_config(**common, **{'reward.steps': 2}), runs['split'])

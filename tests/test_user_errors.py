@@ -217,6 +217,16 @@ CASES = [
     Case('init-from-damaged', (*MAIN, WD, '--config.stage=sft', TOK),
          ('{d}/wd/pretrain/checkpoints/6 is damaged', 'meta/metadata', 'Run that stage again'),
          damaged_copy('pretrain', 'meta')),
+    # online-RL rewards (GRPO from the smoke run's SFT checkpoint)
+    Case('grpo-reward-typo', (*MAIN, WD, '--config.stage=grpo', '--config.grpo.reward=checkr'),
+         ("config.grpo.reward='checkr'", "did you mean 'checker'?")),
+    Case('grpo-reward-module-missing', (*MAIN, WD, '--config.stage=grpo', TOK,
+                                        '--config.grpo.reward=no_such_module:fn'),
+         ('config.grpo.reward', "no module 'no_such_module'", 'PYTHONPATH')),
+    Case('grpo-reward-function-bad-return', (*MAIN, WD, '--config.stage=grpo', TOK,
+                                             '--config.checkpoint.init_from={run}/sft/checkpoints',
+                                             '--config.grpo.reward=builtins:dict'),
+         ('config.grpo.reward: builtins:dict returned', 'one float per completion')),
     # sample, chat, score
     Case('sample-no-workdir', (*SAMPLE, '--workdir={d}/none', '--prompt=hi'),
          ('{d}/none does not exist', 'python -m jaxgpt.main')),

@@ -12,10 +12,13 @@ figures are the best of --repeats runs after a compiling warm-up ("first s").
 2. Sampling the reward stage's comparisons: K responses per prompt for --prompts ~24-token
    prompts at temperature 1, chunks of --chunk rows as the stage does; new tokens are those
    each row sampled (up to its stop id); the stage's prompts are extrapolated per row.
-3. `ppo.iteration` with config.ppo (policy = reference, random reward models as value and
-   reward): generate / score / update seconds and shares from its metrics, mean over
-   --iterations after a warm-up; beside it `sampling.sample` alone on the same batch, with
-   PPO's settings and as `tools/bench_decode.py`'s cache variant (greedy, no stop ids).
+3. One iteration of the online-RL loop (`rl.loop.Iteration`) for PPO with config.ppo
+   (policy = reference, random reward models as value and reward), then for GRPO with
+   config.grpo (rollout_batch / group_size prompts, each sampled group_size times; no value
+   model, no reward model unless config.grpo.reward has a `model` term): generate / score /
+   update seconds and shares from its metrics, mean over --iterations after a warm-up;
+   beside PPO's, `sampling.sample` alone on the same batch, with PPO's settings and as
+   `tools/bench_decode.py`'s cache variant (greedy, no stop ids).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
+from jaxgpt.rl import grpo as grpo_algo
+from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import ppo as ppo_algo
-from jaxgpt.stages import ppo
+from jaxgpt.rl import roles as roles_lib
 from jaxgpt.train import loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
@@ -167,54 +172,50 @@ def part_sampling(cfg, mesh, rng):
 # -- 3. one PPO iteration -------------------------------------------------------------------------
 
 
-def part_ppo(cfg, mesh, rng):
-  p = cfg.ppo
-  roles = ppo_algo.Roles.from_config(cfg)
-  rules = roles.policy.rules
-  optimizers = ppo_algo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
-  graphdefs, _, shardings = ppo_algo.abstract_state(roles, optimizers, mesh)
+def part_online_rl(cfg, mesh, rng, name: str):
+  """One iteration of the online-RL loop for `name` ('ppo' or 'grpo') on random models."""
+  p = cfg[name]
+  build = {'ppo': lambda: ppo_algo.build(cfg, TOK, mesh, None),
+           'grpo': lambda: grpo_algo.build(cfg, TOK, mesh, None)}[name]
+  algo = build()
+  roles, graphdefs = algo.roles, algo.graphdefs
   seed = _SEED.value
   params = {'policy': model_lib.init_params(roles.policy, mesh, seed)[1]}
   if roles.value is not None:
     params['value'] = model_lib.init_params(roles.value, mesh, seed + 1)[1]
-  # The reference is the policy's random LM, copied (the policy's buffers get donated).
-  ref = jax.tree.map(lambda x: jnp.array(x, roles.reference.param_dtype, copy=True),
-                     params['policy'])
-  rm_graphdef, rm = model_lib.init_params(roles.reward, mesh, seed + 2)
-  frozen = {'reference': ref, 'reward': rm}
-  frozen_graphdefs = {'reference': model_lib.abstract_model(roles.reference)[0],
-                      'reward': rm_graphdef}
-  state = ppo_algo.make_state(params, cfg, optimizers, shardings, mesh)
-  batch_sh, repl = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
-  prepare = jax.jit(ppo_algo.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, TOK, None),
-                    out_shardings=(batch_sh, repl))
-  update = jax.jit(ppo_algo.make_update(graphdefs, optimizers, ppo_algo.make_loss_fns(cfg, roles),
-                                   p.micro_batches, rules),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
-                   donate_argnums=(0,))
-  take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch), out_shardings=batch_sh)
-  settings = sampling.SamplingConfig(max_new_tokens=p.response_tokens, temperature=p.temperature,
-                                     stop_ids=sampling.default_stop_ids(TOK), pad_id=TOK.pad_id)
+  frozen = {}
+  if roles.reference is not None:  # the policy's random LM, copied (the policy gets donated)
+    frozen['reference'] = jax.tree.map(
+        lambda x: jnp.array(x, roles.reference.param_dtype, copy=True),
+        {k: v for k, v in params['policy'].items() if k != 'scalar_head'})
+  if roles.reward is not None:
+    frozen['reward'] = model_lib.init_params(roles.reward, mesh, seed + 2)[1]
+  state = roles_lib.make_state(params, p, seed, algo.optimizers, algo.shardings, mesh)
   room = roles.policy.max_seq_len - p.response_tokens - 1
-  batches = [dict(zip(('prompt', 'length'), random_prompts(rng, p.rollout_batch,
-                                                           roles.policy.vocab_size, room)))
+  prompts = p.rollout_batch // algo.group_size
+  batches = [dict(zip(('prompt', 'length'), random_prompts(rng, prompts, roles.policy.vocab_size,
+                                                           room)))
              for _ in range(1 + _ITERATIONS.value)]
   width = batches[0]['prompt'].shape[1]
   data = types.SimpleNamespace(train_iter=iter(batches), ptx_iter=None)  # no PPO-ptx mix
+  # Random models and ids: no text to check, so no host reward terms (the checker's cost
+  # on decoded replies is the tiny recipe's `reward_seconds`).
+  iteration = rl_loop.Iteration(algo, rl_loop.Inputs(data, TOK, frozen, None, mesh, seed, None,
+                                                     {}))
   got, walls = [], []
   with jax.set_mesh(mesh):
     for step in range(1 + _ITERATIONS.value):
       start = time.perf_counter()
-      state, m = ppo.iteration(state, step, cfg, roles, graphdefs['policy'], data, prepare,
-                               update, take, settings, frozen, mesh)
+      state, m = iteration(state, step)
       walls.append(time.perf_counter() - start)
       got.append(m)
   def mean(key):
     return float(np.mean([m[key] for m in got[1:]]))
   phases = {ph: mean(f'{ph}_seconds') for ph in ('generate', 'score', 'update')}
   total = sum(phases.values())
-  print(f'\n3. PPO iteration: rollout_batch={p.rollout_batch}, prompt width {width}, '
-        f'response_tokens={p.response_tokens}, T={p.temperature}, {p.epochs} epochs x '
+  group = f', group_size={algo.group_size}' if algo.group_size > 1 else ''
+  print(f'\n{name.upper()} iteration: rollout_batch={p.rollout_batch}{group}, prompt width '
+        f'{width}, response_tokens={p.response_tokens}, T={p.temperature}, {p.epochs} epochs x '
         f'{p.rollout_batch // p.batch_size} minibatches of {p.batch_size}; mean of '
         f'{len(got) - 1} iterations after a warm-up of {walls[0]:.1f} s')
   print(f'{"phase":10s} {"seconds":>8s} {"share":>7s} {"tokens/s":>10s}')
@@ -223,7 +224,9 @@ def part_ppo(cfg, mesh, rng):
   print(f'{"sum":10s} {total:8.3f}   (iteration wall {np.mean(walls[1:]):.3f} s; '
         f'{mean("response_tokens"):.0f} response tokens per rollout; update tokens/s counts '
         f'every epoch)')
-
+  if name != 'ppo':
+    return
+  settings = iteration.settings
   policy = state['policy']['params']
   ids, lengths = batches[0]['prompt'], batches[0]['length']
   n = p.response_tokens
@@ -258,7 +261,8 @@ def main(argv):
   start = time.perf_counter()
   part_train_steps(cfg, mesh, rng)
   part_sampling(cfg, mesh, rng)
-  part_ppo(cfg, mesh, rng)
+  part_online_rl(cfg, mesh, rng, 'ppo')
+  part_online_rl(cfg, mesh, rng, 'grpo')
   print(f'\ntotal {time.perf_counter() - start:.0f} s')
 
 

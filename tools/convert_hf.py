@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='add the chat / reward tokens the tokenizer lacks, or fail')
   exp = sub.add_parser('export', help='a jaxgpt stage -> a Hugging Face model directory')
   exp.add_argument('--workdir', help='the run directory (with --stage)')
-  exp.add_argument('--stage', default='sft', choices=('pretrain', 'sft', 'reward', 'ppo'))
+  exp.add_argument('--stage', default='sft',
+                   choices=inference.GENERATIVE_STAGES + inference.SCORING_STAGES)
   exp.add_argument('--checkpoint', help='a checkpoints directory instead of --workdir')
   exp.add_argument('--out', required=True, help='the Hugging Face directory to write')
   exp.add_argument('--dtype', choices=tuple(hf_export.DTYPES),

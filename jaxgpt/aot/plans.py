@@ -7,8 +7,8 @@ every model and the optimizer state.
 
     pretrain / sft: train step, eval step, sampler prefill, sampler generation
     reward:         train step, eval step (pairs of sequences)
-    ppo:            update (policy and value), score (the rollout's forward passes of
-                    all four roles), sampler generation (the rollout)
+    ppo, grpo:      update (the trained roles), score (the rollout's forward passes of
+                    every role), sampler generation (the rollout)
 
 The sampler programs are `sampling.decode_fn`, as evaluation and PPO run it: 'prefill'
 asks for one token (the prompt's forward pass), 'generate' for the whole response (the
@@ -30,11 +30,14 @@ from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
+from jaxgpt.rl import grpo as grpo_algo
+from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import ppo as ppo_algo
+from jaxgpt.stages import PIPELINE, ppo_checker
 from jaxgpt.train import metrics, optim, trainer
 
 LM_KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
-PPO_KEYS = ('mask', 'old_logp', 'old_values', 'advantages', 'returns')
+SECTION_OF = {'ppo_checker': 'ppo'}  # a stage whose config section has another name
 
 
 @dataclasses.dataclass
@@ -217,79 +220,75 @@ def reward_plan(cfg, mesh) -> Plan:
   return Plan('reward', mesh, n, bytes_per_device(state['params']), _opt_bytes(state), steps)
 
 
-def ppo_plan(cfg, mesh, prompt_len: int) -> Plan:
-  """PPO: the minibatch update of policy (and value model), the scoring pass over a
-  rollout, and the rollout itself; the reference and reward models stay resident."""
-  p = cfg.ppo
-  roles = ppo_algo.Roles.from_config(cfg)
-  rules = roles.policy.rules
-  batch_sh = sharding.batch_sharding(mesh, rules)
+def online_rl_plan(cfg, stage: str, mesh, prompt_len: int) -> Plan:
+  """PPO or GRPO: the minibatch update of the trained roles, the scoring pass over a
+  rollout, and the rollout itself; the frozen roles (reference, reward) stay resident."""
+  section = SECTION_OF.get(stage, stage)
+  if stage == 'ppo_checker':
+    cfg = ppo_checker.stage_config(cfg)
+  s = cfg[section]
+  tok = types.SimpleNamespace(reward_id=1, pad_id=0, end_of_turn_id=2, eot_id=3)  # values only
+  algo = {'ppo': ppo_algo.build, 'grpo': grpo_algo.build}[section](cfg, tok, mesh, None)
+  roles, graphdefs = algo.roles, algo.graphdefs
+  batch_sh = sharding.batch_sharding(mesh, roles.policy.rules)
   repl = sharding.replicated(mesh)
-  optimizers = ppo_algo.role_optimizers(cfg, p.rollout_batch // p.batch_size * p.epochs)
-  graphdefs, abstract, shardings = ppo_algo.abstract_state(roles, optimizers, mesh)
-  state = sharding.abstract_with_shardings(abstract, shardings)
-  frozen, frozen_graphdefs = {}, {}
-  for role in ('reference', 'reward'):
-    frozen_graphdefs[role], frozen[role] = model_lib.abstract_sharded_params(
-        getattr(roles, role), mesh)
+  state = sharding.abstract_with_shardings(algo.abstract, algo.shardings)
+  frozen = {r: model_lib.abstract_sharded_params(m, mesh)[1] for r, m in roles.frozen().items()}
   trained = {r: state[r]['params'] for r in roles.trained()}
-  n_new = p.response_tokens
+  n_new = s.response_tokens
   prompt = prompt_len or cfg.model.max_seq_len - n_new - 1
   width = prompt + n_new + 1  # prompt, response, <|reward|> readout
 
+  def b(shape, dtype):
+    return _spec(shape, dtype, batch_sh)
+
+  def rollout(rows):
+    out = sampling.SampleOutput(
+        tokens=b((rows, n_new), jnp.int32), logprobs=b((rows, n_new), jnp.float32),
+        response_mask=b((rows, n_new), jnp.int32), lengths=b((rows,), jnp.int32),
+        finished=b((rows,), jnp.bool_))
+    return (trained, frozen, _spec((), jnp.float32, repl), rl_loop.Rollout(
+        b((rows, prompt), jnp.int32), b((rows,), jnp.int32), out, b((rows,), jnp.float32),
+        b((rows,), jnp.float32)))
+
   def minibatch(rows):
-    out = {'tokens': _spec((rows, width), jnp.int32, batch_sh)}
-    out.update({k: _spec((rows, width - 1), jnp.float32, batch_sh) for k in PPO_KEYS})
-    if p.ptx_coef:
+    # The batch `prepare` makes, cut to `rows`: the exact keys and shapes of the algorithm.
+    with jax.set_mesh(mesh):
+      whole = jax.eval_shape(algo.prepare, *rollout(s.rollout_batch))[0]
+    out = {k: b((rows,) + v.shape[1:], v.dtype) for k, v in whole.items()}
+    if s.get('ptx_coef'):
       out['ptx'] = {k: _spec((cfg.train.batch_size, cfg.data.seq_len),
                              jnp.float32 if k == 'weights' else jnp.int32, batch_sh)
                     for k in LM_KEYS}
     return out
 
-  update = jax.jit(ppo_algo.make_update(graphdefs, optimizers,
-                                         ppo_algo.make_loss_fns(cfg, roles), p.micro_batches,
-                                         rules),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
-                   donate_argnums=(0,))
-  tok = types.SimpleNamespace(reward_id=1, pad_id=0)  # ids only enter as values
-  prepare = jax.jit(ppo_algo.make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, None),
-                    out_shardings=(batch_sh, repl))
-
-  def rollout(rows):
-    def b(shape, dtype):
-      return _spec(shape, dtype, batch_sh)
-    out = sampling.SampleOutput(
-        tokens=b((rows, n_new), jnp.int32), logprobs=b((rows, n_new), jnp.float32),
-        response_mask=b((rows, n_new), jnp.int32), lengths=b((rows,), jnp.int32),
-        finished=b((rows,), jnp.bool_))
-    return (trained, frozen, _spec((), jnp.float32, repl), b((rows, prompt), jnp.int32),
-            b((rows,), jnp.int32), out)
-
-  counts = {r: model_lib.count_params(abstract[r]['params']) for r in roles.trained()}
+  counts = {r: model_lib.count_params(algo.abstract[r]['params']) for r in roles.trained()}
   ctx = width - 1
   per_token = {r: metrics.flops_per_token(getattr(roles, r), ctx, counts[r]) for r in counts}
   # The value head on the policy's trunk runs the trunk a second time (rollout.values).
-  passes = 2 if roles.value is None else 1
+  passes = 2 if roles.policy.scalar_head else 1
 
   def update_flops(rows):
     return rows * ctx * (passes * per_token['policy'] + per_token.get('value', 0.0))
 
-  def score_flops(rows):  # forward passes of policy, reference, value and reward models
-    return rows * ctx * 4 * per_token['policy'] / 3
-  unit = _batch_unit(cfg, mesh, p.micro_batches)
+  forwards = 1 + len(frozen) + (roles.value is not None)
+
+  def score_flops(rows):  # forward passes of the policy, frozen roles and value model
+    return rows * ctx * forwards * per_token['policy'] / 3
+  unit = _batch_unit(cfg, mesh, s.micro_batches)
   trained_bytes = bytes_per_device(trained)
   steps = [
-      Step('ppo update', p.batch_size, lambda r: f'{r}x{width}',
-           lambda r: _lower(update, mesh, state, minibatch(r)), update_flops,
-           bytes_per_device(state), 'config.ppo.batch_size', unit),
-      Step('ppo score', p.rollout_batch, lambda r: f'{r}x{width}',
-           lambda r: _lower(prepare, mesh, *rollout(r)), score_flops,
+      Step(f'{stage} update', s.batch_size, lambda r: f'{r}x{width}',
+           lambda r: _lower(algo.update, mesh, state, minibatch(r)), update_flops,
+           bytes_per_device(state), f'config.{section}.batch_size', unit),
+      Step(f'{stage} score', s.rollout_batch, lambda r: f'{r}x{width}',
+           lambda r: _lower(algo.prepare, mesh, *rollout(r)), score_flops,
            trained_bytes + bytes_per_device(frozen), unit=_batch_unit(cfg, mesh, 1)),
   ]
   steps += sampler_steps(graphdefs['policy'], roles.policy, mesh, trained['policy'],
-                         counts['policy'], p.rollout_batch, prompt, n_new)[1:]
+                         counts['policy'], s.rollout_batch, prompt, n_new)[1:]
   steps[-1].name = 'rollout'
-  return Plan('ppo', mesh, sum(counts.values()), trained_bytes + bytes_per_device(frozen),
+  return Plan(stage, mesh, sum(counts.values()), trained_bytes + bytes_per_device(frozen),
               bytes_per_device(state) - trained_bytes, steps)
 
 
@@ -302,6 +301,6 @@ def plan(cfg, stage: str, mesh, decode_rows: int = 0, prompt_len: int = 0) -> Pl
     return lm_plan(cfg, stage, mesh, rows, prompt_len)
   if stage == 'reward':
     return reward_plan(cfg, mesh)
-  if stage == 'ppo':
-    return ppo_plan(cfg, mesh, prompt_len)
-  raise config_lib.ConfigError(f'--stage={stage!r} must be one of pretrain, sft, reward, ppo.')
+  if stage in ('ppo', 'ppo_checker', 'grpo'):
+    return online_rl_plan(cfg, stage, mesh, prompt_len)
+  raise config_lib.ConfigError(f'--stage={stage!r} must be one of {PIPELINE}.')

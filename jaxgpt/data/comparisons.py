@@ -4,9 +4,12 @@ simulated labeler that ranks sampled responses the way human contractors would.
 Row formats, one JSON object a line (blank lines ignored, unknown extra fields ignored)::
 
     {"prompt": "text" | "messages": [...], "chosen": "...", "rejected": "...",
-     "margin"?: number, "group"?: str|int, "task"?: str}                       (1: a pair)
-    {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}     (2: Anthropic HH)
-    {"prompt"|"messages", "responses": [str, ...], "ranking": [int, ...]}    (3: K-way ranking)
+     "margin"?: number, "group"?: str|int, "task"?: str,
+     "chosen_finished"?: bool, "rejected_finished"?: bool}                     (1: a pair)
+    {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "...",
+     "chosen_finished"?: bool, "rejected_finished"?: bool}                     (2: Anthropic HH)
+    {"prompt"|"messages", "responses": [str, ...], "ranking": [int, ...],
+     "responses_finished"?: [bool, ...]}                                       (3: K-way ranking)
 
 A prompt given as text is one user turn; given as messages it must end with a user turn
 (earlier assistant turns are allowed). HH transcripts are split on the `\\n\\nHuman:` /
@@ -17,6 +20,12 @@ into every pair of different ranks, chosen = the better, in response order. A ra
 "margin", if any, applies to each of its pairs. Contents are stripped of surrounding
 whitespace.
 
+Finished. A reply is finished (the default) when it ended its turn; `false` marks one cut
+at a length limit, as a sampled reply that ran out of tokens. The reward model reads a
+finished reply as `<|assistant|>{reply}<|end|><|reward|>` and a cut one without the
+`<|end|>`, as PPO scores its own samples (`jaxgpt.data.reward`). A response is its text
+and this flag: the same text finished and cut are two different responses.
+
 Groups. A comparison set (the pairs of one ranking, or rows sharing a "group") weighs 1
 in the loss in total (InstructGPT), and is never split across train and held-out. A row
 without "group" is its own set, named `path:line`. `task` is the given "task", else the
@@ -26,12 +35,14 @@ Bad rows. With `on_bad_row='error'` a bad row raises `jsonl.BadRowError` whose m
 starts with `path:line:` (1-based, blank lines counted); with `'skip'` it is left out and
 counted by kind: bad_json, bad_type (wrong JSON type, or both "prompt" and "messages"),
 missing_field, unknown_role, empty_prompt, prompt_end (messages do not end with a user
-turn), empty_response, identical (chosen == rejected, or one text ranked twice
-differently), ranking_length, bad_ranking (a rank that is not an integer >= 1),
-bad_margin (not a finite number), hh_format (an HH transcript that is not alternating
-marked turns ending with the assistant), hh_prefix (the two HH transcripts differ before
-their last turn). A well-formed ranking whose responses are all tied gives no pair: it is
-counted in `no_pair_rows`, not as bad.
+turn), empty_response, identical (chosen == rejected in text and finished flag, or one
+response ranked twice differently), ranking_length, bad_ranking (a rank that is not an
+integer >= 1), bad_margin (not a finite number), bad_finished (a finished flag that is
+not true or false, or "responses_finished" not a list), finished_length
+("responses_finished" not one flag per response), hh_format (an HH transcript that is
+not alternating marked turns ending with the assistant), hh_prefix (the two HH
+transcripts differ before their last turn). A well-formed ranking whose responses are all
+tied gives no pair: it is counted in `no_pair_rows`, not as bad.
 """
 
 from __future__ import annotations
@@ -60,6 +71,8 @@ class Comparison:
   margin: float = 0.0
   group: str = ''            # comparison set id (pairs of one ranking share it)
   task: str = ''             # task-suite task name when known
+  chosen_finished: bool = True    # False: the reply was cut before its <|end|>
+  rejected_finished: bool = True
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -93,6 +106,13 @@ def _task(obj: dict, prompt: tuple[dict, ...]) -> str:
       raise BadRow('bad_type', f"'task' must be a string, got {obj['task']!r}")
     return obj['task']
   return tasks.task_of(prompt[-1]['content']) or ''
+
+
+def _finished(obj: dict, field: str) -> bool:
+  value = obj.get(field, True)
+  if not isinstance(value, bool):
+    raise BadRow('bad_finished', f"'{field}' must be true or false, got {value!r}")
+  return value
 
 
 def _response(text: str, where: str) -> str:
@@ -138,8 +158,22 @@ def _raw_text(obj: dict, field: str) -> str:
   return obj[field]
 
 
-def _ranking_pairs(obj: dict) -> list[tuple[str, str]]:
-  """(chosen, rejected) texts of a K-way ranking: every pair of different ranks."""
+def _responses_finished(obj: dict, n: int) -> list[bool]:
+  if 'responses_finished' not in obj:
+    return [True] * n
+  flags = obj['responses_finished']
+  if not isinstance(flags, list) or not all(isinstance(f, bool) for f in flags):
+    raise BadRow('bad_finished', "'responses_finished' must be a list of true/false, got "
+                 f'{flags!r}')
+  if len(flags) != n:
+    raise BadRow('finished_length', f"'responses_finished' has {len(flags)} entries for "
+                 f'{n} responses')
+  return flags
+
+
+def _ranking_pairs(obj: dict) -> list[tuple[tuple[str, bool], tuple[str, bool]]]:
+  """(chosen, rejected) (text, finished) responses of a K-way ranking: every pair of
+  different ranks."""
   for field in ('responses', 'ranking'):
     if field not in obj:
       raise BadRow('missing_field', f"missing field '{field}'")
@@ -154,16 +188,19 @@ def _ranking_pairs(obj: dict) -> list[tuple[str, str]]:
   for r in ranking:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
       raise BadRow('bad_ranking', f"'ranking' entries must be integers >= 1 (1 = best), got {r!r}")
-  texts = [_response(r.strip(), f'responses[{i}]') for i, r in enumerate(responses)]
-  rank_of: dict[str, int] = {}
-  for i, (t, r) in enumerate(zip(texts, ranking)):
-    if rank_of.setdefault(t, r) != r:
+  finished = _responses_finished(obj, len(responses))
+  replies = [(_response(r.strip(), f'responses[{i}]'), f)
+             for i, (r, f) in enumerate(zip(responses, finished))]
+  rank_of: dict[tuple[str, bool], int] = {}
+  for i, (reply, r) in enumerate(zip(replies, ranking)):
+    if rank_of.setdefault(reply, r) != r:
       raise BadRow('identical', f'responses[{i}] repeats an earlier response with another rank')
   pairs = []
-  for i in range(len(texts)):
-    for j in range(i + 1, len(texts)):
-      if ranking[i] != ranking[j] and texts[i] != texts[j]:
-        pairs.append((texts[i], texts[j]) if ranking[i] < ranking[j] else (texts[j], texts[i]))
+  for i in range(len(replies)):
+    for j in range(i + 1, len(replies)):
+      if ranking[i] != ranking[j] and replies[i] != replies[j]:
+        better, worse = (i, j) if ranking[i] < ranking[j] else (j, i)
+        pairs.append((replies[better], replies[worse]))
   return pairs
 
 
@@ -180,19 +217,22 @@ def parse_row(obj, default_group: str) -> list[Comparison]:
     prompt = parse_prompt(obj)
     chosen = _response(_text(obj, 'chosen'), "'chosen'")
     rejected = _response(_text(obj, 'rejected'), "'rejected'")
-    pairs = [(chosen, rejected)]
+    pairs = [((chosen, _finished(obj, 'chosen_finished')),
+              (rejected, _finished(obj, 'rejected_finished')))]
   elif 'chosen' in obj or 'rejected' in obj:
     prompt, chosen, rejected = _hh_pair(obj)
-    pairs = [(_response(chosen, "the last assistant turn of 'chosen'"),
-              _response(rejected, "the last assistant turn of 'rejected'"))]
+    pairs = [((_response(chosen, "the last assistant turn of 'chosen'"),
+               _finished(obj, 'chosen_finished')),
+              (_response(rejected, "the last assistant turn of 'rejected'"),
+               _finished(obj, 'rejected_finished')))]
   else:
     raise BadRow('missing_field', "need 'prompt' or 'messages' with 'chosen'/'rejected' or "
                "'responses'/'ranking', or HH 'chosen'/'rejected' transcripts")
   for chosen, rejected in pairs:
     if chosen == rejected:
-      raise BadRow('identical', 'chosen and rejected are the same text')
+      raise BadRow('identical', 'chosen and rejected are the same text, equally finished')
   margin, group, task = _margin(obj), _group(obj, default_group), _task(obj, prompt)
-  return [Comparison(prompt, c, r, margin, group, task) for c, r in pairs]
+  return [Comparison(prompt, c, r, margin, group, task, cf, rf) for (c, cf), (r, rf) in pairs]
 
 
 def read_comparisons(paths: Sequence[str],
@@ -216,6 +256,9 @@ def _row(c: Comparison) -> dict:
   row.update(chosen=c.chosen, rejected=c.rejected, group=c.group, task=c.task)
   if c.margin:
     row['margin'] = c.margin
+  for field in ('chosen_finished', 'rejected_finished'):  # written only when cut
+    if not getattr(c, field):
+      row[field] = False
   return row
 
 
@@ -223,7 +266,8 @@ def write_comparisons(path: str, comparisons: Iterable[Comparison]) -> None:
   """Writes format 1 rows atomically (temp file + rename): never a half file to reuse.
 
   Reading the file back gives the same comparisons (contents are stored stripped, as
-  reading strips them; a comparison with group '' comes back as its own `path:line`).
+  reading strips them; a comparison with group '' comes back as its own `path:line`). The
+  finished flags are written only when False: rows of finished replies look as before.
   """
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -322,9 +366,10 @@ def comparisons_from_samples(prompt: str, task: str, responses: Sequence[tuple[s
   """The labelled pairs of one prompt's samples, as Comparisons of one group.
 
   Texts are stripped first and empty ones left out, so that what is written is what
-  `read_comparisons` reads back (texts equal after stripping are ties).
+  `read_comparisons` reads back (texts equal after stripping are ties). Each side keeps
+  its sample's finished flag: the reward model sees a cut reply without `<|end|>`.
   """
-  kept = [(text.strip(), finished) for text, finished in responses if text.strip()]
+  kept = [(text.strip(), bool(finished)) for text, finished in responses if text.strip()]
   messages = ({'role': 'user', 'content': prompt.strip()},)
-  return [Comparison(messages, kept[c][0], kept[r][0], 0.0, group, task)
+  return [Comparison(messages, kept[c][0], kept[r][0], 0.0, group, task, kept[c][1], kept[r][1])
           for c, r in label_samples(prompt, kept, rng, flip_fraction, tie_break)]

@@ -1,13 +1,17 @@
 """Stage 3 data: comparison pairs -> tokenized (chosen, rejected) batches for the reward model.
 
 Sequence. Each reply is rendered as the conversation prompt + assistant reply with the
-chat template, then one `<|reward|>` token: ``... <|assistant|>{reply}<|end|><|reward|>``.
-The model reads its scalar at that last token, which has seen the whole reply and the
-`<|end|>` closing it (so an unfinished reply looks different from a finished one). A
-sequence longer than seq_len loses prompt tokens from the left (`on_long_row='truncate'`;
-the `<|assistant|>`, reply, `<|end|>` and `<|reward|>` are always kept) or is dropped
-(`'drop'`); a pair is dropped when either side is dropped. Counted per pair: too_long
-(either side over seq_len), truncated (kept after cutting), dropped.
+chat template, then one `<|reward|>` token: ``... <|assistant|>{reply}<|end|><|reward|>``
+for a finished reply, ``... <|assistant|>{reply}<|reward|>`` for one cut at a length
+limit (`Comparison.chosen_finished` / `rejected_finished` False). That is the layout PPO
+scores its rollouts in (`jaxgpt.rl.rollout.assemble`: the sampled tokens, their `<|end|>`
+only when the sampler emitted it, then `<|reward|>`), so the model learns on the
+sequences it is later asked about. It reads its scalar at the last token, which has seen
+the whole reply and whether an `<|end|>` closed it. A sequence longer than seq_len loses
+prompt tokens from the left (`on_long_row='truncate'`; the `<|assistant|>`, reply, its
+`<|end|>` and `<|reward|>` are always kept) or is dropped (`'drop'`); a pair is dropped
+when either side is dropped. Counted per pair: too_long (either side over seq_len),
+truncated (kept after cutting), dropped.
 
 Batch (one global step of B pairs; this process holds rows [p*b, (p+1)*b), b = B // P),
 numpy arrays:
@@ -59,12 +63,14 @@ __all__ = ['encode_reply', 'split_comparisons', 'load_comparison_files', 'make_r
 # ----------------------------------------------------------------------------- tokens
 
 def encode_reply(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len: int,
-                 on_long_row: str) -> tuple[list[int] | None, bool]:
-  """(ids, truncated): prompt + assistant reply + `<|reward|>`, at most seq_len tokens.
+                 on_long_row: str, finished: bool = True) -> tuple[list[int] | None, bool]:
+  """(ids, truncated): prompt + assistant reply [+ `<|end|>` if finished] + `<|reward|>`,
+  at most seq_len tokens.
 
-  Too long: 'truncate' drops prompt tokens from the left (the reply part, from its
-  `<|assistant|>` to `<|reward|>`, is always whole); when the reply part alone does not
-  fit, or with 'drop', the ids are None (truncated False).
+  A cut reply (finished False) has no `<|end|>`, as in a PPO rollout of a response that
+  ran out of tokens. Too long: 'truncate' drops prompt tokens from the left (the reply
+  part, from its `<|assistant|>` to `<|reward|>`, is always whole); when the reply part
+  alone does not fit, or with 'drop', the ids are None (truncated False).
   """
   if on_long_row not in LONG_ROW_POLICIES:
     raise ValueError(f'on_long_row={on_long_row!r} must be one of {LONG_ROW_POLICIES}.')
@@ -72,6 +78,8 @@ def encode_reply(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len
   # same ids as rendering the whole conversation, and tells where the reply starts.
   prompt_ids = chat.render(list(prompt_messages), tokenizer)[0]
   reply_ids = chat.render([{'role': 'assistant', 'content': reply}], tokenizer)[0]
+  if not finished:
+    reply_ids = reply_ids[:-1]  # the <|end|> the sampler never emitted
   ids = prompt_ids + reply_ids + [tokenizer.reward_id]
   if len(ids) <= seq_len:
     return ids, False
@@ -103,8 +111,9 @@ def _tokenize(comparisons: Sequence[Comparison], tokenizer, seq_len: int,
   seqs, kept, group_of = [], [], []
   group_index: dict[str, int] = {}
   for c in comparisons:
-    sides = [encode_reply(c.prompt, reply, tokenizer, seq_len, on_long_row)
-             for reply in (c.chosen, c.rejected)]
+    sides = [encode_reply(c.prompt, reply, tokenizer, seq_len, on_long_row, finished)
+             for reply, finished in ((c.chosen, c.chosen_finished),
+                                     (c.rejected, c.rejected_finished))]
     long = any(ids is None or cut for ids, cut in sides)
     counts['too_long'] += long
     if any(ids is None for ids, _ in sides):

@@ -26,6 +26,7 @@ class Scored:
   prompts: list           # the rendered prompt ids, one per sample
   ids: list               # sampled ids (stop token included), one per sample
   texts: list[str]        # decoded replies
+  finished: list[bool]    # the reply ended with a stop token (else cut at n_new tokens)
   scores_pn: np.ndarray   # (P, N) reward-model scores
   gold_pn: np.ndarray     # (P, N) bool: the task checker accepts the reply
 
@@ -33,18 +34,21 @@ class Scored:
 def sample_scored(policy, rm, tok, eval_set, n: int, *, n_new: int, seed: int,
                   rm_len: int) -> Scored:
   """N samples at T=1 of `policy` (a samples.StageModel) for each held-out example, scored
-  by `rm` and checked by the task suite."""
+  by `rm` and checked by the task suite. A sample cut at n_new tokens is scored without
+  `<|end|>`, as PPO would score it."""
   questions = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
   prompts = [chat.render_prompt(q, tok) for q in questions for _ in range(n)]
   drawn = samples_lib.draw(policy, tok, prompts, n_new=n_new, seed=seed)
   ids = [x for x, _ in drawn]
-  texts = [chat.completion_text(x, tok)[0] for x in ids]
+  replies = [chat.completion_text(x, tok) for x in ids]
+  texts, finished = [t for t, _ in replies], [f for _, f in replies]
   scores = scoring.score_replies(rm.graphdef, rm.params, rm.mcfg, tok,
-                                 [(questions[i // n], t) for i, t in enumerate(texts)],
+                                 [(questions[i // n], t, f)
+                                  for i, (t, f) in enumerate(zip(texts, finished))],
                                  seq_len=rm_len)
   gold = np.array([tasks.check(eval_set[i // n], None, t) for i, t in enumerate(texts)])
   p = len(eval_set)
-  return Scored(prompts, ids, texts, scores.reshape(p, n), gold.reshape(p, n))
+  return Scored(prompts, ids, texts, finished, scores.reshape(p, n), gold.reshape(p, n))
 
 
 def subset_max_weights(big_n: int, n: int) -> np.ndarray:

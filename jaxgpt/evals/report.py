@@ -28,16 +28,20 @@ from jaxgpt.data import chat, tasks
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.evals import best_of_n as best_of_n_lib
 from jaxgpt.evals import samples as samples_lib
+from jaxgpt.evals import win_rate as win_rate_lib
 from jaxgpt.inference import sampling, scoring
 from jaxgpt.stages import PIPELINE, common
 
 STAGES = PIPELINE
-PPO_KEYS = ('scores', 'kl', 'entropy', 'response_length')
+PPO_KEYS = ('scores', 'gold', 'kl', 'entropy', 'response_length')  # per RL iteration
+RL_STAGES = ('ppo', 'ppo_checker', 'grpo')
 LOSS_KEYS = ('loss', 'val_loss', 'policy_loss', 'value_loss')  # PPO logs the last two
 SAMPLE_PROMPTS = 6
+CURVE_N = 64  # best-of-n for n = 1, 2, ..., 64
 # What the table lacks without a stage.
 LOST = {'pretrain': 'no base rows', 'sft': 'no SFT or best-of-N row, no KL to SFT',
-        'reward': 'no best-of-N row, no RM scores', 'ppo': 'no PPO row'}
+        'reward': 'no best-of-N row or curve, no RM scores', 'ppo': 'no PPO row',
+        'ppo_checker': 'no row for PPO with the checker reward', 'grpo': 'no GRPO row'}
 
 
 def _mean(xs):
@@ -86,54 +90,61 @@ def write_report(cfg, workdir: str) -> dict:
   rm_len = cfg.reward.seq_len or cfg.data.seq_len
   questions = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
 
-  def rm_scores(answers, per_prompt):
+  def rm_scores(answers, finished, per_prompt):
     if rm is None:
       return None
-    items = [(questions[i // per_prompt], a) for i, a in enumerate(answers)]
+    items = [(questions[i // per_prompt], a, f) for i, (a, f) in enumerate(zip(answers, finished))]
     return scoring.score_replies(rm.graphdef, rm.params, rm.mcfg, state['tok'], items,
                                  seq_len=rm_len).tolist()
 
   def evaluate(name, stage, m, mode, seed):
     tok = state['tok']
     prompts = evaluation.prompts_for(mode, tok, eval_set, shots=cfg.sft.few_shot, seed=cfg.seed)
-    greedy = sampling.generate_text(m.graphdef, m.params, m.mcfg, tok, prompts,
-                                    max_new_tokens=n_new)
+    greedy = sampling.generate(m.graphdef, m.params, m.mcfg, tok, prompts,
+                               max_new_tokens=n_new)
     rep = [p for p in prompts for _ in range(k)]
     drawn = samples_lib.draw(m, tok, rep, n_new=n_new, seed=seed)
     own = samples_lib.response_logprobs(m, rep, [ids for ids, _ in drawn])
     gap = max(float(np.abs(lp - f).max(initial=0)) for (_, lp), (f, _) in zip(drawn, own))
-    texts = [chat.completion_text(ids, tok)[0] for ids, _ in drawn]
+    texts, finished = zip(*[chat.completion_text(ids, tok) for ids, _ in drawn])
     answers = [evaluation.answer_text(mode, t) for t in texts]
     kl, note = None, 'n/a: asked as a document' if mode != 'chat' else 'n/a: no SFT model'
     if mode == 'chat' and sft is not None:
       ref = own if m is sft else samples_lib.response_logprobs(sft, rep, [ids for ids, _ in drawn])
       kl, note = _mean([float(np.sum(a - b)) for (a, _), (b, _) in zip(own, ref)]), 'exact'
-    return summarise(name, eval_set, [evaluation.answer_text(mode, g) for g in greedy],
-                     [(a, t, len(ids)) for a, t, (ids, _) in zip(answers, texts, drawn)], k,
-                     scores=rm_scores(answers, k), kl=kl, kl_note=note,
-                     entropies=[e for _, e in own], logprob_gap=gap, stage=stage, step=m.step)
+    row = summarise(name, eval_set, [evaluation.answer_text(mode, g) for g, _ in greedy],
+                    [(a, t, len(ids)) for a, t, (ids, _) in zip(answers, texts, drawn)], k,
+                    scores=rm_scores(answers, finished, k), kl=kl, kl_note=note,
+                    entropies=[e for _, e in own], logprob_gap=gap, stage=stage, step=m.step)
+    row['greedy_finished'] = [f for _, f in greedy]
+    return row
 
   base = load('pretrain', lm_cfg)
   if base is not None:
     rows.append(evaluate('base zero-shot', 'pretrain', base, 'zero_shot', cfg.seed + 11))
     rows.append(evaluate('base few-shot', 'pretrain', base, 'few_shot', cfg.seed + 12))
   del base
+  curve = None
   if sft is not None:
     rows.append(evaluate('SFT', 'sft', sft, 'chat', cfg.seed + 13))
     if rm is not None:
-      rows.append(best_of_n(cfg, sft, rm, state['tok'], eval_set, n_new, k, rm_len))
-  ppo = load('ppo', model_lib.ModelConfig.for_stage(cfg, 'ppo'), key_path=('policy', 'params'))
-  if ppo is not None:
-    rows.append(evaluate('PPO', 'ppo', ppo, 'chat', cfg.seed + 14))
+      row, curve = best_of_n(cfg, sft, rm, state['tok'], eval_set, n_new, k, rm_len)
+      rows.append(row)
+  for stage, name in rl_rows(cfg):
+    m = load(stage, model_lib.ModelConfig.for_stage(cfg, stage), key_path=('policy', 'params'))
+    if m is not None:
+      rows.append(evaluate(name, stage, m, 'chat', cfg.seed + 14 + PIPELINE.index(stage)))
+    del m
   report = {'workdir': os.path.abspath(workdir), 'n_prompts': len(eval_set),
             'per_task': int(cfg.ppo.eval_per_task), 'samples_per_prompt': k,
             'max_new_tokens': n_new, 'rows': rows, 'missing': missing,
+            'win_rates': win_rates(rows, eval_set), 'best_of_n_curve': curve,
             'claims': claims(rows, cfg, len(eval_set))}
   pick = sorted({int(i) for i in np.linspace(0, len(eval_set) - 1, SAMPLE_PROMPTS)})
   report['samples'] = [{'prompt': eval_set[i].prompt, 'gold': eval_set[i].answer,
                         **{r['model']: r['greedy_answers'][i] for r in rows}} for i in pick]
   if jax.process_index() == 0:
-    report['plots'], report['not_plotted'] = write_plots(workdir)
+    report['plots'], report['not_plotted'] = write_plots(workdir, curve)
     with open(os.path.join(workdir, 'report.json'), 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=1)
     with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
@@ -141,19 +152,55 @@ def write_report(cfg, workdir: str) -> dict:
   return report
 
 
-def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> dict:
-  """k best-of-N picks per prompt: of N SFT samples at T=1, the one the RM scores highest."""
+def rl_rows(cfg) -> list[tuple[str, str]]:
+  """(stage, table name) of the online-RL stages, the reward each was trained on in the name."""
+  return [('ppo', 'PPO' if cfg.ppo.reward == 'model' else f'PPO ({cfg.ppo.reward})'),
+          ('ppo_checker', 'PPO (checker)'), ('grpo', f'GRPO ({cfg.grpo.reward})')]
+
+
+def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict]:
+  """From one draw of max(CURVE_N, N * k) SFT samples per prompt at T=1: the best-of-N
+  table row (N = max(config.reward.best_of), k picks per prompt, each the best of its own
+  N) and the best-of-n curve: for n = 1, 2, 4, ..., CURVE_N the expected gold accuracy and
+  RM score of the pick over every n-subset of all the samples, against the KL bound
+  log n - (n-1)/n (Gao et al. 2022)."""
   n = max(int(x) for x in cfg.reward.best_of)
-  got = best_of_n_lib.sample_scored(sft, rm, tok, eval_set, k * n, n_new=n_new,
+  got = best_of_n_lib.sample_scored(sft, rm, tok, eval_set, max(CURVE_N, n * k), n_new=n_new,
                                     seed=cfg.seed + 15, rm_len=rm_len)
-  flat = best_of_n_lib.pick_best(got.scores_pn, n).ravel()
+  flat = best_of_n_lib.pick_best(got.scores_pn[:, :n * k], n).ravel()
+  flat = flat // (n * k) * got.scores_pn.shape[1] + flat % (n * k)  # rows of the full draw
   own = samples_lib.response_logprobs(sft, [got.prompts[i] for i in flat],
                                       [got.ids[i] for i in flat])
   picks = [(got.texts[i], got.texts[i], len(got.ids[i])) for i in flat]
-  return summarise(f'best-of-{n}', eval_set, [picks[j * k][0] for j in range(len(eval_set))],
-                   picks, k, scores=got.scores_pn.ravel()[flat].tolist(),
-                   kl=best_of_n_lib.kl_bound(n), kl_note='analytic bound log N - (N-1)/N',
-                   entropies=[e for _, e in own], stage='sft+reward')
+  row = summarise(f'best-of-{n}', eval_set, [picks[j * k][0] for j in range(len(eval_set))],
+                  picks, k, scores=got.scores_pn.ravel()[flat].tolist(),
+                  kl=best_of_n_lib.kl_bound(n), kl_note='analytic bound log N - (N-1)/N',
+                  entropies=[e for _, e in own], stage='sft+reward')
+  row['greedy_finished'] = [got.finished[flat[j * k]] for j in range(len(eval_set))]
+  curve = {'n': [], 'kl_bound': [], 'gold': [], 'rm_score': []}
+  m = 1
+  while m <= CURVE_N:
+    curve['n'].append(m)
+    curve['kl_bound'].append(best_of_n_lib.kl_bound(m))
+    curve['gold'].append(float(best_of_n_lib.expected_best_of(got.gold_pn, got.scores_pn,
+                                                              m).mean()))
+    curve['rm_score'].append(float(best_of_n_lib.expected_best_of(got.scores_pn, got.scores_pn,
+                                                                  m).mean()))
+    m *= 2
+  return row, curve
+
+
+def win_rates(rows, eval_set) -> dict:
+  """Per chat model row (other than SFT): the simulated labeler's verdicts of its greedy
+  replies against SFT's, split by the key that decided each (see evals/win_rate.py)."""
+  sft = next((r for r in rows if r['model'] == 'SFT'), None)
+  if sft is None:
+    return {}
+  prompts = [e.prompt for e in eval_set]
+  base = list(zip(sft['greedy_answers'], sft['greedy_finished']))
+  return {r['model']: win_rate_lib.win_rate(
+      prompts, list(zip(r['greedy_answers'], r.get('greedy_finished') or [True] * len(prompts))),
+      base) for r in rows if r['stage'] not in ('pretrain', 'sft')}
 
 
 # -- the talk's claims --------------------------------------------------------------------------
@@ -171,6 +218,10 @@ CLAIMS = (
     ('PPO raises the reward-model score', 'PPO', 'SFT', 'rm_score', True),
     ('RLHF lowers the entropy of the model', 'PPO', 'SFT', 'entropy', False),
     ('RLHF makes replies less diverse (fewer distinct samples)', 'PPO', 'SFT', 'distinct', False),
+    ('A checkable reward helps: PPO with the checker beats SFT (greedy)', 'PPO (checker)', 'SFT',
+     'gold_greedy', True),
+    ('GRPO with the checker beats SFT on gold accuracy (greedy)', 'GRPO', 'SFT', 'gold_greedy',
+     True),
 )
 
 
@@ -245,6 +296,8 @@ def markdown(report: dict) -> str:
   for stage in (s for s in STAGES if s in report['missing']):
     lines.append(f'- **Not in this report**: {stage} ({report["missing"][stage]}): '
                  f'{LOST[stage]}.')
+  lines += win_rate_lines(report.get('win_rates') or {})
+  lines += curve_lines(report.get('best_of_n_curve'))
   tested = [c for c in report['claims'] if c['verdict'] != 'not tested']
   lines += ['', "## The talk's claims, checked", '',
             f'{sum(c["verdict"] == "holds" for c in tested)} of {len(tested)} testable claims '
@@ -263,6 +316,40 @@ def markdown(report: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def win_rate_lines(rates: dict) -> list[str]:
+  """The labeler's win rate against SFT per model, split by the key that decided."""
+  if not rates:
+    return []
+  keys = win_rate_lib.DECIDING_KEYS
+  lines = ['', "## The labeler's verdict against SFT (greedy replies)", '',
+           'Each held-out prompt\'s greedy reply against SFT\'s, judged by the simulated '
+           'labeler: right first, then finished, then free of repetition, then shorter; '
+           'ties count half. A win "by shorter" is a win between two equally right (or wrong) '
+           'replies.', '',
+           '| model | win rate | wins | losses | ties | ' +
+           ' | '.join(f'wins / losses by {k}' for k in keys) + ' |',
+           '|---|---:|---:|---:|---:|' + '---:|' * len(keys)]
+  for name, r in rates.items():
+    split = ' | '.join(f'{r["wins_by"][k]} / {r["losses_by"][k]}' for k in keys)
+    lines.append(f'| {name} | {r["win_rate"]:.1%} | {r["wins"]} | {r["losses"]} | {r["ties"]} | '
+                 f'{split} |')
+  return lines
+
+
+def curve_lines(curve) -> list[str]:
+  if not curve:
+    return []
+  lines = ['', '## Best-of-n with the reward model', '',
+           f'Of {curve["n"][-1]} SFT samples per prompt at T=1, the one the RM scores highest, '
+           'averaged over every n-subset (unbiased); KL is the bound log n - (n-1)/n. Where '
+           'the RM score keeps rising and gold accuracy does not, the RM is being '
+           'over-optimised (Gao et al. 2022). Plot: plots/best_of_n.png.', '',
+           '| n | KL bound (nats) | RM score | gold accuracy |', '|---:|---:|---:|---:|']
+  for n, kl, s, g in zip(curve['n'], curve['kl_bound'], curve['rm_score'], curve['gold']):
+    lines.append(f'| {n} | {kl:.3f} | {s:.3f} | {g:.1%} |')
+  return lines
+
+
 def read_metrics(path: str) -> list[dict]:
   """The rows of a metrics.jsonl ([] if absent), less a last line cut short by a crash."""
   if not os.path.exists(path):
@@ -278,9 +365,11 @@ def _series(rows, key):
   return sorted(last), [last[s] for s in sorted(last)]
 
 
-def write_plots(workdir: str) -> tuple[list[str], list[str]]:
-  """plots/losses.png (a panel per stage) and plots/ppo.png: (paths relative to workdir,
-  what could not be plotted and why)."""
+def write_plots(workdir: str, curve=None) -> tuple[list[str], list[str]]:
+  """plots/losses.png (a panel per stage), plots/<rl stage>.png (per iteration: RM score,
+  gold accuracy of the rollouts, KL, ...) and plots/best_of_n.png (gold and RM score of
+  best-of-n against its KL bound): (paths relative to workdir, what could not be plotted
+  and why)."""
   # pylint: disable=import-outside-toplevel
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -306,11 +395,30 @@ def write_plots(workdir: str) -> tuple[list[str], list[str]]:
     written.append(f'plots/{name}')
 
   losses_of = [s for s in STAGES if any(_series(metrics[s], k)[0] for k in LOSS_KEYS)]
-  ppo_keys = [k for k in PPO_KEYS if _series(metrics['ppo'], k)[0]]
   figure('losses.png', [(s, metrics[s], LOSS_KEYS) for s in losses_of])
-  figure('ppo.png', [(f'ppo: {k}', metrics['ppo'], (k,)) for k in ppo_keys])
   skipped = [f'no loss curve for {s} (no {s}/metrics.jsonl rows with a loss)'
              for s in STAGES if s not in losses_of]
-  if not ppo_keys:
-    skipped.append(f'no PPO statistics (none of {", ".join(PPO_KEYS)} in ppo/metrics.jsonl)')
+  for stage in RL_STAGES:  # per iteration: the proxy (RM score) beside gold accuracy
+    keys = [k for k in PPO_KEYS if _series(metrics[stage], k)[0]]
+    figure(f'{stage}.png', [(f'{stage}: {k}', metrics[stage], (k,)) for k in keys])
+    if not keys:
+      skipped.append(f'no {stage} statistics (none of {", ".join(PPO_KEYS)} in '
+                     f'{stage}/metrics.jsonl)')
+  if curve:
+    fig = Figure(figsize=(5, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(curve['kl_bound'], curve['gold'], marker='o', color='tab:green', label='gold accuracy')
+    ax.set(xlabel='KL bound log n - (n-1)/n (nats)', ylabel='gold accuracy',
+           title='best-of-n (SFT samples, RM picks)')
+    for x, y, n in zip(curve['kl_bound'], curve['gold'], curve['n']):
+      ax.annotate(str(n), (x, y), textcoords='offset points', xytext=(2, 4), fontsize=7)
+    right = ax.twinx()
+    right.plot(curve['kl_bound'], curve['rm_score'], marker='s', color='tab:blue',
+               label='RM score')
+    right.set(ylabel='RM score')
+    fig.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'plots', 'best_of_n.png'), dpi=90)
+    written.append('plots/best_of_n.png')
   return written, skipped

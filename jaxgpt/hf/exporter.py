@@ -155,7 +155,7 @@ def load_for_export(*, workdir: str | None = None, stage: str | None = None,
           else model_lib.ModelConfig.from_config(cfg))
   _, target = model_lib.abstract_sharded_params(mcfg, sharding.make_mesh(cfg))
   params = ckpt_lib.restore_subtree(directory, step, target,
-                                    ('policy', 'params') if stage == 'ppo' else ('params',))
+                                    inference.params_key(stage))
   tok = tokenizer_lib.load(meta.get('tokenizer') or cfg.tokenizer.path)
   return params, mcfg, tok, 'score' if stage == 'reward' else 'lm'
 

@@ -26,7 +26,9 @@ from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.train import checkpoint as ckpt_lib
 
 # Stages whose checkpoint holds a language model one can sample from.
-GENERATIVE_STAGES = ('pretrain', 'sft', 'ppo')
+GENERATIVE_STAGES = ('pretrain', 'sft', 'ppo', 'ppo_checker', 'grpo')
+# Online-RL stages: their checkpoint's state holds the policy under 'policy'.
+RL_STAGES = ('ppo', 'ppo_checker', 'grpo')
 # Stages whose checkpoint holds a model that scores replies (`jaxgpt.cli.score`).
 SCORING_STAGES = ('reward',)
 
@@ -94,6 +96,11 @@ def latest_checkpoint(workdir: str, stage: str,
   finally:
     reader.close()
   return directory, step, meta
+
+
+def params_key(stage: str) -> tuple[str, ...]:
+  """Where a stage's checkpoint keeps the parameters a user samples from or exports."""
+  return ('policy', 'params') if stage in RL_STAGES else ('params',)
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:
@@ -178,7 +185,7 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
     raise InferenceError(f'inference mesh {dict(device_mesh.shape)}: {e}') from e
   try:
     params = ckpt_lib.restore_subtree(directory, step, target,
-                                     ('policy', 'params') if stage == 'ppo' else ('params',))
+                                     params_key(stage))
   except ckpt_lib.DamagedCheckpointError as e:
     raise _damaged(e) from e
   tok = _tokenizer(workdir, meta, mcfg.vocab_size)

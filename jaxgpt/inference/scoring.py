@@ -1,9 +1,11 @@
 """Reward-model scores of (prompt, reply) pairs, on the host's side of the stage.
 
-Used by the reward stage's evaluation (best-of-N, AUC), `python -m jaxgpt.cli.score`, and the
-recipe's report. Each reply is rendered with the chat template and followed by the
-`<|reward|>` readout token (`jaxgpt.data.reward.encode_reply`), then scored in
-fixed-shape batches on the parameters' own mesh.
+Used by the reward stage's evaluation (best-of-N, AUC, score stats), `python -m
+jaxgpt.cli.score`, and the recipe's report. Each reply is rendered with the chat template,
+closed by `<|end|>` only if it finished, and followed by the `<|reward|>` readout token
+(`jaxgpt.data.reward.encode_reply`): the layout the model was trained on and PPO scores
+its rollouts in. Then scored in fixed-shape batches on the parameters' own mesh; every
+process passes the same sequences and gets every score (multi-host too).
 """
 
 from __future__ import annotations
@@ -28,15 +30,25 @@ def _jitted(graphdef, mcfg, mesh, treedef, param_shardings):
     model = model_lib.merge(graphdef, params)
     return model.score(tokens_bt, positions_bt, segment_ids_bt, readout_b)
 
+  # Replicated scores: every process reads them all, as a multi-host run needs.
   return jax.jit(score, in_shardings=(jax.tree.unflatten(treedef, param_shardings),) +
-                 (batch_sh,) * 4, out_shardings=batch_sh)
+                 (batch_sh,) * 4, out_shardings=sharding.replicated(mesh)), batch_sh
+
+
+def _global(x: np.ndarray, sh) -> jax.Array:
+  """A host array every process holds whole, as a global array in sharding `sh` (jit
+  takes numpy inputs with a non-replicated sharding only in a single process)."""
+  return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
 
 
 def score_ids(graphdef, params, mcfg, sequences: Sequence[Sequence[int]], *, pad_id: int,
               batch_size: int = 256) -> np.ndarray:
-  """float32 scores of token sequences whose last token is the readout token."""
+  """float32 scores of token sequences whose last token is the readout token (the same
+  sequences on every process)."""
+  if not sequences:
+    return np.zeros((0,), np.float32)
   mesh, treedef, param_shardings = sampling.mesh_and_param_shardings(params)
-  fn = _jitted(graphdef, mcfg, mesh, treedef, param_shardings)
+  fn, batch_sh = _jitted(graphdef, mcfg, mesh, treedef, param_shardings)
   mult = sampling.batch_multiple(mesh, mcfg.rules)
   rows = -(-min(batch_size, max(len(sequences), 1)) // mult) * mult
   width = max(len(s) for s in sequences)
@@ -53,19 +65,25 @@ def score_ids(graphdef, params, mcfg, sequences: Sequence[Sequence[int]], *, pad
       readout[i] = len(ids) - 1
     positions = np.where(segment_ids > 0, np.arange(width)[None], 0).astype(np.int32)
     with jax.set_mesh(mesh):
-      scores = fn(params, tokens, positions, segment_ids, readout)
+      scores = fn(params, *(_global(x, batch_sh) for x in (tokens, positions, segment_ids,
+                                                            readout)))
     out.append(np.asarray(jax.device_get(scores))[:len(chunk)])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+  return np.concatenate(out)
 
 
 def score_replies(graphdef, params, mcfg, tokenizer, items, *, seq_len: int | None = None,
                   batch_size: int = 256) -> np.ndarray:
-  """Scores of `items`, each (prompt messages, reply text); prompts too long for
-  `seq_len` (default the model's) lose tokens from the left, as in training."""
+  """Scores of `items`, each (prompt messages, reply text) or (prompt messages, reply
+  text, finished). finished defaults to True (a user's reply is a whole turn); pass a
+  sampled reply's own flag (`chat.completion_text`), as a reply cut at the token limit is
+  scored without `<|end|>`. Prompts too long for `seq_len` (default the model's) lose
+  tokens from the left, as in training."""
   seq_len = seq_len or mcfg.max_seq_len
   sequences = []
-  for prompt, reply in items:
-    ids, _ = reward_data.encode_reply(prompt, reply, tokenizer, seq_len, 'truncate')
+  for item in items:
+    prompt, reply, finished = item if len(item) == 3 else (*item, True)
+    ids, _ = reward_data.encode_reply(prompt, reply, tokenizer, seq_len, 'truncate',
+                                      bool(finished))
     if ids is None:
       raise ValueError(f'reply of {len(tokenizer.encode(reply))} tokens does not fit '
                        f'{seq_len} tokens with its template; shorten it.')

@@ -92,7 +92,8 @@ class ModelConfig:
     head; PPO's policy has a value head when config.ppo.value_from='policy'."""
     if stage == 'reward':
       return cls.from_config(cfg, scalar_head=True, lm_head=False)
-    return cls.from_config(cfg, scalar_head=stage == 'ppo' and cfg.ppo.value_from == 'policy')
+    return cls.from_config(cfg, scalar_head=stage in ('ppo', 'ppo_checker') and
+                           cfg.ppo.value_from == 'policy')
 
 
 class Transformer(nnx.Module):

@@ -1,114 +1,58 @@
-"""PPO for RLHF (Ouyang et al. 2022): the models by role, the jitted scoring pass that turns
-rollouts into a training batch, the clipped losses and the update of every trained role.
+"""PPO for RLHF (Ouyang et al. 2022) as an algorithm of the online-RL loop (`rl.loop`).
 
-Roles: the **policy** and the **value** model are trained, each with its own optimizer;
-the **reference** (SFT) and the **reward** model are frozen. `make_prepare` gives, in one
-jitted pass over a rollout, log-probs at logits / T of policy and reference, values,
-reward-model scores, per-token rewards (-beta * KL, plus the standardised score at the
-last token), GAE advantages whitened over the whole batch, and returns; `make_update`
-one optimizer step of every trained role on a minibatch. The stage (`jaxgpt.stages.ppo`)
-reads the checkpoints and runs the iterations.
+Roles: the **policy** and the **value** model are trained, each with its own optimizer
+(`config.ppo.value_from='policy'` puts the value head on the policy's trunk instead); the
+**reference** (SFT) is frozen, and so is the **reward** model when the reward spec
+(`config.ppo.reward`) has a `model` term. `make_prepare` gives, in one jitted pass over a
+rollout, log-probs at logits / T of policy and reference, values, the reward-model score,
+the sequence reward (reward model, host terms, missing-end penalty), per-token rewards
+(-beta * KL, plus the sequence reward at the last token), GAE advantages whitened over the
+whole batch, and returns; the losses are the clipped policy and value losses, with an
+optional entropy bonus and pretraining mix (PPO-ptx); the adaptive KL controller of
+Ziegler et al. moves beta.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import ml_collections
-import optax
 
 from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
 from jaxgpt.rl import algo, rollout
-from jaxgpt.train import optim, trainer
+from jaxgpt.rl import loop as rl_loop
+from jaxgpt.rl import rewards as rewards_lib
+from jaxgpt.rl import roles as roles_lib
+
+NAME = 'ppo'
 
 
-@dataclasses.dataclass(frozen=True)
-class Roles:
-  """Model settings by role; `value` is None when the policy carries the value head."""
-  policy: model_lib.ModelConfig
-  value: model_lib.ModelConfig | None
-  reference: model_lib.ModelConfig
-  reward: model_lib.ModelConfig
-
-  @classmethod
-  def from_config(cls, cfg) -> 'Roles':
-    p = cfg.ppo
-    frozen = jnp.dtype(p.frozen_dtype)
-    policy = model_lib.ModelConfig.from_config(cfg, scalar_head=p.value_from == 'policy')
-    reward = model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)
-    return cls(policy=policy, value=reward if p.value_from == 'reward' else None,
-               reference=dataclasses.replace(policy, scalar_head=False, param_dtype=frozen),
-               reward=dataclasses.replace(reward, param_dtype=frozen))
-
-  def trained(self) -> dict:
-    return {'policy': self.policy, **({'value': self.value} if self.value else {})}
-
-
-def role_optimizers(cfg, updates_per_iteration: int) -> dict:
-  """(optimizer, schedule) per trained role: config.train's AdamW with the role's lr,
-  warm-up and cosine decay counted in optimizer updates."""
+def make_roles(cfg) -> roles_lib.Roles:
   p = cfg.ppo
-  out = {}
-  for role, lr in (('policy', p.lr), ('value', p.value_lr)):
-    t = ml_collections.ConfigDict(cfg.train.to_dict())
-    t.lr = lr
-    t.steps = p.steps * updates_per_iteration
-    t.warmup_steps = p.warmup_steps * updates_per_iteration
-    out[role] = (optim.make_optimizer(t), optim.schedule(t))
-  return out
+  uses_model = rewards_lib.parse_reward_spec(p.reward, 'config.ppo.reward').uses_model
+  return roles_lib.Roles.build(cfg, p, value_head=p.value_from, reward=uses_model)
 
 
-def abstract_state(roles: Roles, optimizers, mesh):
-  """(graphdefs, abstract state, shardings) of {'step', role: {'params', 'opt_state'},
-  'kl_coef', 'rng'}, nothing allocated."""
-  repl = sharding.replicated(mesh)
-  graphdefs, state, shardings = {}, {}, {}
-  for role, mcfg in roles.trained().items():
-    graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
-    param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
-    opt = optimizers[role][0]
-    abstract = {'params': abstract_params, 'opt_state': jax.eval_shape(opt.init, abstract_params)}
-    sh = trainer.state_shardings(abstract, param_sh, opt, mesh)
-    graphdefs[role] = graphdef
-    state[role] = abstract
-    shardings[role] = {'params': sh['params'], 'opt_state': sh['opt_state']}
-  state.update(step=jax.ShapeDtypeStruct((), jnp.int32),
-               kl_coef=jax.ShapeDtypeStruct((), jnp.float32),
-               rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-  shardings.update(step=repl, kl_coef=repl, rng=repl)
-  return graphdefs, state, shardings
-
-
-def make_state(params, cfg, optimizers, shardings, mesh):
-  """The iteration-0 state around trained roles' parameters (fresh optimizer states)."""
-  state = {'step': jnp.zeros((), jnp.int32), 'kl_coef': jnp.float32(cfg.ppo.kl_coef),
-           'rng': jax.random.PRNGKey(cfg.seed)}
-  with jax.set_mesh(mesh):
-    for role, p in params.items():
-      opt = optimizers[role][0]
-      state[role] = {'params': p, 'opt_state': jax.jit(
-          opt.init, out_shardings=shardings[role]['opt_state'])(p)}
-  return jax.device_put(state, {k: shardings[k] for k in state})
-
-
-def make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, score_stats, score_fn=None):
-  """(trained params, frozen params, beta, prompts, lengths, samples) -> (batch, metrics).
+def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, score_fn=None):
+  """(trained params, frozen params, beta, Rollout) -> (batch, metrics).
 
   `score_fn(frozen, tokens_bw, mask_bt, readout_b) -> scores_b` replaces the reward model
-  (tests use a programmatic reward); by default the frozen reward model scores.
+  (tests use a programmatic reward); by default the frozen reward model scores, when the
+  reward spec has a `model` term.
   """
-  p = cfg.ppo
-  if score_fn is None:
+  p = section
+  model_weight = rewards_lib.parse_reward_spec(p.reward, 'config.ppo.reward').model_weight
+  if score_fn is None and roles.reward is not None:
     def score_fn(frozen, tokens_bw, mask_bt, readout_b):
       del mask_bt
       return rollout.scores(model_lib.merge(frozen_graphdefs['reward'], frozen['reward']),
                             tokens_bw, readout_b)
+  elif score_fn is not None:
+    model_weight = 1.0  # a test's programmatic score stands in for the reward model
 
-  def prepare(params, frozen, beta, prompt_bp, length_b, out):
-    tokens_bw, mask_bt, readout_b = rollout.assemble(prompt_bp, length_b, out.tokens,
+  def prepare(params, frozen, beta, r: rl_loop.Rollout):
+    out = r.out
+    tokens_bw, mask_bt, readout_b = rollout.assemble(r.prompt_bp, r.length_b, out.tokens,
                                                      out.lengths, tok.reward_id, tok.pad_id)
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
     old_logp_bt, logits_btv = rollout.log_probs(policy, tokens_bw, p.temperature)
@@ -117,35 +61,32 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, cfg, tok, score_stats, scor
     value_model = (policy if roles.value is None
                    else model_lib.merge(graphdefs['value'], params['value']))
     values_bt = rollout.values(value_model, tokens_bw) * mask_bt
-    raw_b = score_fn(frozen, tokens_bw, mask_bt, readout_b)
-    rewards_b = rollout.score_rewards(raw_b, out.finished, stats=score_stats,
-                                      normalize=p.normalize_scores,
-                                      missing_eot_penalty=p.missing_eot_penalty)
+    raw_b = None if score_fn is None else score_fn(frozen, tokens_bw, mask_bt, readout_b)
+    rewards_b = rollout.sequence_rewards(r.host_reward_b, raw_b, out.finished,
+                                         model_weight=model_weight, stats=score_stats,
+                                         normalize=p.normalize_scores,
+                                         missing_eot_penalty=p.missing_eot_penalty)
     adv = rollout.advantages(old_logp_bt, ref_logp_bt, values_bt, rewards_b, mask_bt, beta,
                              kl_estimator=p.kl_estimator, kl_clamp=p.kl_clamp, gamma=p.gamma,
                              lam=p.lam)
-    n_tokens = jnp.maximum(mask_bt.sum(), 1.0)
     batch = {'tokens': tokens_bw, 'mask': mask_bt, 'old_logp': old_logp_bt * mask_bt,
              'old_values': values_bt, 'advantages': adv['advantages'],
              'returns': adv['returns']}
-    metrics = {
-        'scores': raw_b.mean(), 'rewards': rewards_b.mean(),
+    metrics = rollout.rollout_metrics(r, raw_b, rewards_b, old_logp_bt, ref_logp_bt,
+                                      logits_btv, mask_bt)
+    metrics.update({
         'rlhf_reward': adv['token_rewards'].sum(axis=1).mean(),
-        'kl': rollout.kl_estimate(old_logp_bt, ref_logp_bt, mask_bt),
         'kl_penalty_estimator': adv['kl_bt'].sum(axis=1).mean(),
-        'entropy': algo.entropy_sum(logits_btv, mask_bt) / n_tokens,
-        'response_length': out.lengths.mean(), 'eot_rate': out.finished.mean(),
         'values': algo.masked_mean(values_bt, mask_bt),
         'returns': algo.masked_mean(adv['returns'], mask_bt),
-        'explained_variance': algo.explained_variance(values_bt, adv['returns'], mask_bt),
-        'response_tokens': mask_bt.sum()}
+        'explained_variance': algo.explained_variance(values_bt, adv['returns'], mask_bt)})
     return batch, metrics
 
   return prepare
 
 
-def make_loss_fns(cfg, roles):
-  p = cfg.ppo
+def make_loss_fns(section, roles):
+  p = section
 
   def policy_loss_fn(model, batch):
     logp_bt, logits_btv = rollout.log_probs(model, batch['tokens'], p.temperature)
@@ -180,37 +121,22 @@ def make_loss_fns(cfg, roles):
   return {'policy': policy_loss_fn, 'value': value_loss_fn}
 
 
-def make_update(graphdefs, optimizers, loss_fns, micro_batches, rules):
-  """(state, minibatch) -> (state, metrics): one optimizer step of every trained role."""
-  grad_fns = {role: trainer.make_grad_fn(graphdefs[role], loss_fns[role], micro_batches, rules)
-              for role in graphdefs}
+def build(cfg, tok, mesh, score_stats, score_fn=None) -> rl_loop.Algorithm:
+  """PPO on `mesh`: roles, optimizers, abstract state, jitted prepare and update."""
+  p = cfg.ppo
+  roles = make_roles(cfg)
+  optimizers = roles_lib.role_optimizers(cfg, p, roles, p.rollout_batch // p.batch_size * p.epochs)
+  graphdefs, abstract, shardings = roles_lib.abstract_state(roles, optimizers, mesh)
+  frozen_graphdefs = {r: model_lib.abstract_model(m)[0] for r, m in roles.frozen().items()}
+  rules = roles.policy.rules
+  prepare = jax.jit(make_prepare(graphdefs, frozen_graphdefs, roles, p, tok, score_stats,
+                                 score_fn),
+                    out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
+  update = rl_loop.jit_update(rl_loop.make_update(graphdefs, optimizers, make_loss_fns(p, roles),
+                                                  p.micro_batches, rules), shardings, mesh, rules)
 
-  def update(state, batch):
-    state = dict(state)
-    metrics = {}
-    finite = jnp.bool_(True)
-    for role, grad_fn in grad_fns.items():
-      opt, schedule = optimizers[role]
-      params = state[role]['params']
-      grads, sums = grad_fn(params, batch)
-      updates, opt_state = opt.update(grads, state[role]['opt_state'], params)
-      params = optax.apply_updates(params, updates)
-      state[role] = {'params': params, 'opt_state': opt_state}
-      denom = jnp.maximum(sums['weight'], 1.0)
-      metrics.update({k: v / denom for k, v in sums.items() if k != 'weight'})
-      metrics[f'{role}_grad_norm'] = optax.tree.norm(grads)
-      metrics[f'{role}_lr'] = schedule(_update_count(opt_state))
-      finite &= jax.tree.reduce(jnp.logical_and,
-                                jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
-    metrics['params_finite'] = finite
-    return state, metrics
+  def kl_controller(beta, kl):
+    return float(algo.adaptive_kl_coef(beta, kl, p.rollout_batch, p.kl_target, p.kl_horizon))
 
-  return update
-
-
-def _update_count(opt_state):
-  """Updates applied so far, read from the optimizer's own step counter."""
-  counts = [x for x in jax.tree.leaves(opt_state) if x.dtype == jnp.int32 and x.ndim == 0]
-  return counts[0] if counts else jnp.int32(0)
-
-
+  return rl_loop.Algorithm(NAME, p, roles, graphdefs, abstract, shardings, optimizers,
+                           prepare, update, kl_controller)

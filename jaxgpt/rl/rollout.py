@@ -58,13 +58,37 @@ def scores(model, tokens_bw, readout_b):
   return model.score(tokens_bw, None, None, readout_b)
 
 
-def score_rewards(raw_b, finished_b, *, stats, normalize: bool, missing_eot_penalty: float):
-  """The reward of each response: the RM score, standardised with the reward stage's
-  mean / std on SFT samples, plus a penalty for a response cut before its end token."""
-  s = raw_b
-  if normalize and stats:
-    s = (s - stats['mean']) / max(stats['std'], 1e-6)
-  return s + jnp.where(finished_b, 0.0, missing_eot_penalty)
+def sequence_rewards(host_b, raw_b, finished_b, *, model_weight: float, stats, normalize: bool,
+                     missing_eot_penalty: float):
+  """The reward of each response: the host terms (checker, user functions), plus
+  `model_weight` times the RM score standardised with the reward stage's mean / std on
+  SFT samples (raw_b None: no reward model), plus a penalty for a response cut before its
+  end token."""
+  r = host_b.astype(jnp.float32)
+  if raw_b is not None:
+    s = raw_b
+    if normalize and stats:
+      s = (s - stats['mean']) / max(stats['std'], 1e-6)
+    r = r + model_weight * s
+  return r + jnp.where(finished_b, 0.0, missing_eot_penalty)
+
+
+def rollout_metrics(rollout, raw_b, rewards_b, logp_bt, ref_logp_bt, logits_btv, mask_bt) -> dict:
+  """What every online-RL iteration logs of its samples: reward-model score (`scores`),
+  reward, gold accuracy (the checker on what was sampled), KL to the reference, entropy,
+  reply length, the share that ended their turn."""
+  out = rollout.out
+  n_tokens = jnp.maximum(mask_bt.sum(), 1.0)
+  metrics = {'rewards': rewards_b.mean(), 'host_rewards': rollout.host_reward_b.mean(),
+             'gold': rollout.correct_b.mean(),
+             'entropy': algo.entropy_sum(logits_btv, mask_bt) / n_tokens,
+             'response_length': out.lengths.mean(), 'eot_rate': out.finished.mean(),
+             'response_tokens': mask_bt.sum()}
+  if raw_b is not None:
+    metrics['scores'] = raw_b.mean()
+  if ref_logp_bt is not None:
+    metrics['kl'] = kl_estimate(logp_bt, ref_logp_bt, mask_bt)
+  return metrics
 
 
 def advantages(old_logp_bt, ref_logp_bt, values_bt, rewards_b, mask_bt, beta, *,

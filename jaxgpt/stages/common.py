@@ -64,6 +64,18 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
   return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), meta
 
 
+def checkpoint_meta(directory: str) -> dict:
+  """The meta of the newest checkpoint in `directory` ({} for 'hf:DIR' or none yet)."""
+  if directory.startswith(hf_import.HF_PREFIX) or not os.path.isdir(directory):
+    return {}
+  reader = ckpt_lib.Checkpointer(directory, async_save=False)
+  try:
+    step = reader.latest_step()
+    return {} if step is None else reader.read_meta(step)
+  finally:
+    reader.close()
+
+
 def fresh_entries(mesh, mcfg, names, seed: int) -> dict:
   """Freshly initialised top-level parameter entries (e.g. a new 'scalar_head'), placed
   in their shardings on `mesh`."""

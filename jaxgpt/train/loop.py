@@ -144,6 +144,36 @@ class Saver:
       self.save(step)
 
 
+def drive(name: str, unit: str, start: int, total: int, one_step, ckpt, saver: Saver, writer,
+          mesh, last: dict, after_save=None) -> int:
+  """The loop every stage shares: `one_step(step) -> metrics` from `start` to `total`,
+  saving when the checkpoint policy says so and at the end; a SIGTERM saves the current
+  step and stops, Ctrl-C saves and re-raises. `last['metrics']` holds the newest metrics
+  (what `saver` checks before it writes). Returns the step reached."""
+  step = start
+  with jax.set_mesh(mesh), StopFlag() as stop:
+    try:
+      while step < total:
+        last['metrics'] = one_step(step)
+        step += 1
+        if ckpt.due(step) or step == total:
+          saver.save(step)
+        if after_save is not None:
+          after_save(step)
+        if stop.stop:
+          saver.ensure_saved(step)
+          writer.log_text(f'[{name}] SIGTERM: saved {unit} {step}; re-run to resume.')
+          break
+    except KeyboardInterrupt:
+      writer.log_text(f'[{name}] interrupted: saving {unit} {step}; re-run to resume.')
+      saver.ensure_saved(step)  # a step past start has its metrics
+      raise
+    finally:
+      ckpt.close()
+      writer.close()
+  return step
+
+
 def peak_flops(t, mcfg) -> float:
   """Peak FLOP/s of all devices: config.train.peak_flops per device, else measured."""
   if t.peak_flops:
@@ -214,64 +244,55 @@ def train(stage: Stage, workdir: str) -> Result:
   def check_finite(step, metrics):
     ensure_finite(stage.name, step, metrics['loss'], metrics['params_finite'], ckpt)
 
+  final_metrics: dict = {}
+  clock = {'start': None, 'step': start, 'tokens': 0}  # throughput since the last log
+
+  def one_step(step: int) -> dict:
+    nonlocal state, first
+    local = first if first is not None else next(stage.data.train_iter)
+    first = None
+    state, metrics = jit_step(state, global_batch(local, mesh, rules))
+    step += 1
+    clock['tokens'] += count_tokens(local) * jax.process_count()
+    if clock['start'] is None:  # the first step includes compilation: time from here
+      jax.block_until_ready(metrics)
+      clock.update(start=time.perf_counter(), step=step, tokens=0)
+    if step % t.log_every == 0 or step == t.steps:
+      metrics = jax.device_get(metrics)
+      check_finite(step, metrics)
+      logged = {k: v for k, v in metrics.items() if k != 'params_finite'}
+      elapsed = time.perf_counter() - clock['start']
+      if step > clock['step'] and elapsed > 0:
+        logged['tokens_per_sec'] = clock['tokens'] / elapsed
+        logged['mfu'] = logged['tokens_per_sec'] * step_flops / peak
+      writer.write(step, logged)
+      writer.progress(step, logged)
+      final_metrics.update(logged)
+      clock.update(start=time.perf_counter(), step=step, tokens=0)
+    if val_batches and (step % t.eval_every == 0 or step == t.steps):
+      val = evaluate(eval_step, state['params'], val_batches, mesh, rules, stage.perplexity)
+      writer.write(step, val)
+      writer.log_text(f'[{stage.name}] step {step}: ' +
+                      ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
+      final_metrics.update(val)
+    if stage.sample_fn is not None and (step % t.sample_every == 0 or step == t.steps):
+      writer.samples(step, stage.sample_fn(graphdef, state['params']))
+    if step == t.steps and stage.final_meta is not None:
+      meta.update(stage.final_meta(graphdef, state))
+    return metrics
+
+  def after_save(step: int) -> None:
+    if clock['step'] != step and (step % t.eval_every == 0 or step % t.sample_every == 0):
+      # Evaluation and sampling are not training: restart the throughput clock.
+      clock.update(start=time.perf_counter(), step=step, tokens=0)
+
   def save(step):
-    check_finite(step, metrics)  # never save a diverged state
+    check_finite(step, last['metrics'])  # never save a diverged state
     ckpt.save(step, state, stage.data.train_iter, dict(meta, step=step))
 
-  saver = Saver(save, start)
-
-  final_metrics: dict = {}
-  step = start
-  with jax.set_mesh(mesh), StopFlag() as stop:
-    timer_start, timer_step, tokens = None, step, 0
-    try:
-      while step < t.steps:
-        local = first if first is not None else next(stage.data.train_iter)
-        first = None
-        state, metrics = jit_step(state, global_batch(local, mesh, rules))
-        step += 1
-        tokens += count_tokens(local) * jax.process_count()
-        if timer_start is None:  # the first step includes compilation: time from here
-          jax.block_until_ready(metrics)
-          timer_start, timer_step, tokens = time.perf_counter(), step, 0
-        if step % t.log_every == 0 or step == t.steps:
-          metrics = jax.device_get(metrics)
-          check_finite(step, metrics)
-          logged = {k: v for k, v in metrics.items() if k != 'params_finite'}
-          elapsed = time.perf_counter() - timer_start
-          if step > timer_step and elapsed > 0:
-            logged['tokens_per_sec'] = tokens / elapsed
-            logged['mfu'] = logged['tokens_per_sec'] * step_flops / peak
-          writer.write(step, logged)
-          writer.progress(step, logged)
-          final_metrics.update(logged)
-          timer_start, timer_step, tokens = time.perf_counter(), step, 0
-        if val_batches and (step % t.eval_every == 0 or step == t.steps):
-          val = evaluate(eval_step, state['params'], val_batches, mesh, rules, stage.perplexity)
-          writer.write(step, val)
-          writer.log_text(f'[{stage.name}] step {step}: ' +
-                          ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
-          final_metrics.update(val)
-        if stage.sample_fn is not None and (step % t.sample_every == 0 or step == t.steps):
-          writer.samples(step, stage.sample_fn(graphdef, state['params']))
-        if step == t.steps and stage.final_meta is not None:
-          meta.update(stage.final_meta(graphdef, state))
-        if ckpt.due(step) or step == t.steps:
-          saver.save(step)
-        if timer_step != step and (step % t.eval_every == 0 or step % t.sample_every == 0):
-          # Evaluation and sampling are not training: restart the throughput clock.
-          timer_start, timer_step, tokens = time.perf_counter(), step, 0
-        if stop.stop:
-          saver.ensure_saved(step)
-          writer.log_text(f'[{stage.name}] SIGTERM: saved step {step}; re-run to resume.')
-          break
-    except KeyboardInterrupt:
-      writer.log_text(f'[{stage.name}] interrupted: saving step {step}; re-run to resume.')
-      saver.ensure_saved(step)
-      raise
-    finally:
-      ckpt.close()
-      writer.close()
+  last = {}
+  step = drive(stage.name, 'step', start, t.steps, one_step, ckpt, Saver(save, start), writer,
+               mesh, last, after_save)
   finish(stage.name, out_dir, start, t.steps, final_metrics,
          'config.train.steps' if stage.name == 'pretrain' else f'config.{stage.name}.steps')
   return Result(graphdef, state, shardings, final_metrics, steps_run=step - start)

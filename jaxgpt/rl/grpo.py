@@ -1,0 +1,114 @@
+"""GRPO, Dr. GRPO and RLOO as algorithms of the online-RL loop (`rl.loop`): no value model.
+
+Each prompt is sampled `group_size` (K) times; a reply's advantage is its sequence reward
+against its group's (`rl.group.group_advantages`: GRPO (r - mean) / std, Dr. GRPO r - mean,
+RLOO r - mean of the other K-1), the same for every token of the reply. The policy loss is
+PPO's clipped surrogate on those advantages, aggregated per reply (GRPO) or over a fixed
+token budget (Dr. GRPO). The KL to the reference enters either as GRPO's k3 term in the loss
+(`config.grpo.kl_in='loss'`) or, as in PPO, as -beta * KL in the reward (`'reward'`); with
+kl_coef 0 no reference is held. Roles: the **policy** is trained; the **reference** (SFT)
+and the **reward** model (only when the reward spec has a `model` term) are frozen.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt import model as model_lib
+from jaxgpt import sharding
+from jaxgpt.rl import algo, group, rollout
+from jaxgpt.rl import loop as rl_loop
+from jaxgpt.rl import rewards as rewards_lib
+from jaxgpt.rl import roles as roles_lib
+
+NAME = 'grpo'
+
+
+def loss_aggregation(section) -> str:
+  if section.loss_aggregation != 'auto':
+    return section.loss_aggregation
+  return 'token_sum' if section.advantage == 'dr_grpo' else 'seq_mean'
+
+
+def make_roles(cfg) -> roles_lib.Roles:
+  g = cfg.grpo
+  uses_model = rewards_lib.parse_reward_spec(g.reward, 'config.grpo.reward').uses_model
+  return roles_lib.Roles.build(cfg, g, reference=g.kl_coef > 0, reward=uses_model)
+
+
+def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats):
+  """(trained params, frozen params, beta, Rollout) -> (batch, metrics)."""
+  g = section
+  model_weight = rewards_lib.parse_reward_spec(g.reward, 'config.grpo.reward').model_weight
+
+  def prepare(params, frozen, beta, r: rl_loop.Rollout):
+    out = r.out
+    tokens_bw, mask_bt, readout_b = rollout.assemble(r.prompt_bp, r.length_b, out.tokens,
+                                                     out.lengths, tok.reward_id, tok.pad_id)
+    policy = model_lib.merge(graphdefs['policy'], params['policy'])
+    old_logp_bt, logits_btv = rollout.log_probs(policy, tokens_bw, g.temperature)
+    ref_logp_bt = None
+    if roles.reference is not None:
+      reference = model_lib.merge(frozen_graphdefs['reference'], frozen['reference'])
+      ref_logp_bt, _ = rollout.log_probs(reference, tokens_bw, g.temperature)
+    raw_b = None
+    if roles.reward is not None:
+      raw_b = rollout.scores(model_lib.merge(frozen_graphdefs['reward'], frozen['reward']),
+                             tokens_bw, readout_b)
+    rewards_b = rollout.sequence_rewards(r.host_reward_b, raw_b, out.finished,
+                                         model_weight=model_weight, stats=score_stats,
+                                         normalize=g.normalize_scores,
+                                         missing_eot_penalty=g.missing_eot_penalty)
+    if ref_logp_bt is not None and g.kl_in == 'reward':
+      kl_bt = algo.kl_per_token(old_logp_bt, ref_logp_bt, g.kl_estimator, g.kl_clamp) * mask_bt
+      rewards_b = rewards_b - beta * kl_bt.sum(axis=1)
+    adv_b = group.group_advantages(rewards_b, g.group_size, g.advantage)
+    batch = {'tokens': tokens_bw, 'mask': mask_bt, 'old_logp': old_logp_bt * mask_bt,
+             'advantages': adv_b}
+    if ref_logp_bt is not None and g.kl_in == 'loss':
+      batch['ref_logp'] = ref_logp_bt * mask_bt
+    metrics = rollout.rollout_metrics(r, raw_b, rewards_b, old_logp_bt, ref_logp_bt,
+                                      logits_btv, mask_bt)
+    metrics.update(group.group_stats(rewards_b, r.correct_b, g.group_size))
+    metrics['advantage_abs'] = jnp.abs(adv_b).mean()
+    return batch, metrics
+
+  return prepare
+
+
+def make_loss_fn(section):
+  g = section
+  aggregation = loss_aggregation(g)
+  kl_coef = g.kl_coef if g.kl_in == 'loss' else 0.0
+
+  def policy_loss_fn(model, batch):
+    logp_bt, logits_btv = rollout.log_probs(model, batch['tokens'], g.temperature)
+    mask = batch['mask']
+    loss_sum, stats = group.group_policy_loss_sum(
+        logp_bt, batch['old_logp'], batch['advantages'], mask, g.clip, aggregation,
+        g.response_tokens, ref_logp_bt=batch.get('ref_logp'), kl_coef=kl_coef,
+        kl_clamp=g.kl_clamp)
+    weights_bt, _ = group.token_loss_weights(mask, aggregation, g.response_tokens)
+    entropy = algo.entropy_sum(logits_btv, weights_bt)
+    total = loss_sum - g.entropy_coef * entropy
+    return total, dict(stats, policy_loss=loss_sum, update_entropy=entropy)
+
+  return policy_loss_fn
+
+
+def build(cfg, tok, mesh, score_stats) -> rl_loop.Algorithm:
+  """GRPO (or Dr. GRPO, RLOO) on `mesh`: roles, optimizer, abstract state, jitted pieces."""
+  g = cfg.grpo
+  roles = make_roles(cfg)
+  optimizers = roles_lib.role_optimizers(cfg, g, roles, g.rollout_batch // g.batch_size * g.epochs)
+  graphdefs, abstract, shardings = roles_lib.abstract_state(roles, optimizers, mesh)
+  frozen_graphdefs = {r: model_lib.abstract_model(m)[0] for r, m in roles.frozen().items()}
+  rules = roles.policy.rules
+  prepare = jax.jit(make_prepare(graphdefs, frozen_graphdefs, roles, g, tok, score_stats),
+                    out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
+  update = rl_loop.jit_update(rl_loop.make_update(graphdefs, optimizers,
+                                                  {'policy': make_loss_fn(g)}, g.micro_batches,
+                                                  rules), shardings, mesh, rules)
+  return rl_loop.Algorithm(NAME, g, roles, graphdefs, abstract, shardings, optimizers,
+                           prepare, update, group_size=int(g.group_size))

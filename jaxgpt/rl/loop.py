@@ -1,0 +1,279 @@
+"""The online-RL loop that PPO, GRPO, Dr. GRPO and RLOO share.
+
+An iteration: take a batch of prompts (each repeated `group_size` times, in consecutive
+rows) -> sample replies with the KV-cache sampler on the policy's parameters in place ->
+rewards of the decoded replies on the host (the checker, a user's functions; per process,
+on its own rows) -> the algorithm's jitted `prepare` (log-probs, the reward model's score,
+advantages) -> `epochs` passes of shuffled minibatch updates -> the algorithm's KL
+controller. An algorithm (`Algorithm`) supplies only its roles, `prepare` and `update`;
+resume, checkpoints, metrics and the stop flag are the shared `train.loop` pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgpt import sharding
+from jaxgpt import model as model_lib
+from jaxgpt.data import chat
+from jaxgpt.inference import sampling
+from jaxgpt.rl import roles as roles_lib
+from jaxgpt.train import loop, trainer
+from jaxgpt.train import metrics as metrics_lib
+
+
+class Rollout(NamedTuple):
+  """One iteration's samples, global arrays batch-sharded like the prompts."""
+  prompt_bp: jax.Array       # (B, P) right-padded prompts, each group_size times in a row
+  length_b: jax.Array        # (B,) prompt lengths
+  out: sampling.SampleOutput
+  host_reward_b: jax.Array   # (B,) float32 weighted sum of the host reward terms
+  correct_b: jax.Array       # (B,) float32 1 where the task checker accepts the reply
+
+
+@dataclasses.dataclass
+class Algorithm:
+  """What an online-RL algorithm gives the loop."""
+  name: str                  # the stage: it lives in WORKDIR/<name>
+  section: Any               # its config section (config.ppo, config.grpo)
+  roles: roles_lib.Roles
+  graphdefs: dict            # trained role -> graphdef
+  abstract: dict             # the state's abstract arrays and its shardings
+  shardings: dict
+  optimizers: dict           # trained role -> (optimizer, schedule)
+  prepare: Callable          # jitted (params, frozen, beta, Rollout) -> (batch, metrics)
+  update: Callable           # jitted (state, minibatch) -> (state, metrics)
+  kl_controller: Callable[[float, float], float] | None = None  # (beta, kl) -> next beta
+  group_size: int = 1
+  section_name: str = ''     # the config section's name, for messages (default: name)
+
+  def __post_init__(self):
+    self.section_name = self.section_name or self.name
+
+
+@dataclasses.dataclass
+class Inputs:
+  """What the stage reads for the loop."""
+  data: Any                  # data.prompts.PromptData (ptx_iter set for PPO-ptx)
+  tok: Any
+  frozen: dict               # frozen role -> params
+  host_rewards: Any          # rl.rewards.HostRewards; None: no host terms, no checker
+  mesh: Any
+  seed: int
+  init_state: Callable[[], dict]
+  meta: dict                 # stored with every checkpoint
+
+
+def make_update(graphdefs, optimizers, loss_fns, micro_batches, rules):
+  """(state, minibatch) -> (state, metrics): one optimizer step of every trained role."""
+  grad_fns = {role: trainer.make_grad_fn(graphdefs[role], loss_fns[role], micro_batches, rules)
+              for role in graphdefs}
+
+  def update(state, batch):
+    state = dict(state)
+    metrics = {}
+    finite = jnp.bool_(True)
+    for role, grad_fn in grad_fns.items():
+      opt, schedule = optimizers[role]
+      params = state[role]['params']
+      grads, sums = grad_fn(params, batch)
+      updates, opt_state = opt.update(grads, state[role]['opt_state'], params)
+      params = optax.apply_updates(params, updates)
+      state[role] = {'params': params, 'opt_state': opt_state}
+      denom = jnp.maximum(sums['weight'], 1.0)
+      metrics.update({k: v / denom for k, v in sums.items() if k != 'weight'})
+      metrics[f'{role}_grad_norm'] = optax.tree.norm(grads)
+      metrics[f'{role}_lr'] = schedule(_update_count(opt_state))
+      finite &= jax.tree.reduce(jnp.logical_and,
+                                jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
+    metrics['params_finite'] = finite
+    return state, metrics
+
+  return update
+
+
+def _update_count(opt_state):
+  """Updates applied so far, read from the optimizer's own step counter."""
+  counts = [x for x in jax.tree.leaves(opt_state) if x.dtype == jnp.int32 and x.ndim == 0]
+  return counts[0] if counts else jnp.int32(0)
+
+
+def jit_update(update_fn, shardings, mesh, rules):
+  return jax.jit(update_fn, in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def process_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in the order it fed them."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = {}
+  for s in x.addressable_shards:
+    shards.setdefault(s.index[0].start or 0, np.asarray(s.data))
+  return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def group_rows(local: dict, group_size: int) -> dict:
+  """Each prompt row `group_size` times in consecutive rows: group g is rows g*K .. g*K+K-1
+  (a process's groups stay on that process, so its host rewards see whole groups)."""
+  return {k: np.repeat(v, group_size, axis=0) for k, v in local.items()}
+
+
+def row_fields(rows) -> dict[str, list]:
+  """The prompt rows' other fields, column by column (None where a row lacks one)."""
+  names = sorted({k for r in rows for k in r.fields})
+  return {k: [r.fields.get(k) for r in rows] for k in names}
+
+
+class Iteration:
+  """One iteration of `algo` on `inputs`: (state, step) -> (state, metrics)."""
+
+  def __init__(self, algo: Algorithm, inputs: Inputs):
+    self.algo, self.inputs = algo, inputs
+    s, tok = algo.section, inputs.tok
+    self.rules = algo.roles.policy.rules
+    self.take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
+                        out_shardings=sharding.batch_sharding(inputs.mesh, self.rules))
+    self.settings = sampling.SamplingConfig(
+        max_new_tokens=s.response_tokens, temperature=s.temperature,
+        stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
+
+  def host_rewards(self, local, out):
+    """(host reward, checker verdict) of this process's rows, as global arrays."""
+    inp = self.inputs
+    if inp.host_rewards is None:
+      zeros_b = np.zeros(len(local['prompt']), np.float32)
+      return loop.global_batch({'reward': zeros_b, 'correct': zeros_b}, inp.mesh, self.rules)
+    tokens_bn, n_b = process_rows(out.tokens), process_rows(out.lengths)
+    completions = [chat.completion_text(tokens_bn[i, :n_b[i]], inp.tok)[0]
+                   for i in range(len(n_b))]
+    rows = [inp.data.rows[int(r)] for r in local['row']]
+    prompts, fields = [r.text for r in rows], row_fields(rows)
+    reward_b, _, _ = inp.host_rewards(prompts, completions, fields)
+    correct_b = inp.host_rewards.correct(prompts, completions, fields).astype(np.float32)
+    return loop.global_batch({'reward': reward_b.astype(np.float32), 'correct': correct_b},
+                             inp.mesh, self.rules)
+
+  def __call__(self, state, step: int):
+    algo, inp, s = self.algo, self.inputs, self.algo.section
+    times = {}
+    t0 = time.perf_counter()
+    local = group_rows(next(inp.data.train_iter), algo.group_size)
+    prompts = loop.global_batch({k: local[k] for k in ('prompt', 'length')}, inp.mesh, self.rules)
+    repl = sharding.replicated(inp.mesh)
+    rng, sample_key = jax.device_put(tuple(jax.random.split(state['rng'])), repl)
+    beta = float(jax.device_get(state['kl_coef']))
+    state = dict(state, rng=rng)
+    params = {r: state[r]['params'] for r in algo.roles.trained()}
+    out = sampling.sample(algo.graphdefs['policy'], params['policy'], algo.roles.policy,
+                          prompts['prompt'], prompts['length'], sample_key, self.settings)
+    jax.block_until_ready(out.tokens)
+    times['generate'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    host = self.host_rewards(local, out)
+    times['reward'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
+        prompts['prompt'], prompts['length'], out, host['reward'], host['correct']))
+    roll_metrics = jax.device_get(roll_metrics)
+    times['score'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    per_update = []
+    minibatches = s.rollout_batch // s.batch_size
+    for epoch in range(s.epochs):
+      order = np.random.default_rng([inp.seed, step, epoch]).permutation(s.rollout_batch)
+      for i in range(minibatches):
+        idx = np.sort(order[i * s.batch_size:(i + 1) * s.batch_size]).astype(np.int32)
+        minibatch = self.take(batch, idx)
+        if inp.data.ptx_iter is not None:
+          minibatch['ptx'] = loop.global_batch(next(inp.data.ptx_iter), inp.mesh, self.rules)
+        state, m = algo.update(state, minibatch)
+        per_update.append(m)
+    per_update = jax.device_get(per_update)
+    times['update'] = time.perf_counter() - t0
+
+    if algo.kl_controller is not None:
+      state['kl_coef'] = jax.device_put(
+          jnp.float32(algo.kl_controller(beta, float(roll_metrics['kl']))), repl)
+    state['step'] = state['step'] + 1
+    metrics = summarise(roll_metrics, per_update)
+    metrics['kl_coef'] = beta
+    metrics['iteration_seconds'] = sum(times.values())
+    tokens = float(roll_metrics['response_tokens'])
+    for phase, seconds in times.items():
+      metrics[f'{phase}_seconds'] = seconds
+      if phase != 'reward':
+        metrics[f'{phase}_tokens_per_sec'] = tokens * (s.epochs if phase == 'update' else 1) / max(
+            seconds, 1e-9)
+    return state, metrics
+
+
+def summarise(roll_metrics: dict, per_update: list[dict]) -> dict:
+  """The iteration's metrics: the rollout's, and the mean over its updates (the ratio's
+  variance, its first value and the first approxkl kept apart)."""
+  metrics = {k: float(v) for k, v in roll_metrics.items()}
+  for k in per_update[0]:
+    if k != 'params_finite':
+      metrics[k] = float(np.mean([float(m[k]) for m in per_update]))
+  metrics['params_finite'] = all(bool(m['params_finite']) for m in per_update)
+  ratio_var = metrics.pop('ratio_sq') - metrics['ratio'] ** 2
+  metrics['ratio_var'] = max(ratio_var, 0.0)
+  metrics['ratio_first'] = float(per_update[0]['ratio'])
+  metrics['approxkl_first'] = float(per_update[0]['approxkl'])
+  return metrics
+
+
+# What the console's progress line shows of an iteration.
+PROGRESS_KEYS = ('scores', 'gold', 'kl', 'kl_coef', 'entropy', 'response_length', 'clipfrac',
+                 'iteration_seconds')
+
+
+def run(algo: Algorithm, inputs: Inputs, cfg, workdir: str) -> loop.Result:
+  """Runs (or resumes) `algo` to `section.steps` iterations; returns the final state."""
+  s, name, data = algo.section, algo.name, inputs.data
+  out_dir = loop.stage_dir(workdir, name)
+  ckpt = loop.open_checkpointer(cfg, workdir, name)
+  state, resumed_meta = loop.resume(name, ckpt, algo.abstract, algo.shardings, data.train_iter,
+                                    inputs.init_state)
+  if data.ptx_iter is not None and resumed_meta.get('ptx_data'):
+    data.ptx_iter.set_state(resumed_meta['ptx_data'])
+  start = int(jax.device_get(state['step']))
+  n_params = {r: model_lib.count_params(algo.abstract[r]['params']) for r in algo.roles.trained()}
+  frozen = ', '.join(algo.roles.frozen()) or 'none'
+  print(f'[{name}] trained roles {n_params}, frozen: {frozen} ({s.frozen_dtype}); mesh '
+        f'{dict(inputs.mesh.shape)}; iterations {start} -> {s.steps}', flush=True)
+  iteration = Iteration(algo, inputs)
+  writer = metrics_lib.MetricsWriter(out_dir, stage=name, total_steps=s.steps, start_step=start)
+  final_metrics: dict = {}
+
+  def one_step(step: int) -> dict:
+    nonlocal state
+    state, metrics = iteration(state, step)
+    logged = {k: v for k, v in metrics.items() if k != 'params_finite'}
+    writer.write(step + 1, logged)
+    writer.progress(step + 1, {'loss': logged['policy_loss'], **logged}, show=PROGRESS_KEYS)
+    final_metrics.update(logged)
+    return metrics
+
+  def save(step):
+    metrics = last['metrics']
+    loop.ensure_finite(name, step, metrics['policy_loss'], metrics['params_finite'], ckpt)
+    extra = {'ptx_data': data.ptx_iter.get_state()} if data.ptx_iter is not None else {}
+    ckpt.save(step, state, data.train_iter, dict(inputs.meta, step=step, **extra))
+
+  last = {}
+  step = loop.drive(name, 'iteration', start, s.steps, one_step, ckpt, loop.Saver(save, start),
+                    writer, inputs.mesh, last)
+  loop.finish(name, out_dir, start, s.steps, final_metrics, f'config.{algo.section_name}.steps')
+  return loop.Result(algo.graphdefs['policy'], state, algo.shardings, final_metrics,
+                     steps_run=step - start)
