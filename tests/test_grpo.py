@@ -128,11 +128,13 @@ def test_sharded_grpo_update_equals_one_device(mesh, advantage):
 TOY_REWARD = '''
 CALLS = []
 
-def short(prompts, completions, **fields):
-  """Shorter replies score higher: a policy learns it by ending its turn earlier."""
+def vowels(prompts, completions, **fields):
+  """The share of a reply's letters that are vowels: a per-token preference a policy of
+  near-uniform tokens learns within a few updates."""
   CALLS.append((list(prompts), list(completions), sorted(fields)))
   assert len(prompts) == len(completions) == len(fields['task']) == len(fields['answer'])
-  return [-len(c) / 100 for c in completions]
+  letters = [[ch for ch in c.lower() if ch.isalpha()] for c in completions]
+  return [sum(ch in 'aeiou' for ch in l) / max(len(l), 1) for l in letters]
 '''
 
 
@@ -155,7 +157,7 @@ def test_grpo_raises_a_toy_reward_of_a_user_function(smoke_run, tmp_path, monkey
   workdir = smoke_run[0]
   wd = copy_sft(workdir, str(tmp_path / 'toy'))
   cfg = helpers.smoke_config(**{
-      'stage': 'grpo', 'grpo.reward': 'toy_rewards:short', 'grpo.steps': 10, 'grpo.lr': 3e-3,
+      'stage': 'grpo', 'grpo.reward': 'toy_rewards:vowels', 'grpo.steps': 10, 'grpo.lr': 3e-3,
       'grpo.warmup_steps': 0, 'grpo.rollout_batch': 32, 'grpo.batch_size': 16,
       'grpo.group_size': 8, 'grpo.epochs': 2, 'grpo.kl_coef': 0.0, 'train.min_lr_ratio': 1.0,
       'tokenizer.path': os.path.join(workdir, 'tokenizer.model')})
@@ -164,7 +166,7 @@ def test_grpo_raises_a_toy_reward_of_a_user_function(smoke_run, tmp_path, monkey
   prompts, completions, fields = toy_rewards.CALLS[0]
   assert len(prompts) == 32 and prompts[0] == prompts[7] and fields == ['answer', 'task']
   rewards = [r['host_rewards'] for r in read_jsonl(os.path.join(wd, 'grpo', 'metrics.jsonl'))]
-  assert np.mean(rewards[-2:]) > np.mean(rewards[:2]) + 0.1, rewards
+  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
 
 
 def test_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):

@@ -149,7 +149,7 @@ def test_report_sft_and_ppo_policy_subtree(smoke_run, tmp_path):
     check_row(r, cfg.sft.eval_tokens)
     assert r['rm_score'] is None
   assert abs(ppo['kl_to_sft']) < 1e-3 and ppo['greedy_answers'] == sft['greedy_answers']
-  assert set(out['missing']) == {'pretrain', 'reward'}
+  assert set(out['missing']) == {'pretrain', 'reward', 'ppo_checker', 'grpo'}
   verdicts = {c['claim']: c['verdict'] for c in out['claims']}
   assert verdicts['PPO raises the reward-model score'] == 'not tested'
   assert verdicts['PPO beats SFT on gold accuracy (greedy)'] != 'not tested'

@@ -226,7 +226,7 @@ CASES = [
     Case('grpo-reward-function-bad-return', (*MAIN, WD, '--config.stage=grpo', TOK,
                                              '--config.checkpoint.init_from={run}/sft/checkpoints',
                                              '--config.grpo.reward=builtins:dict'),
-         ('config.grpo.reward: builtins:dict returned', 'one float per completion')),
+         ('config.grpo.reward: builtins:dict returned', 'a list of floats, one per completion')),
     # sample, chat, score
     Case('sample-no-workdir', (*SAMPLE, '--workdir={d}/none', '--prompt=hi'),
          ('{d}/none does not exist', 'python -m jaxgpt.main')),
