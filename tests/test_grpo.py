@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
 from jaxgpt import sharding
 from jaxgpt.data import prompts as prompts_lib
@@ -21,6 +22,7 @@ from jaxgpt.inference import sampling
 from jaxgpt.rl import grpo as grpo_algo
 from jaxgpt.rl import group
 from jaxgpt.rl import loop as rl_loop
+from jaxgpt.rl import rollout
 from jaxgpt.rl import roles as roles_lib
 
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
@@ -187,3 +189,32 @@ def test_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
                   jax.tree.leaves(jax.device_get(straight.state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.exists(os.path.join(runs['straight'], 'grpo', 'eval.json'))
+
+
+def test_a_weighted_sum_with_the_reward_model():
+  """'checker + 0.5*model': the host term plus half the reward model's raw score (no
+  score_stats), then the group formula."""
+  cfg = grpo_config(reward='checker + 0.5*model', kl_coef=0.0)
+  mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+  algo = grpo_algo.build(cfg, TOK, mesh, None)
+  assert algo.roles.reward is not None and algo.roles.reference is None
+  roles = algo.roles
+  policy = helpers.place(helpers.random_params(roles.policy, 0), roles.policy, mesh)
+  frozen = {'reward': helpers.place(helpers.random_params(roles.reward, 2), roles.reward, mesh)}
+  rng = np.random.default_rng(1)
+  b = cfg.grpo.rollout_batch
+  prompt = np.repeat(rng.integers(4, 256, (b // K, P)), K, axis=0).astype(np.int32)
+  length = np.repeat(rng.integers(2, P + 1, (b // K,)), K).astype(np.int32)
+  host = rng.integers(0, 2, (b,)).astype(np.float32)
+  settings = sampling.SamplingConfig(max_new_tokens=N, temperature=0.7, stop_ids=(1, 2))
+  with jax.set_mesh(mesh):
+    out = sampling.sample(algo.graphdefs['policy'], policy, roles.policy, prompt, length,
+                          jax.random.PRNGKey(0), settings)
+    batch, metrics = algo.prepare({'policy': policy}, frozen, jnp.float32(0.0), rl_loop.Rollout(
+        prompt, length, out, host, host))
+    tokens_bw, _, readout_b = rollout.assemble(prompt, length, out.tokens, out.lengths, 3, 0)
+    raw = rollout.scores(model_lib.merge(model_lib.abstract_model(roles.reward)[0],
+                                         frozen['reward']), tokens_bw, readout_b)
+  want = group.group_advantages(jnp.asarray(host) + 0.5 * raw, K, 'grpo')
+  np.testing.assert_allclose(batch['advantages'], want, rtol=1e-5, atol=1e-6)
+  assert abs(metrics['scores'] - float(jnp.mean(raw))) < 1e-5 and 'ref_logp' not in batch

@@ -12,6 +12,8 @@ and the **reward** model (only when the reward spec has a `model` term) are froz
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,35 +43,27 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats):
   """(trained params, frozen params, beta, Rollout) -> (batch, metrics)."""
   g = section
   model_weight = rewards_lib.parse_reward_spec(g.reward, 'config.grpo.reward').model_weight
+  score_fn = (None if roles.reward is None
+              else rollout.reward_model_score_fn(frozen_graphdefs['reward']))
 
   def prepare(params, frozen, beta, r: rl_loop.Rollout):
-    out = r.out
-    tokens_bw, mask_bt, readout_b = rollout.assemble(r.prompt_bp, r.length_b, out.tokens,
-                                                     out.lengths, tok.reward_id, tok.pad_id)
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
-    old_logp_bt, logits_btv = rollout.log_probs(policy, tokens_bw, g.temperature)
-    ref_logp_bt = None
-    if roles.reference is not None:
-      reference = model_lib.merge(frozen_graphdefs['reference'], frozen['reference'])
-      ref_logp_bt, _ = rollout.log_probs(reference, tokens_bw, g.temperature)
-    raw_b = None
-    if roles.reward is not None:
-      raw_b = rollout.scores(model_lib.merge(frozen_graphdefs['reward'], frozen['reward']),
-                             tokens_bw, readout_b)
-    rewards_b = rollout.sequence_rewards(r.host_reward_b, raw_b, out.finished,
-                                         model_weight=model_weight, stats=score_stats,
-                                         normalize=g.normalize_scores,
-                                         missing_eot_penalty=g.missing_eot_penalty)
-    if ref_logp_bt is not None and g.kl_in == 'reward':
-      kl_bt = algo.kl_per_token(old_logp_bt, ref_logp_bt, g.kl_estimator, g.kl_clamp) * mask_bt
+    reference = (None if roles.reference is None
+                 else model_lib.merge(frozen_graphdefs['reference'], frozen['reference']))
+    rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
+    s = rollout.score(r, policy, reference, rm_score, tok, g, model_weight=model_weight,
+                      stats=score_stats)
+    mask_bt, rewards_b = s.mask_bt, s.rewards_b
+    if s.ref_logp_bt is not None and g.kl_in == 'reward':
+      kl_bt = algo.kl_per_token(s.logp_bt, s.ref_logp_bt, g.kl_estimator, g.kl_clamp) * mask_bt
       rewards_b = rewards_b - beta * kl_bt.sum(axis=1)
     adv_b = group.group_advantages(rewards_b, g.group_size, g.advantage)
-    batch = {'tokens': tokens_bw, 'mask': mask_bt, 'old_logp': old_logp_bt * mask_bt,
+    batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'old_logp': s.logp_bt * mask_bt,
              'advantages': adv_b}
-    if ref_logp_bt is not None and g.kl_in == 'loss':
-      batch['ref_logp'] = ref_logp_bt * mask_bt
-    metrics = rollout.rollout_metrics(r, raw_b, rewards_b, old_logp_bt, ref_logp_bt,
-                                      logits_btv, mask_bt)
+    if s.ref_logp_bt is not None and g.kl_in == 'loss':
+      batch['ref_logp'] = s.ref_logp_bt * mask_bt
+    metrics = rollout.rollout_metrics(r, s.raw_b, rewards_b, s.logp_bt, s.ref_logp_bt,
+                                      s.logits_btv, mask_bt)
     metrics.update(group.group_stats(rewards_b, r.correct_b, g.group_size))
     metrics['advantage_abs'] = jnp.abs(adv_b).mean()
     return batch, metrics

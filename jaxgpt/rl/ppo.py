@@ -14,6 +14,8 @@ Ziegler et al. moves beta.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -43,37 +45,28 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, 
   p = section
   model_weight = rewards_lib.parse_reward_spec(p.reward, 'config.ppo.reward').model_weight
   if score_fn is None and roles.reward is not None:
-    def score_fn(frozen, tokens_bw, mask_bt, readout_b):
-      del mask_bt
-      return rollout.scores(model_lib.merge(frozen_graphdefs['reward'], frozen['reward']),
-                            tokens_bw, readout_b)
+    score_fn = rollout.reward_model_score_fn(frozen_graphdefs['reward'])
   elif score_fn is not None:
     model_weight = 1.0  # a test's programmatic score stands in for the reward model
 
   def prepare(params, frozen, beta, r: rl_loop.Rollout):
-    out = r.out
-    tokens_bw, mask_bt, readout_b = rollout.assemble(r.prompt_bp, r.length_b, out.tokens,
-                                                     out.lengths, tok.reward_id, tok.pad_id)
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
-    old_logp_bt, logits_btv = rollout.log_probs(policy, tokens_bw, p.temperature)
     reference = model_lib.merge(frozen_graphdefs['reference'], frozen['reference'])
-    ref_logp_bt, _ = rollout.log_probs(reference, tokens_bw, p.temperature)
+    rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
+    s = rollout.score(r, policy, reference, rm_score, tok, p, model_weight=model_weight,
+                      stats=score_stats)
+    mask_bt = s.mask_bt
     value_model = (policy if roles.value is None
                    else model_lib.merge(graphdefs['value'], params['value']))
-    values_bt = rollout.values(value_model, tokens_bw) * mask_bt
-    raw_b = None if score_fn is None else score_fn(frozen, tokens_bw, mask_bt, readout_b)
-    rewards_b = rollout.sequence_rewards(r.host_reward_b, raw_b, out.finished,
-                                         model_weight=model_weight, stats=score_stats,
-                                         normalize=p.normalize_scores,
-                                         missing_eot_penalty=p.missing_eot_penalty)
-    adv = rollout.advantages(old_logp_bt, ref_logp_bt, values_bt, rewards_b, mask_bt, beta,
+    values_bt = rollout.values(value_model, s.tokens_bw) * mask_bt
+    adv = rollout.advantages(s.logp_bt, s.ref_logp_bt, values_bt, s.rewards_b, mask_bt, beta,
                              kl_estimator=p.kl_estimator, kl_clamp=p.kl_clamp, gamma=p.gamma,
                              lam=p.lam)
-    batch = {'tokens': tokens_bw, 'mask': mask_bt, 'old_logp': old_logp_bt * mask_bt,
+    batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'old_logp': s.logp_bt * mask_bt,
              'old_values': values_bt, 'advantages': adv['advantages'],
              'returns': adv['returns']}
-    metrics = rollout.rollout_metrics(r, raw_b, rewards_b, old_logp_bt, ref_logp_bt,
-                                      logits_btv, mask_bt)
+    metrics = rollout.rollout_metrics(r, s.raw_b, s.rewards_b, s.logp_bt, s.ref_logp_bt,
+                                      s.logits_btv, mask_bt)
     metrics.update({
         'rlhf_reward': adv['token_rewards'].sum(axis=1).mean(),
         'kl_penalty_estimator': adv['kl_bt'].sum(axis=1).mean(),

@@ -15,9 +15,12 @@ is exactly 1 and the KL of the policy to itself 0.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from jaxgpt import losses
+from jaxgpt import model as model_lib
 from jaxgpt.rl import algo
 
 
@@ -58,6 +61,14 @@ def scores(model, tokens_bw, readout_b):
   return model.score(tokens_bw, None, None, readout_b)
 
 
+def reward_model_score_fn(graphdef):
+  """The frozen reward model as `score_fn(frozen, tokens_bw, mask_bt, readout_b) -> (b,)`."""
+  def score_fn(frozen, tokens_bw, mask_bt, readout_b):
+    del mask_bt
+    return scores(model_lib.merge(graphdef, frozen['reward']), tokens_bw, readout_b)
+  return score_fn
+
+
 def sequence_rewards(host_b, raw_b, finished_b, *, model_weight: float, stats, normalize: bool,
                      missing_eot_penalty: float):
   """The reward of each response: the host terms (checker, user functions), plus
@@ -71,6 +82,35 @@ def sequence_rewards(host_b, raw_b, finished_b, *, model_weight: float, stats, n
       s = (s - stats['mean']) / max(stats['std'], 1e-6)
     r = r + model_weight * s
   return r + jnp.where(finished_b, 0.0, missing_eot_penalty)
+
+
+class Scored(NamedTuple):
+  """A rollout laid out for the update, with what every algorithm computes of it."""
+  tokens_bw: jnp.ndarray
+  mask_bt: jnp.ndarray
+  logp_bt: jnp.ndarray          # the policy's log-probs at logits / T (the update's "old")
+  logits_btv: jnp.ndarray
+  ref_logp_bt: jnp.ndarray | None
+  raw_b: jnp.ndarray | None     # the reward model's score (None: no model term)
+  rewards_b: jnp.ndarray        # the sequence reward (`sequence_rewards`)
+
+
+def score(r, policy, reference, score_fn, tok, section, *, model_weight: float,
+          stats) -> Scored:
+  """Assemble rollout `r` (a `rl.loop.Rollout`), the policy's and (unless None) the
+  reference's log-probs, the reward model's score (`score_fn(tokens_bw, mask_bt,
+  readout_b)`, unless None) and the sequence reward."""
+  out = r.out
+  tokens_bw, mask_bt, readout_b = assemble(r.prompt_bp, r.length_b, out.tokens, out.lengths,
+                                           tok.reward_id, tok.pad_id)
+  logp_bt, logits_btv = log_probs(policy, tokens_bw, section.temperature)
+  ref_logp_bt = (None if reference is None
+                 else log_probs(reference, tokens_bw, section.temperature)[0])
+  raw_b = None if score_fn is None else score_fn(tokens_bw, mask_bt, readout_b)
+  rewards_b = sequence_rewards(r.host_reward_b, raw_b, out.finished, model_weight=model_weight,
+                               stats=stats, normalize=section.normalize_scores,
+                               missing_eot_penalty=section.missing_eot_penalty)
+  return Scored(tokens_bw, mask_bt, logp_bt, logits_btv, ref_logp_bt, raw_b, rewards_b)
 
 
 def rollout_metrics(rollout, raw_b, rewards_b, logp_bt, ref_logp_bt, logits_btv, mask_bt) -> dict:
