@@ -156,10 +156,12 @@ class Iteration:
                    for i in range(len(n_b))]
     rows = [inp.data.rows[int(r)] for r in local['row']]
     prompts, fields = [r.text for r in rows], row_fields(rows)
-    reward_b, _, _ = inp.host_rewards(prompts, completions, fields)
-    correct_b = inp.host_rewards.correct(prompts, completions, fields).astype(np.float32)
-    return loop.global_batch({'reward': reward_b.astype(np.float32), 'correct': correct_b},
-                             inp.mesh, self.rules)
+    reward_b, per_source, _ = inp.host_rewards(prompts, completions, fields)
+    correct_b = per_source.get('checker')  # the checker's verdict, once
+    if correct_b is None:
+      correct_b = inp.host_rewards.correct(prompts, completions, fields)
+    return loop.global_batch({'reward': reward_b.astype(np.float32),
+                              'correct': np.asarray(correct_b, np.float32)}, inp.mesh, self.rules)
 
   def __call__(self, state, step: int):
     algo, inp, s = self.algo, self.inputs, self.algo.section
