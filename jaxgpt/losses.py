@@ -99,3 +99,53 @@ def pairwise_reward_loss_sum(r_chosen_b, r_rejected_b, weight_b, margin_b=None,
   sums = {'loss': nll_sum, 'accuracy': jnp.sum(w * (diff_b > 0)), 'chosen': jnp.sum(w * r_c),
           'rejected': jnp.sum(w * r_r), 'margin': jnp.sum(w * diff_b), 'weight': jnp.sum(w)}
   return loss_sum, sums
+
+
+PREFERENCE_LOSSES = ('dpo', 'ipo', 'simpo')
+
+
+def preference_loss_sum(logp_chosen_b, logp_rejected_b, weight_b, *, loss: str = 'dpo',
+                        beta: float = 0.1, ref_chosen_b=None, ref_rejected_b=None,
+                        label_smoothing: float = 0.0, len_chosen_b=None, len_rejected_b=None,
+                        gamma: float = 0.0):
+  """Direct preference optimisation on comparison pairs, summed with weights (as
+  `pairwise_reward_loss_sum`, so the shared LM loop divides once per step).
+
+  logp_*_b are the policy's summed log-probs of each reply (its end-of-turn token
+  included, the prompt excluded); ref_*_b the reference model's, for 'dpo' and 'ipo'.
+  With h = (logp_c - ref_c) - (logp_r - ref_r):
+    'dpo':   -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: label
+             smoothing, conservative DPO; 0 is Rafailov et al.'s loss)
+    'ipo':   (h - 1 / (2 beta))^2                                         (Azar et al.)
+    'simpo': -log sigmoid(beta (logp_c / len_c - logp_r / len_r) - gamma), no reference,
+             per-token averages (Meng et al.)
+  Returns (loss_sum, sums): 'loss' and TRL's metrics as sums — 'rewards/chosen' and
+  'rewards/rejected' (the implicit rewards beta (logp - ref); SimPO: beta times the
+  length-normalised log-prob), 'rewards/accuracies', 'rewards/margins', 'logps/chosen',
+  'logps/rejected' — and 'weight'.
+  """
+  if loss not in PREFERENCE_LOSSES:
+    raise ValueError(f'unknown preference loss {loss!r}: config.dpo.loss must be one of '
+                     f'{PREFERENCE_LOSSES}')
+  w = weight_b.astype(jnp.float32)
+  lc, lr = logp_chosen_b.astype(jnp.float32), logp_rejected_b.astype(jnp.float32)
+  if loss == 'simpo':
+    reward_c = beta * lc / len_chosen_b.astype(jnp.float32)
+    reward_r = beta * lr / len_rejected_b.astype(jnp.float32)
+    per_pair = jax.nn.softplus(-(reward_c - reward_r - gamma))
+  else:
+    reward_c = beta * (lc - ref_chosen_b.astype(jnp.float32))
+    reward_r = beta * (lr - ref_rejected_b.astype(jnp.float32))
+    h = (reward_c - reward_r) / beta
+    if loss == 'ipo':
+      per_pair = jnp.square(h - 1.0 / (2.0 * beta))
+    else:
+      per_pair = ((1.0 - label_smoothing) * jax.nn.softplus(-beta * h)
+                  + label_smoothing * jax.nn.softplus(beta * h))
+  margin = reward_c - reward_r
+  loss_sum = jnp.sum(w * per_pair)
+  sums = {'loss': loss_sum, 'rewards/chosen': jnp.sum(w * reward_c),
+          'rewards/rejected': jnp.sum(w * reward_r),
+          'rewards/accuracies': jnp.sum(w * (margin > 0)), 'rewards/margins': jnp.sum(w * margin),
+          'logps/chosen': jnp.sum(w * lc), 'logps/rejected': jnp.sum(w * lr), 'weight': jnp.sum(w)}
+  return loss_sum, sums
