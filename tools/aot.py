@@ -34,11 +34,12 @@ from jaxgpt.aot import collectives
 from jaxgpt.aot import compile_fit as aot
 from jaxgpt.aot import targets as targets_lib
 from jaxgpt.aot.plans import plan
+from jaxgpt.stages import PIPELINE
 from jaxgpt.train import metrics as metrics_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
 _TOPOLOGY = flags.DEFINE_string('topology', 'local', "A TPU slice such as v5p-8, or 'local'.")
-_STAGE = flags.DEFINE_enum('stage', None, list(aot.STAGE_ORDER) + ['all'],
+_STAGE = flags.DEFINE_enum('stage', None, list(PIPELINE) + ['all'],
                            'Stage to check (default: config.stage).')
 _MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOPs utilisation the step times assume.')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s per device (0: the chip table, '
