@@ -21,11 +21,9 @@ running through the batched forward but nothing of it is recorded.
 Log-probs. `SampleOutput.logprobs[b, i]` is log p(token | prefix) under the *unmodified*
 model distribution: softmax of the raw float32 logits at temperature 1, without top-k /
 top-p filtering, i.e. exactly what `jaxgpt.losses.token_log_probs` gives for the same
-token on a full training forward of prompt + response (tested), and what the report's
-self-check compares; temperature and filtering only decide *which* token is drawn. PPO
-does not use them: it samples at temperature T and recomputes log softmax(logits / T) of
-policy and reference in one forward (`jaxgpt.rl.rollout`), the distribution the tokens
-were drawn from.
+token on a full training forward (tested; the report's self-check). PPO and GRPO do not
+use them: they recompute log softmax(logits / T), the distribution the tokens were drawn
+from, in one forward (`jaxgpt.rl.rollout`).
 
 Token choice (`SamplingConfig`: greedy, or temperature then top-k then top-p, then one
 categorical draw) is `jaxgpt.inference.token_choice`. Randomness: the step-i draw uses

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from jaxgpt import model as model_lib
-from jaxgpt import sharding
 from jaxgpt.rl import algo, group, rollout
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import rewards as rewards_lib
@@ -95,12 +93,11 @@ def build(cfg, tok, mesh, score_stats) -> rl_loop.Algorithm:
   """GRPO (or Dr. GRPO, RLOO) on `mesh`: roles, optimizer, abstract state, jitted pieces."""
   g = cfg.grpo
   roles = make_roles(cfg)
-  optimizers = roles_lib.role_optimizers(cfg, g, roles, g.rollout_batch // g.batch_size * g.epochs)
-  graphdefs, abstract, shardings = roles_lib.abstract_state(roles, optimizers, mesh)
-  frozen_graphdefs = {r: model_lib.abstract_model(m)[0] for r, m in roles.frozen().items()}
+  optimizers, graphdefs, abstract, shardings, frozen_graphdefs = roles_lib.setup(cfg, g, roles,
+                                                                                mesh)
   rules = roles.policy.rules
-  prepare = jax.jit(make_prepare(graphdefs, frozen_graphdefs, roles, g, tok, score_stats),
-                    out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
+  prepare = rl_loop.jit_prepare(make_prepare(graphdefs, frozen_graphdefs, roles, g, tok,
+                                             score_stats), mesh, rules)
   update = rl_loop.jit_update(rl_loop.make_update(graphdefs, optimizers,
                                                   {'policy': make_loss_fn(g)}, g.micro_batches,
                                                   rules), shardings, mesh, rules)

@@ -105,6 +105,11 @@ def _update_count(opt_state):
   return counts[0] if counts else jnp.int32(0)
 
 
+def jit_prepare(prepare_fn, mesh, rules):
+  return jax.jit(prepare_fn, out_shardings=(sharding.batch_sharding(mesh, rules),
+                                            sharding.replicated(mesh)))
+
+
 def jit_update(update_fn, shardings, mesh, rules):
   return jax.jit(update_fn, in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))

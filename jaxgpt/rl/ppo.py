@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import losses, sharding
+from jaxgpt import losses
 from jaxgpt import model as model_lib
 from jaxgpt.rl import algo, rollout
 from jaxgpt.rl import loop as rl_loop
@@ -118,13 +118,11 @@ def build(cfg, tok, mesh, score_stats, score_fn=None) -> rl_loop.Algorithm:
   """PPO on `mesh`: roles, optimizers, abstract state, jitted prepare and update."""
   p = cfg.ppo
   roles = make_roles(cfg)
-  optimizers = roles_lib.role_optimizers(cfg, p, roles, p.rollout_batch // p.batch_size * p.epochs)
-  graphdefs, abstract, shardings = roles_lib.abstract_state(roles, optimizers, mesh)
-  frozen_graphdefs = {r: model_lib.abstract_model(m)[0] for r, m in roles.frozen().items()}
+  optimizers, graphdefs, abstract, shardings, frozen_graphdefs = roles_lib.setup(cfg, p, roles,
+                                                                                mesh)
   rules = roles.policy.rules
-  prepare = jax.jit(make_prepare(graphdefs, frozen_graphdefs, roles, p, tok, score_stats,
-                                 score_fn),
-                    out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
+  prepare = rl_loop.jit_prepare(make_prepare(graphdefs, frozen_graphdefs, roles, p, tok,
+                                             score_stats, score_fn), mesh, rules)
   update = rl_loop.jit_update(rl_loop.make_update(graphdefs, optimizers, make_loss_fns(p, roles),
                                                   p.micro_batches, rules), shardings, mesh, rules)
 

@@ -83,6 +83,17 @@ def abstract_state(roles: Roles, optimizers, mesh):
   return graphdefs, state, shardings
 
 
+def setup(cfg, section, roles: Roles, mesh):
+  """What every algorithm's `build` starts from: (optimizers, graphdefs, abstract state,
+  shardings, frozen roles' graphdefs), the schedules counted in the section's updates
+  (epochs x minibatches an iteration)."""
+  updates = section.rollout_batch // section.batch_size * section.epochs
+  optimizers = role_optimizers(cfg, section, roles, updates)
+  graphdefs, abstract, shardings = abstract_state(roles, optimizers, mesh)
+  frozen_graphdefs = {r: model_lib.abstract_model(m)[0] for r, m in roles.frozen().items()}
+  return optimizers, graphdefs, abstract, shardings, frozen_graphdefs
+
+
 def make_state(params, section, seed: int, optimizers, shardings, mesh):
   """The iteration-0 state around trained roles' parameters (fresh optimizer states)."""
   state = {'step': jnp.zeros((), jnp.int32), 'kl_coef': jnp.float32(section.kl_coef),
