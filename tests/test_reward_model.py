@@ -8,7 +8,7 @@ import pytest
 import helpers
 from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt.train import optim, trainer
+from jaxgpt.train import trainer
 
 T = 24
 
@@ -135,27 +135,8 @@ def pair_batch(cfg, seed=0):
 def reward_step(family, mesh_shape, micro_batches=1):
   cfg = helpers.tiny_config(family, mesh=mesh_shape, seq_len=T, micro_batches=micro_batches)
   cfg.model.max_seq_len = 32
-  mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
-  mcfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
-  opt = optim.make_optimizer(cfg.train)
-  graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
-  param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
-  host = {'step': np.zeros((), np.int32), 'params': helpers.random_params(mcfg, seed=2),
-          'rng': jax.random.PRNGKey(0)}
-  host['opt_state'] = jax.device_get(opt.init(host['params']))
-  shardings = trainer.state_shardings(host, param_sh, opt, mesh)
-  state = jax.device_put(host, shardings)
-  loss_fn = trainer.reward_loss_fn(center=0.01)
-  grad_fn = trainer.make_grad_fn(graphdef, loss_fn, micro_batches, mcfg.rules)
-  step = trainer.make_train_step(graphdef, opt, loss_fn, micro_batches, mcfg.rules)
-  batch = pair_batch(cfg)
-  batch_sh = {k: sharding.batch_sharding(mesh, mcfg.rules) for k in batch}
-  with jax.set_mesh(mesh):
-    grads, sums = jax.jit(grad_fn, in_shardings=(param_sh, batch_sh),
-                          out_shardings=(param_sh, None))(state['params'], batch)
-    new_state, metrics = trainer.jit_train_step(step, shardings, mesh, mcfg.rules,
-                                                batch.keys())(state, batch)
-  return jax.device_get((metrics['loss'], grads, new_state['params']))
+  return helpers.one_train_step(cfg, model_lib.ModelConfig.for_stage(cfg, 'reward'),
+                                trainer.reward_loss_fn(center=0.01), pair_batch(cfg))
 
 
 @pytest.mark.parametrize('family,mesh', [('llama', (2, 2, 2)), ('gpt2', (1, 2, 4))],

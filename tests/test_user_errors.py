@@ -209,6 +209,13 @@ CASES = [
          write({'sft.jsonl': b'{"prompt": "caf\xe9", "response": "ok"}\n'})),
     Case('sft-before-pretrain', (*MAIN, WD, '--config.stage=sft', TOK),
          ('{d}/wd/pretrain/checkpoints', 'Run that stage first')),
+    # DPO's own comparison files (from the smoke run's SFT checkpoint)
+    Case('dpo-bad-comparison-row', (*MAIN, WD, '--config.stage=dpo', TOK,
+                                    '--config.checkpoint.init_from={run}/sft/checkpoints',
+                                    '--config.dpo.data={d}/prefs.jsonl'),
+         ('{d}/prefs.jsonl:2', "missing field 'rejected'"),
+         write({'prefs.jsonl': '{"prompt": "2 + 3?", "chosen": "5", "rejected": "6"}\n'
+                               '{"prompt": "2 + 2?", "chosen": "4"}\n'})),
     # checkpoints
     Case('resume-damaged-stop', (*MAIN, WD, '--config.stage=pretrain',
                                  '--config.checkpoint.on_damaged=stop'),

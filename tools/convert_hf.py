@@ -12,7 +12,7 @@ window, GPT-2). CKPT_DIR becomes a checkpoint any stage starts from with
 --config.checkpoint.init_from=CKPT_DIR (the architecture and tokenizer come with it);
 --config.checkpoint.init_from=hf:DIR does the same without this step.
 
-export: the newest checkpoint of WORKDIR/<stage> (sft, ppo, pretrain: a causal LM; reward:
+export: the newest checkpoint of WORKDIR/<stage> (sft, dpo, ppo, ...: a causal LM; reward:
 a sequence classifier) or of a checkpoints directory becomes a directory that
 transformers' AutoModelForCausalLM / AutoModelForSequenceClassification and
 AutoTokenizer load with from_pretrained.

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
+from jaxgpt.data import reward as reward_data
 from jaxgpt.inference import sampling
 from jaxgpt.rl import grpo as grpo_algo
 from jaxgpt.rl import loop as rl_loop
@@ -199,25 +200,35 @@ def lm_plan(cfg, stage: str, mesh, decode_rows: int, prompt_len: int) -> Plan:
   return Plan(stage, mesh, n, bytes_per_device(state['params']), _opt_bytes(state), steps)
 
 
-def reward_plan(cfg, mesh) -> Plan:
-  """The reward model's Bradley-Terry loss over (B, 2, T) pairs."""
-  t = config_lib.stage_train_config(cfg, 'reward')
-  mcfg = model_lib.ModelConfig.for_stage(cfg, 'reward')
-  seq = cfg.reward.seq_len or cfg.data.seq_len
+def pair_plan(cfg, stage: str, mesh) -> Plan:
+  """The reward model's Bradley-Terry loss, or DPO's preference loss on the policy, over
+  (B, 2, T) comparison pairs."""
+  t = config_lib.stage_train_config(cfg, stage)
+  mcfg = model_lib.ModelConfig.for_stage(cfg, stage)
+  _, _, seq = reward_data.reward_shape(cfg, 1, stage)
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
+  if stage == 'reward':
+    loss_fn = trainer.reward_loss_fn(cfg.reward.center)
+  else:
+    d = cfg.dpo
+    loss_fn = trainer.preference_loss_fn(d.loss, d.beta, d.label_smoothing, d.gamma)
 
   def batch(rows):
     out = {k: _spec((rows, 2, seq), jnp.int32, batch_sh)
            for k in ('tokens', 'positions', 'segment_ids')}
     out['readout'] = _spec((rows, 2), jnp.int32, batch_sh)
     out.update({k: _spec((rows,), jnp.float32, batch_sh) for k in ('margin', 'weight')})
+    if stage == 'dpo':
+      out['reply_mask'] = _spec((rows, 2, seq), jnp.int32, batch_sh)
+      if cfg.dpo.loss != 'simpo':
+        out['ref_logp'] = _spec((rows, 2), jnp.float32, batch_sh)
     return out
 
-  field = 'config.reward.batch_size' if cfg.reward.batch_size else 'config.train.batch_size'
+  field = (f'config.{stage}.batch_size' if cfg[stage].batch_size else 'config.train.batch_size')
   _, state, n, steps = _train_and_eval(
-      'reward ', mcfg, mesh, t, trainer.reward_loss_fn(cfg.reward.center), batch,
-      lambda r: f'{r}x2x{seq}', 2 * seq, seq, field, _batch_unit(cfg, mesh, t.micro_batches))
-  return Plan('reward', mesh, n, bytes_per_device(state['params']), _opt_bytes(state), steps)
+      f'{stage} ', mcfg, mesh, t, loss_fn, batch, lambda r: f'{r}x2x{seq}', 2 * seq, seq, field,
+      _batch_unit(cfg, mesh, t.micro_batches))
+  return Plan(stage, mesh, n, bytes_per_device(state['params']), _opt_bytes(state), steps)
 
 
 def online_rl_plan(cfg, stage: str, mesh, prompt_len: int) -> Plan:
@@ -299,8 +310,8 @@ def plan(cfg, stage: str, mesh, decode_rows: int = 0, prompt_len: int = 0) -> Pl
   if stage in ('pretrain', 'sft'):
     rows = decode_rows or sampling.batch_multiple(mesh, sharding.rules_tuple(cfg.mesh.rules))
     return lm_plan(cfg, stage, mesh, rows, prompt_len)
-  if stage == 'reward':
-    return reward_plan(cfg, mesh)
+  if stage in ('reward', 'dpo'):
+    return pair_plan(cfg, stage, mesh)
   if stage in ('ppo', 'ppo_checker', 'grpo'):
     return online_rl_plan(cfg, stage, mesh, prompt_len)
   raise config_lib.ConfigError(f'--stage={stage!r} must be one of {PIPELINE}.')

@@ -65,7 +65,8 @@ __all__ = ['encode_reply', 'split_comparisons', 'load_comparison_files', 'make_r
 def encode_reply(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len: int,
                  on_long_row: str, finished: bool = True) -> tuple[list[int] | None, bool]:
   """(ids, truncated): prompt + assistant reply [+ `<|end|>` if finished] + `<|reward|>`,
-  at most seq_len tokens.
+  at most seq_len tokens. The reply's own tokens (its content and `<|end|>`, what a policy
+  is scored on) are the `reply_length(ids)` tokens before the `<|reward|>`.
 
   A cut reply (finished False) has no `<|end|>`, as in a PPO rollout of a response that
   ran out of tokens. Too long: 'truncate' drops prompt tokens from the left (the reply
@@ -88,6 +89,15 @@ def encode_reply(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len
   return ids[len(ids) - seq_len:], True
 
 
+def reply_length(ids: Sequence[int], tokenizer) -> int:
+  """Tokens of the reply in `encode_reply`'s ids that a policy generates: its content and,
+  when finished, its `<|end|>`; they sit between the last `<|assistant|>` (given, not
+  generated; a content never holds that id) and the `<|reward|>`."""
+  assistant = tokenizer.role_id('assistant')
+  last = max(i for i, t in enumerate(ids) if t == assistant)
+  return len(ids) - 2 - last
+
+
 @dataclasses.dataclass
 class _Pairs:
   """Tokenized pairs, flat in memory: sequence 2i is pair i's chosen, 2i + 1 its rejected."""
@@ -96,6 +106,8 @@ class _Pairs:
   margin: np.ndarray     # float32, (P,)
   weight: np.ndarray     # float32, (P,)
   groups: list           # per group: int64 array of its pair indices, in order
+  reply_lens: np.ndarray  # int32, (2P,): each sequence's reply tokens (`reply_length`)
+  ref_logps: np.ndarray | None = None  # float32, (P, 2): a reference model's reply log-probs
 
   def __len__(self) -> int:
     return len(self.margin)
@@ -108,7 +120,7 @@ def _tokenize(comparisons: Sequence[Comparison], tokenizer, seq_len: int,
               on_long_row: str) -> tuple[_Pairs, list[Comparison], dict]:
   """Encode every pair, apply the long-row policy, weigh by group; (pairs, kept, counts)."""
   counts = {'too_long': 0, 'truncated': 0, 'dropped': 0}
-  seqs, kept, group_of = [], [], []
+  seqs, kept, group_of, reply_lens = [], [], [], []
   group_index: dict[str, int] = {}
   for c in comparisons:
     sides = [encode_reply(c.prompt, reply, tokenizer, seq_len, on_long_row, finished)
@@ -121,6 +133,7 @@ def _tokenize(comparisons: Sequence[Comparison], tokenizer, seq_len: int,
       continue
     counts['truncated'] += long
     seqs += [np.asarray(ids, np.int32) for ids, _ in sides]
+    reply_lens += [reply_length(ids, tokenizer) for ids, _ in sides]
     kept.append(c)
     group_of.append(group_index.setdefault(c.group, len(group_index)))
   group_of = np.asarray(group_of, np.int64)
@@ -132,7 +145,7 @@ def _tokenize(comparisons: Sequence[Comparison], tokenizer, seq_len: int,
       margin=np.asarray([c.margin for c in kept], np.float32),
       weight=(1.0 / sizes[group_of]).astype(np.float32) if len(kept) else np.zeros(0, np.float32),
       groups=np.split(np.argsort(group_of, kind='stable'), np.cumsum(sizes)[:-1])
-      if len(kept) else [])
+      if len(kept) else [], reply_lens=np.asarray(reply_lens, np.int32))
   return pairs, kept, counts
 
 
@@ -180,13 +193,17 @@ def _epoch_plan(pairs: _Pairs, batch_size: int, seed: int, epoch: int) -> list[n
   return pack_groups(pairs.groups, order, batch_size)
 
 
-def _assemble(pairs: _Pairs, slots: np.ndarray, seq_len: int, pad_id: int) -> dict:
-  """The batch arrays of pair slots (-1: a weight-0 padding pair)."""
+def _assemble(pairs: _Pairs, slots: np.ndarray, seq_len: int, pad_id: int,
+              policy: bool = False) -> dict:
+  """The batch arrays of pair slots (-1: a weight-0 padding pair); `policy` adds each
+  sequence's reply mask (and the reference log-probs, once the pairs have them)."""
   b, T = len(slots), seq_len
   tokens = np.full((b, 2, T), pad_id, np.int32)
   positions = np.zeros((b, 2, T), np.int32)
   segment_ids = np.zeros((b, 2, T), np.int32)
+  reply_mask = np.zeros((b, 2, T), np.int32)
   readout = np.zeros((b, 2), np.int32)
+  ref_logp = np.zeros((b, 2), np.float32)
   margin = np.zeros(b, np.float32)
   weight = np.zeros(b, np.float32)
   for r, p in enumerate(int(s) for s in slots):
@@ -200,18 +217,26 @@ def _assemble(pairs: _Pairs, slots: np.ndarray, seq_len: int, pad_id: int) -> di
       positions[r, side, :n] = np.arange(n)
       segment_ids[r, side, :n] = 1
       readout[r, side] = n - 1
+      reply_mask[r, side, n - 1 - pairs.reply_lens[2 * p + side]:n - 1] = 1
     margin[r], weight[r] = pairs.margin[p], pairs.weight[p]
-  return {'tokens': tokens, 'positions': positions, 'segment_ids': segment_ids,
-          'readout': readout, 'margin': margin, 'weight': weight}
+    if pairs.ref_logps is not None:
+      ref_logp[r] = pairs.ref_logps[p]
+  out = {'tokens': tokens, 'positions': positions, 'segment_ids': segment_ids,
+         'readout': readout, 'margin': margin, 'weight': weight}
+  if policy:
+    out['reply_mask'] = reply_mask
+    if pairs.ref_logps is not None:
+      out['ref_logp'] = ref_logp
+  return out
 
 
 class _Assemble(grain.transforms.Map):
 
-  def __init__(self, pairs: _Pairs, seq_len: int, pad_id: int):
-    self._pairs, self._seq_len, self._pad_id = pairs, seq_len, pad_id
+  def __init__(self, pairs: _Pairs, seq_len: int, pad_id: int, policy: bool):
+    self._pairs, self._seq_len, self._pad_id, self._policy = pairs, seq_len, pad_id, policy
 
   def map(self, slots):
-    return _assemble(self._pairs, slots, self._seq_len, self._pad_id)
+    return _assemble(self._pairs, slots, self._seq_len, self._pad_id, self._policy)
 
 
 class _PlanIterator(grain.DatasetIterator):
@@ -297,33 +322,69 @@ class RewardData:
     return self._val_cache[max_batches]
 
 
-def reward_shape(config, process_count: int = 1) -> tuple[int, int, int]:
-  """(B global pairs a step, b local pairs, T tokens a sequence) from config.reward."""
-  B = int(config.reward.batch_size or config.train.batch_size)
-  field = 'config.reward.batch_size' if config.reward.batch_size else 'config.train.batch_size'
+def _first_set(config, fields: Sequence[str]) -> tuple[int, str]:
+  """(value, field) of the first of `fields` ('section.name') that is set (non-zero)."""
+  for field in fields:
+    section, name = field.split('.')
+    if config[section][name] or field == fields[-1]:
+      return int(config[section][name]), field
+  raise AssertionError(fields)
+
+
+def reward_shape(config, process_count: int = 1,
+                 section: str = 'reward') -> tuple[int, int, int]:
+  """(B global pairs a step, b local pairs, T tokens a sequence) from config.<section>
+  (0 fields fall back: batch_size to config.train's, seq_len to config.reward's, then to
+  config.data's)."""
+  B, field = _first_set(config, (f'{section}.batch_size', 'train.batch_size'))
   if B < 1 or B % process_count:
-    raise ValueError(f'{field}={B} pairs a step must be positive and divisible by the '
+    raise ValueError(f'config.{field}={B} pairs a step must be positive and divisible by the '
                      f'{process_count} processes.')
-  T = int(config.reward.seq_len or config.data.seq_len)
-  field = 'config.reward.seq_len' if config.reward.seq_len else 'config.data.seq_len'
+  T, field = _first_set(config, tuple(dict.fromkeys(
+      (f'{section}.seq_len', 'reward.seq_len', 'data.seq_len'))))
   if T < 4 or T > config.model.max_seq_len:
-    raise ValueError(f'{field}={T} tokens a sequence must be in [4, config.model.max_seq_len='
-                     f'{config.model.max_seq_len}].')
+    raise ValueError(f'config.{field}={T} tokens a sequence must be in [4, '
+                     f'config.model.max_seq_len={config.model.max_seq_len}].')
   return B, B // process_count, T
+
+
+def _reference_logps(pairs: _Pairs, reference_fn, B: int, b: int, process_index: int,
+                     seq_len: int, pad_id: int) -> np.ndarray:
+  """(P, 2) reference log-probs of every pair: `reference_fn(local batch) -> (B, 2)` (the
+  global batch's, on every process) over the pairs B at a time, in the training layout."""
+  out = np.zeros((len(pairs), 2), np.float32)
+  for start in range(0, len(pairs), B):
+    slots = np.full(B, -1, np.int64)
+    chunk = np.arange(start, min(start + B, len(pairs)))
+    slots[:len(chunk)] = chunk
+    local = _assemble(pairs, slots[process_index * b:(process_index + 1) * b], seq_len, pad_id,
+                      policy=True)
+    out[chunk] = np.asarray(reference_fn(local))[:len(chunk)]
+  return out
 
 
 def make_reward_data(config, tokenizer, train: Sequence[Comparison],
                      heldout: Sequence[Comparison], *, process_index: int = 0,
-                     process_count: int = 1) -> RewardData:
-  """The reward train iterator, validation batches and counts for this process."""
+                     process_count: int = 1, section: str = 'reward', policy: bool = False,
+                     reference_fn=None) -> RewardData:
+  """The train iterator, validation batches and counts of comparison pairs for this
+  process, shaped by config.<section> ('reward', or 'dpo' for the policy's pairs).
+
+  `policy` adds `reply_mask` (b, 2, T) to the batches: 1 on the tokens of each reply that
+  a policy generates (content and `<|end|>`), 0 on the prompt, the `<|assistant|>`, the
+  `<|reward|>` and padding. `reference_fn` (local batch -> (B, 2) summed reply log-probs of
+  the global batch) is called once per pair before training, and every batch then carries
+  `ref_logp` (b, 2): the reference model need not be held while the policy trains.
+  """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
-  on_long_row = config.reward.on_long_row
+  on_long_row = config[section].on_long_row
   if on_long_row not in LONG_ROW_POLICIES:
-    raise ValueError(f'config.reward.on_long_row={on_long_row!r} must be one of '
+    raise ValueError(f'config.{section}.on_long_row={on_long_row!r} must be one of '
                      f'{LONG_ROW_POLICIES}.')
-  B, b, T = reward_shape(config, process_count)
+  B, b, T = reward_shape(config, process_count, section)
   seed = int(config.data.shuffle_seed)
+  policy = policy or reference_fn is not None
 
   train_pairs, _, c_train = _tokenize(train, tokenizer, T, on_long_row)
   val_pairs, val_kept, c_val = _tokenize(heldout, tokenizer, T, on_long_row)
@@ -333,13 +394,18 @@ def make_reward_data(config, tokenizer, train: Sequence[Comparison],
     stats[k] = c_train[k] + c_val[k]
   if not len(train_pairs):
     raise ValueError(
-        f'reward data: no training pair left of {len(train)} (stats: {stats}); give more '
-        'comparisons, raise config.reward.seq_len, or set config.reward.on_long_row=truncate.')
+        f'{section} data: no training pair left of {len(train)} (stats: {stats}); give more '
+        f'comparisons, raise config.{section}.seq_len, or set '
+        f'config.{section}.on_long_row=truncate.')
   stats['train_batches'] = len(_epoch_plan(train_pairs, B, seed, 0))
   stats['split_groups'] = sum(len(g) > B for g in train_pairs.groups)
+  if reference_fn is not None:
+    for pairs in (train_pairs, val_pairs):
+      pairs.ref_logps = _reference_logps(pairs, reference_fn, B, b, process_index, T,
+                                         tokenizer.pad_id)
 
   plans = _PlanDataset(train_pairs, B, b, process_index, seed)
-  train_iter = iter(plans.map(_Assemble(train_pairs, T, tokenizer.pad_id)))
+  train_iter = iter(plans.map(_Assemble(train_pairs, T, tokenizer.pad_id, policy)))
 
   def val_fn(max_batches: int) -> list[dict[str, np.ndarray]]:
     out = []
@@ -348,7 +414,7 @@ def make_reward_data(config, tokenizer, train: Sequence[Comparison],
       chunk = np.arange(start, min(start + B, len(val_pairs)))
       slots[:len(chunk)] = chunk
       out.append(_assemble(val_pairs, slots[process_index * b:(process_index + 1) * b], T,
-                           tokenizer.pad_id))
+                           tokenizer.pad_id, policy))
     return out
 
   return RewardData(train_iter=train_iter, stats=stats, seq_len=T, local_batch=b,
@@ -371,16 +437,18 @@ def split_comparisons(comparisons: Sequence[Comparison],
   return train, heldout
 
 
-def load_comparison_files(config) -> tuple[list[Comparison], list[Comparison], dict]:
-  """(train, heldout, counts) of the JSONL files named by config.reward.data."""
-  r = config.reward
+def load_comparison_files(config, section: str = 'reward'
+                          ) -> tuple[list[Comparison], list[Comparison], dict]:
+  """(train, heldout, counts) of the JSONL files named by config.<section>.data."""
+  r = config[section]
   if r.data == 'embedded':
-    raise ValueError("config.reward.data='embedded' is sampled by the reward stage, not "
-                     'read from files.')
+    raise ValueError(f"config.{section}.data='embedded' is sampled by the stage, not read "
+                     'from files.')
   if r.on_bad_row not in BAD_ROW_POLICIES:
-    raise ValueError(f'config.reward.on_bad_row={r.on_bad_row!r} must be one of '
+    raise ValueError(f'config.{section}.on_bad_row={r.on_bad_row!r} must be one of '
                      f'{BAD_ROW_POLICIES}.')
-  comparisons, counts = read_comparisons(expand_paths(r.data, 'config.reward.data'), r.on_bad_row)
+  comparisons, counts = read_comparisons(expand_paths(r.data, f'config.{section}.data'),
+                                         r.on_bad_row)
   train, heldout = split_comparisons(comparisons, float(r.val_fraction))
   counts['train_pairs'], counts['heldout_pairs'] = len(train), len(heldout)
   return train, heldout, counts

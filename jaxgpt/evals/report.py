@@ -1,4 +1,5 @@
-"""The recipe's report: base / SFT / best-of-N / PPO side by side on held-out task prompts.
+"""The recipe's report: base / SFT / best-of-N / DPO / PPO / GRPO side by side on held-out
+task prompts.
 
 `write_report(cfg, workdir)` evaluates every model the workdir holds on
 `tasks.heldout_eval_set(cfg.ppo.eval_per_task)` and writes WORKDIR/report.md (the table,
@@ -40,7 +41,8 @@ SAMPLE_PROMPTS = 6
 CURVE_N = 64  # best-of-n for n = 1, 2, ..., 64
 # What the table lacks without a stage.
 LOST = {'pretrain': 'no base rows', 'sft': 'no SFT or best-of-N row, no KL to SFT',
-        'reward': 'no best-of-N row or curve, no RM scores', 'ppo': 'no PPO row',
+        'reward': 'no best-of-N row or curve, no RM scores', 'dpo': 'no DPO row',
+        'ppo': 'no PPO row',
         'ppo_checker': 'no row for PPO with the checker reward', 'grpo': 'no GRPO row'}
 
 
@@ -130,6 +132,10 @@ def write_report(cfg, workdir: str) -> dict:
     if rm is not None:
       row, curve = best_of_n(cfg, sft, rm, state['tok'], eval_set, n_new, k, rm_len)
       rows.append(row)
+  dpo = load('dpo', lm_cfg)
+  if dpo is not None:
+    rows.append(evaluate('DPO', 'dpo', dpo, 'chat', cfg.seed + 14 + PIPELINE.index('dpo')))
+  del dpo
   for stage, name in rl_rows(cfg):
     m = load(stage, model_lib.ModelConfig.for_stage(cfg, stage), key_path=('policy', 'params'))
     if m is not None:
@@ -139,6 +145,7 @@ def write_report(cfg, workdir: str) -> dict:
             'per_task': int(cfg.ppo.eval_per_task), 'samples_per_prompt': k,
             'max_new_tokens': n_new, 'rows': rows, 'missing': missing,
             'win_rates': win_rates(rows, eval_set), 'best_of_n_curve': curve,
+            'heldout_pairs': heldout_pairs(workdir),
             'claims': claims(rows, cfg, len(eval_set))}
   pick = sorted({int(i) for i in np.linspace(0, len(eval_set) - 1, SAMPLE_PROMPTS)})
   report['samples'] = [{'prompt': eval_set[i].prompt, 'gold': eval_set[i].answer,
@@ -190,6 +197,20 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
   return row, curve
 
 
+def heldout_pairs(workdir: str) -> dict:
+  """Held-out pairwise accuracy of the reward model's score and of DPO's implicit reward
+  beta (log pi - log pi_ref), from the eval.json each stage wrote ({} without either)."""
+  out = {}
+  for stage, name in (('reward', 'reward model'), ('dpo', 'DPO implicit reward')):
+    path = common.eval_path(workdir, stage)
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        held = json.load(f).get('heldout_pairs') or {}
+      if held.get('pairwise_accuracy') is not None:
+        out[name] = {k: held[k] for k in ('pairwise_accuracy', 'pairs', 'per_task')}
+  return out
+
+
 def win_rates(rows, eval_set) -> dict:
   """Per chat model row (other than SFT): the simulated labeler's verdicts of its greedy
   replies against SFT's, split by the key that decided each (see evals/win_rate.py)."""
@@ -222,6 +243,8 @@ CLAIMS = (
      'gold_greedy', True),
     ('GRPO with the checker beats SFT on gold accuracy (greedy)', 'GRPO', 'SFT', 'gold_greedy',
      True),
+    ('DPO on the same comparisons beats SFT on gold accuracy (greedy)', 'DPO', 'SFT',
+     'gold_greedy', True),
 )
 
 
@@ -297,6 +320,7 @@ def markdown(report: dict) -> str:
     lines.append(f'- **Not in this report**: {stage} ({report["missing"][stage]}): '
                  f'{LOST[stage]}.')
   lines += win_rate_lines(report.get('win_rates') or {})
+  lines += pair_lines(report.get('heldout_pairs') or {})
   lines += curve_lines(report.get('best_of_n_curve'))
   tested = [c for c in report['claims'] if c['verdict'] != 'not tested']
   lines += ['', "## The talk's claims, checked", '',
@@ -333,6 +357,24 @@ def win_rate_lines(rates: dict) -> list[str]:
     split = ' | '.join(f'{r["wins_by"][k]} / {r["losses_by"][k]}' for k in keys)
     lines.append(f'| {name} | {r["win_rate"]:.1%} | {r["wins"]} | {r["losses"]} | {r["ties"]} | '
                  f'{split} |')
+  return lines
+
+
+def pair_lines(held: dict) -> list[str]:
+  """The held-out comparison pairs ranked by the reward model and by DPO's implicit reward."""
+  if not held:
+    return []
+  tasks_ = sorted({t for v in held.values() for t in v['per_task']})
+  lines = ['', '## Held-out comparison pairs', '',
+           'The share of held-out pairs (labeler-ranked SFT samples of unseen task instances) '
+           'each learner ranks as the labeler did: the reward model by its score, DPO by its '
+           'implicit reward beta (log pi - log pi_ref).', '',
+           '| ranked by | pairs | accuracy | ' + ' | '.join(tasks_) + ' |',
+           '|---|---:|---:|' + '---:|' * len(tasks_)]
+  for name, v in held.items():
+    cells = ' | '.join('n/a' if v['per_task'].get(t) is None else f'{v["per_task"][t]:.1%}'
+                       for t in tasks_)
+    lines.append(f'| {name} | {v["pairs"]} | {v["pairwise_accuracy"]:.1%} | {cells} |')
   return lines
 
 

@@ -26,7 +26,7 @@ from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.train import checkpoint as ckpt_lib
 
 # Stages whose checkpoint holds a language model one can sample from.
-GENERATIVE_STAGES = ('pretrain', 'sft', 'ppo', 'ppo_checker', 'grpo')
+GENERATIVE_STAGES = ('pretrain', 'sft', 'dpo', 'ppo', 'ppo_checker', 'grpo')
 # Online-RL stages: their checkpoint's state holds the policy under 'policy'.
 RL_STAGES = ('ppo', 'ppo_checker', 'grpo')
 # Stages whose checkpoint holds a model that scores replies (`jaxgpt.cli.score`).

@@ -5,4 +5,4 @@
 reads what each left in WORKDIR/<name>/.
 """
 
-PIPELINE = ('pretrain', 'sft', 'reward', 'ppo', 'ppo_checker', 'grpo')
+PIPELINE = ('pretrain', 'sft', 'reward', 'dpo', 'ppo', 'ppo_checker', 'grpo')

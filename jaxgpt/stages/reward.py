@@ -25,183 +25,26 @@ seq_len; a reply that cannot fit at all is left out).
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import random
 import time
 
-import jax
 import numpy as np
 
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat, comparisons, jsonl, tasks
+from jaxgpt.data import tasks
 from jaxgpt.data import reward as reward_data
 from jaxgpt.evals import best_of_n as best_of_n_lib
+from jaxgpt.evals import pairwise
 from jaxgpt.evals import samples as samples_lib
 from jaxgpt.evals import accuracy as evaluation
-from jaxgpt.inference import sampling, scoring
-from jaxgpt.stages import common
+from jaxgpt.inference import scoring
+from jaxgpt.stages import common, preference_data
 from jaxgpt.train import loop, metrics, trainer
 
 NAME = 'reward'
 PREVIOUS = 'sft'
-COMPARISON_FILES = {'train': 'comparisons.jsonl', 'heldout': 'comparisons_heldout.jsonl'}
-SAMPLES_FILE = 'samples_heldout.jsonl'  # the distinct held-out samples: score_stats' set
-# |r_chosen - r_rejected| bucket edges for the calibration table.
-CALIBRATION_EDGES = (0.0, 0.5, 1.0, 2.0, 4.0)
-
-
-@functools.lru_cache(maxsize=4)
-def _jitted_pair_scores(graphdef, mesh, rules):
-  def fn(params, batch):
-    scores_b2 = trainer.pair_scores_bt2(model_lib.merge(graphdef, params), batch)
-    return scores_b2, batch['weight']
-  # Replicated: every process gets the scores and weights of all rows of the global batch.
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
-
-
-def scores_of_batches(graphdef, params, batches, mesh, rules) -> tuple[np.ndarray, np.ndarray]:
-  """(scores (n, 2), weights (n,)) of every pair of the global batches whose local rows
-  are `batches` (host numpy, the same on every process): row k*B + i of the result is
-  global row i of batch k, so with `RewardData.val_batches` it is heldout[k*B + i]."""
-  fn = _jitted_pair_scores(graphdef, mesh, rules)
-  scores, weights = [], []
-  with jax.set_mesh(mesh):
-    for b in batches:
-      got = jax.device_get(fn(params, loop.global_batch(b, mesh, rules)))
-      scores.append(np.asarray(got[0]))
-      weights.append(np.asarray(got[1]))
-  if not scores:
-    return np.zeros((0, 2), np.float32), np.zeros((0,), np.float32)
-  return np.concatenate(scores), np.concatenate(weights)
-
-
-# -- held-out samples (the set score_stats is over) ------------------------------------------
-
-
-def distinct_samples(samples) -> list[tuple[tuple[dict, ...], str, bool]]:
-  """The distinct (prompt messages, reply, finished) of `samples`, in first-seen order."""
-  seen = {}
-  for prompt, reply, finished in samples:
-    key = (tuple((m['role'], m['content']) for m in prompt), reply, bool(finished))
-    seen.setdefault(key, (tuple(prompt), reply, bool(finished)))
-  return list(seen.values())
-
-
-def pair_sides(pairs) -> list[tuple[tuple[dict, ...], str, bool]]:
-  """The distinct replies of comparison pairs, as (prompt, reply, finished)."""
-  return distinct_samples(side for c in pairs for side in (
-      (c.prompt, c.chosen, c.chosen_finished), (c.prompt, c.rejected, c.rejected_finished)))
-
-
-def write_samples(path, samples) -> None:
-  """`{"prompt" | "messages", "response", "finished"}` rows, written atomically."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      for prompt, reply, finished in samples:
-        single = len(prompt) == 1 and prompt[0]['role'] == 'user'
-        row = ({'prompt': prompt[0]['content']} if single else
-               {'messages': [{'role': m['role'], 'content': m['content']} for m in prompt]})
-        row.update(response=reply, finished=finished)
-        f.write(json.dumps(row, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _sample_row(obj, where):
-  del where  # jsonl.read_rows puts it in front of the message
-  if not isinstance(obj, dict):
-    raise jsonl.BadRow('bad_type', f'expected a JSON object, got {type(obj).__name__}')
-  prompt = jsonl.parse_prompt(obj)
-  if not isinstance(obj.get('response'), str):
-    raise jsonl.BadRow('bad_type', "'response' must be a string")
-  if not isinstance(obj.get('finished'), bool):
-    raise jsonl.BadRow('bad_finished', "'finished' must be true or false")
-  return prompt, obj['response'], obj['finished']
-
-
-def read_samples(path) -> list[tuple[tuple[dict, ...], str, bool]]:
-  """The rows of `write_samples`; a malformed line fails naming it (`path:line:`)."""
-  return jsonl.read_rows([path], _sample_row)[0]
-
-
-# -- comparisons ------------------------------------------------------------------------------
-
-
-def embedded_comparisons(cfg, out_dir, graphdef, sft_params, sft_mcfg, tok):
-  """(train, heldout, stats, heldout_samples): SFT samples ranked by the simulated
-  labeler, sampled once and kept in out_dir/comparisons*.jsonl (their counts and timings
-  in comparisons_stats.json), and the distinct held-out samples, (prompt, reply,
-  finished), in out_dir/samples_heldout.jsonl; a re-run reads the files back."""
-  paths = {split: os.path.join(out_dir, name) for split, name in COMPARISON_FILES.items()}
-  stats_path = os.path.join(out_dir, 'comparisons_stats.json')
-  samples_path = os.path.join(out_dir, SAMPLES_FILE)
-  if all(os.path.exists(p) for p in paths.values()):
-    out = {split: comparisons.read_comparisons([p])[0] for split, p in paths.items()}
-    print(f'[{NAME}] comparisons: reusing {paths["train"]} ({len(out["train"]):,} pairs) and '
-          f'{paths["heldout"]} ({len(out["heldout"]):,})', flush=True)
-    stats = {}
-    if os.path.exists(stats_path):
-      with open(stats_path, encoding='utf-8') as f:
-        stats = json.load(f)
-    if os.path.exists(samples_path):
-      samples = read_samples(samples_path)
-    else:  # files of an older version: cut replies in them read as finished
-      samples = pair_sides(out['heldout'])
-      print(f'[{NAME}] no {samples_path}: score_stats over the distinct replies of the '
-            'held-out pairs; delete the comparison files to sample them again.', flush=True)
-    return out['train'], out['heldout'], dict(stats, reused=1), samples
-  r = cfg.reward
-  stats = {}
-  out, heldout_samples = {}, []
-  for split, n_prompts in (('train', r.prompts), ('heldout', r.heldout_prompts)):
-    start = time.perf_counter()
-    examples = list({e.prompt: e for e in tasks.sample_examples(split, n_prompts,
-                                                                seed=cfg.seed + 1)}.values())
-    k = int(r.samples_per_prompt)
-    per_sample = [e for e in examples for _ in range(k)]
-    prompt_ids = [chat.render_prompt([{'role': 'user', 'content': e.prompt}], tok)
-                  for e in per_sample]
-    samples = sampling.generate(graphdef, sft_params, sft_mcfg, tok, prompt_ids,
-                                max_new_tokens=r.response_tokens, temperature=1.0,
-                                seed=cfg.seed + (split == 'heldout'), batch_size=1024)
-    rng = random.Random(f'labeler|{split}|{cfg.seed}')
-    pairs, no_pairs = [], 0
-    for i, e in enumerate(examples):
-      got = comparisons.comparisons_from_samples(e.prompt, e.task, samples[i * k:(i + 1) * k],
-                                                 rng, r.flip_fraction, group=f'{split}-{i}',
-                                                 tie_break=r.tie_break)
-      no_pairs += not got
-      pairs += got
-    if split == 'heldout':  # as comparisons_from_samples keeps them: stripped, non-empty
-      heldout_samples = distinct_samples(
-          (({'role': 'user', 'content': e.prompt.strip()},), text.strip(), finished)
-          for e, (text, finished) in zip(per_sample, samples) if text.strip())
-    if jax.process_index() == 0:
-      if split == 'heldout':  # before the file whose presence means "reuse"
-        write_samples(samples_path, heldout_samples)
-      comparisons.write_comparisons(paths[split], pairs)
-    out[split] = pairs
-    accepted = sum(tasks.check(e, None, text) for e, (text, _) in zip(per_sample, samples))
-    stats.update({f'{split}_prompts': len(examples), f'{split}_no_pair_prompts': no_pairs,
-                  f'{split}_pairs': len(pairs), f'{split}_sample_accuracy':
-                  round(accepted / max(1, len(samples)), 4), f'{split}_finished':
-                  round(sum(f for _, f in samples) / max(1, len(samples)), 4),
-                  f'{split}_sampling_seconds': round(time.perf_counter() - start, 1)})
-  stats['heldout_distinct_samples'] = len(heldout_samples)
-  if jax.process_index() == 0:
-    with open(stats_path, 'w', encoding='utf-8') as f:
-      json.dump(stats, f, indent=1)
-  print(f'[{NAME}] comparisons sampled from the SFT model ({k} per prompt, temperature 1) and '
-        f'ranked by the simulated labeler: {common.format_stats(stats)} -> {paths["train"]}',
-        flush=True)
-  return out['train'], out['heldout'], stats, heldout_samples
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -239,15 +82,11 @@ def run(cfg, workdir: str) -> loop.Result:
   out_dir = loop.stage_dir(workdir, NAME)
   os.makedirs(out_dir, exist_ok=True)
   sft_graphdef = model_lib.abstract_model(sft_mcfg)[0]
-  if cfg.reward.data == 'embedded':
-    train, heldout, source_stats, samples = embedded_comparisons(cfg, out_dir, sft_graphdef,
-                                                                 sft_params, sft_mcfg, tok)
-  else:
-    train, heldout, source_stats = reward_data.load_comparison_files(cfg)
-    samples = None
+  train, heldout, source_stats, samples = preference_data.comparisons_for(
+      cfg, NAME, out_dir, sft_graphdef, sft_params, sft_mcfg, tok)
   data = reward_data.make_reward_data(cfg, tok, train, heldout, **common.process_info())
   if samples is None:  # the user's pairs: their distinct held-out replies
-    samples = pair_sides(data.heldout)
+    samples = preference_data.pair_sides(data.heldout)
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
 
   t = config_lib.stage_train_config(cfg, NAME)
@@ -290,24 +129,6 @@ def _auc(scores, labels) -> float | None:
   return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def pairwise_report(scores_n2, heldout) -> dict:
-  """Held-out pairwise accuracy overall, per task and by |score difference| bucket."""
-  diff = scores_n2[:, 0] - scores_n2[:, 1]
-  right = diff > 0
-  per_task = {}
-  for task in sorted({c.task for c in heldout}):
-    idx = np.array([c.task == task for c in heldout])
-    per_task[task or 'unknown'] = float(right[idx].mean())
-  calibration = []
-  edges = list(CALIBRATION_EDGES) + [np.inf]
-  for lo, hi in zip(edges[:-1], edges[1:]):
-    sel = (np.abs(diff) >= lo) & (np.abs(diff) < hi)
-    calibration.append({'abs_diff': f'[{lo:g}, {hi:g})', 'pairs': int(sel.sum()),
-                        'accuracy': float(right[sel].mean()) if sel.any() else None})
-  return {'pairwise_accuracy': float(right.mean()) if len(right) else None,
-          'pairs': int(len(right)), 'per_task': per_task, 'calibration': calibration}
-
-
 def best_of_n(cfg, tok, rm, sft, eval_set, ns, seed) -> dict:
   """Gold accuracy of best-of-n SFT samples by RM score, for each n in `ns` (the expected
   pick over every n-subset of max(ns) samples per prompt), and the AUC of the score."""
@@ -332,10 +153,10 @@ def write_eval(cfg, workdir, tok, mcfg, graphdef, params, data, mesh, sft_graphd
                init_dir, source_stats) -> dict:
   """WORKDIR/reward/eval.json and its table on the console."""
   r = cfg.reward
-  scores, weights = scores_of_batches(graphdef, params, data.val_batches(10 ** 6), mesh,
-                                      mcfg.rules)
-  scores = scores[weights > 0]
-  report = {'heldout_pairs': pairwise_report(scores, data.heldout[:len(scores)])}
+  scores, weights = pairwise.over_batches(trainer.pair_scores_bt2, graphdef, params,
+                                         data.val_batches(10 ** 6), mesh, mcfg.rules)
+  scores = np.zeros((0, 2), np.float32) if scores is None else scores[weights > 0]
+  report = {'heldout_pairs': pairwise.pairwise_report(scores, data.heldout[:len(scores)])}
   sft_params, _ = common.params_from_checkpoint(init_dir, mesh, sft_mcfg,
                                                 what=f'{NAME}: the SFT model')
   eval_set = tasks.heldout_eval_set(r.eval_per_task, seed=cfg.seed)

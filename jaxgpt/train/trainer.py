@@ -186,6 +186,36 @@ def reward_loss_fn(center: float = 0.0) -> LossFn:
   return loss_fn
 
 
+def pair_logps_b2(model, batch):
+  """(b, 2) summed log-probs of each pair's replies (batch['reply_mask'] marks their
+  tokens; chosen and rejected in one forward), and (b, 2) their token counts. The logits
+  at position t predict token t + 1, so a reply token's log-prob is read one place before it."""
+  b = batch['tokens'].shape[0]
+  flat = lambda x: x.reshape((2 * b,) + x.shape[2:])  # noqa: E731  (b, 2, ...) -> (2b, ...)
+  tokens_bt = flat(batch['tokens'])
+  logits_btv = model(tokens_bt, flat(batch['positions']), flat(batch['segment_ids']))
+  mask_bt = flat(batch['reply_mask'])[:, 1:].astype(jnp.float32)
+  logps_bt = losses.token_log_probs(logits_btv[:, :-1], tokens_bt[:, 1:])
+  logps_b = jnp.sum(logps_bt * mask_bt, axis=-1)
+  return logps_b.reshape(b, 2), mask_bt.sum(axis=-1).reshape(b, 2)
+
+
+def preference_loss_fn(loss: str, beta: float, label_smoothing: float = 0.0,
+                       gamma: float = 0.0) -> LossFn:
+  """DPO / IPO / SimPO on pairs (`losses.preference_loss_sum`) over batch['weight']; the
+  reference's log-probs come with the batch (`ref_logp`), computed once before training."""
+  def loss_fn(model, batch):
+    logps_b2, lengths_b2 = pair_logps_b2(model, batch)
+    ref = batch.get('ref_logp')
+    return losses.preference_loss_sum(
+        logps_b2[:, 0], logps_b2[:, 1], batch['weight'], loss=loss, beta=beta,
+        ref_chosen_b=None if ref is None else ref[:, 0],
+        ref_rejected_b=None if ref is None else ref[:, 1], label_smoothing=label_smoothing,
+        len_chosen_b=jnp.maximum(lengths_b2[:, 0], 1.0),
+        len_rejected_b=jnp.maximum(lengths_b2[:, 1], 1.0), gamma=gamma)
+  return loss_fn
+
+
 def jit_train_step(train_step, shardings, mesh, rules, batch_keys):
   """Compile once with explicit in/out shardings; the old state is donated."""
   batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in batch_keys}
