@@ -76,7 +76,7 @@ def test_report_rows_numbers_and_files(full_report):
   assert {'pretrain', 'sft'} <= present, 'the smoke run has no pretrain or sft stage'
   best = f'best-of-{max(cfg.reward.best_of)}'
   names = (['base zero-shot', 'base few-shot', 'SFT'] + [best] * ('reward' in present)
-           + ['PPO'] * ('ppo' in present) + ['PPO (checker)'] * ('ppo_checker' in present)
+           + ['DPO'] * ('dpo' in present) + ['PPO'] * ('ppo' in present) + ['PPO (checker)'] * ('ppo_checker' in present)
            + [f'GRPO ({cfg.grpo.reward})'] * ('grpo' in present))
   assert [r['model'] for r in out['rows']] == names
   assert set(out['missing']) == set(report.STAGES) - present
@@ -120,6 +120,9 @@ def test_report_rows_numbers_and_files(full_report):
   for name in names:
     assert f'| {name} |' in md
   assert "## The talk's claims" in md and 'PPO beats SFT on gold accuracy' in md
+  if {'reward', 'dpo'} <= present:  # the held-out pairs ranked by the RM and by DPO
+    assert set(out['heldout_pairs']) == {'reward model', 'DPO implicit reward'}
+    assert '## Held-out comparison pairs' in md
   assert out['plots'][0] == 'plots/losses.png'
   for p in out['plots']:
     check_png(os.path.join(workdir, p))
@@ -149,7 +152,7 @@ def test_report_sft_and_ppo_policy_subtree(smoke_run, tmp_path):
     check_row(r, cfg.sft.eval_tokens)
     assert r['rm_score'] is None
   assert abs(ppo['kl_to_sft']) < 1e-3 and ppo['greedy_answers'] == sft['greedy_answers']
-  assert set(out['missing']) == {'pretrain', 'reward', 'ppo_checker', 'grpo'}
+  assert set(out['missing']) == {'pretrain', 'reward', 'dpo', 'ppo_checker', 'grpo'}
   verdicts = {c['claim']: c['verdict'] for c in out['claims']}
   assert verdicts['PPO raises the reward-model score'] == 'not tested'
   assert verdicts['PPO beats SFT on gold accuracy (greedy)'] != 'not tested'
