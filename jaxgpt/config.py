@@ -241,6 +241,8 @@ def dpo_section() -> ml_collections.ConfigDict:
   d.beta = 0.1
   d.label_smoothing = 0.0      # dpo: conservative DPO's eps (0: Rafailov et al.)
   d.gamma = 0.0                # simpo: the target margin
+  d.nll_coef = 0.0             # + this times the chosen reply's per-token NLL (RPO; TRL's
+                               # rpo_alpha): keeps the chosen replies likely
   d.steps = 300
   d.lr = 1e-4
   d.warmup_steps = 30
@@ -578,6 +580,8 @@ def _validate_dpo(cfg, batch_shards: BatchShards) -> None:
   _choice(cfg, 'dpo.loss', PREFERENCE_LOSSES)
   if not d.beta > 0:
     raise ConfigError(f'config.dpo.beta={d.beta} must be > 0.')
+  if d.nll_coef < 0:
+    raise ConfigError(f'config.dpo.nll_coef={d.nll_coef} must be >= 0.')
   if not 0.0 <= d.label_smoothing < 0.5:
     raise ConfigError(f'config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5).')
   if d.seq_len > cfg.model.max_seq_len:

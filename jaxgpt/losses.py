@@ -107,7 +107,7 @@ PREFERENCE_LOSSES = ('dpo', 'ipo', 'simpo')
 def preference_loss_sum(logp_chosen_b, logp_rejected_b, weight_b, *, loss: str = 'dpo',
                         beta: float = 0.1, ref_chosen_b=None, ref_rejected_b=None,
                         label_smoothing: float = 0.0, len_chosen_b=None, len_rejected_b=None,
-                        gamma: float = 0.0):
+                        gamma: float = 0.0, nll_coef: float = 0.0):
   """Direct preference optimisation on comparison pairs, summed with weights (as
   `pairwise_reward_loss_sum`, so the shared LM loop divides once per step).
 
@@ -119,6 +119,9 @@ def preference_loss_sum(logp_chosen_b, logp_rejected_b, weight_b, *, loss: str =
     'ipo':   (h - 1 / (2 beta))^2                                         (Azar et al.)
     'simpo': -log sigmoid(beta (logp_c / len_c - logp_r / len_r) - gamma), no reference,
              per-token averages (Meng et al.)
+  plus, with nll_coef, nll_coef * (-logp_c / len_c): the chosen reply's per-token NLL (RPO,
+  Pang et al. 2024; TRL's rpo_alpha), which keeps DPO from lowering the chosen replies'
+  likelihood along with the rejected ones'.
   Returns (loss_sum, sums): 'loss' and TRL's metrics as sums — 'rewards/chosen' and
   'rewards/rejected' (the implicit rewards beta (logp - ref); SimPO: beta times the
   length-normalised log-prob), 'rewards/accuracies', 'rewards/margins', 'logps/chosen',
@@ -142,6 +145,8 @@ def preference_loss_sum(logp_chosen_b, logp_rejected_b, weight_b, *, loss: str =
     else:
       per_pair = ((1.0 - label_smoothing) * jax.nn.softplus(-beta * h)
                   + label_smoothing * jax.nn.softplus(beta * h))
+  if nll_coef:
+    per_pair = per_pair + nll_coef * (-lc / len_chosen_b.astype(jnp.float32))
   margin = reward_c - reward_r
   loss_sum = jnp.sum(w * per_pair)
   sums = {'loss': loss_sum, 'rewards/chosen': jnp.sum(w * reward_c),

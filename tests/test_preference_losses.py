@@ -85,3 +85,17 @@ def test_simpo_is_reference_free_and_length_normalised():
 def test_unknown_loss_names_the_field():
   with pytest.raises(ValueError, match='config.dpo.loss'):
     losses.preference_loss_sum(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), loss='kto')
+
+
+def test_chosen_nll_term_adds_the_per_token_nll_of_the_chosen_reply():
+  """RPO: + nll_coef * (-log p_c / len_c) per pair; its gradient on log p_c is -coef / len_c."""
+  coef, len_c = 0.5, np.array([3.0, 5.0, 2.0], np.float32)
+
+  def f(lc, nll_coef):
+    return losses.preference_loss_sum(lc, jnp.asarray(LR), jnp.asarray(W), loss='dpo', beta=0.1,
+                                      ref_chosen_b=jnp.asarray(RC), ref_rejected_b=jnp.asarray(RR),
+                                      len_chosen_b=jnp.asarray(len_c), nll_coef=nll_coef)[0]
+  np.testing.assert_allclose(float(f(jnp.asarray(LC), coef)) - float(f(jnp.asarray(LC), 0.0)),
+                             float(np.dot(W, coef * -LC / len_c)), rtol=1e-5)
+  extra = jax.grad(f)(jnp.asarray(LC), coef) - jax.grad(f)(jnp.asarray(LC), 0.0)
+  np.testing.assert_allclose(extra, -coef * W / len_c, rtol=1e-5)

@@ -35,6 +35,7 @@ from jaxgpt.rl import grpo as grpo_algo
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import ppo as ppo_algo
 from jaxgpt.stages import PIPELINE, ppo_checker
+from jaxgpt.stages import dpo as dpo_stage
 from jaxgpt.train import metrics, optim, trainer
 
 LM_KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
@@ -207,11 +208,8 @@ def pair_plan(cfg, stage: str, mesh) -> Plan:
   mcfg = model_lib.ModelConfig.for_stage(cfg, stage)
   _, _, seq = reward_data.reward_shape(cfg, 1, stage)
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
-  if stage == 'reward':
-    loss_fn = trainer.reward_loss_fn(cfg.reward.center)
-  else:
-    d = cfg.dpo
-    loss_fn = trainer.preference_loss_fn(d.loss, d.beta, d.label_smoothing, d.gamma)
+  loss_fn = (trainer.reward_loss_fn(cfg.reward.center) if stage == 'reward'
+             else dpo_stage.loss_fn(cfg))
 
   def batch(rows):
     out = {k: _spec((rows, 2, seq), jnp.int32, batch_sh)

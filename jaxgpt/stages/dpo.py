@@ -48,6 +48,12 @@ def reply_logps(model, batch):
   return {'logps': logps_b2, 'lengths': lengths_b2, 'ref': batch.get('ref_logp')}
 
 
+def loss_fn(cfg) -> trainer.LossFn:
+  """config.dpo's preference loss."""
+  d = cfg.dpo
+  return trainer.preference_loss_fn(d.loss, d.beta, d.label_smoothing, d.gamma, d.nll_coef)
+
+
 def reference_fn(graphdef, params, mesh, rules):
   """local batch -> (B, 2) reply log-probs of the global batch under `params` (every
   process gets all rows): `make_reward_data`'s reference_fn."""
@@ -81,11 +87,10 @@ def run(cfg, workdir: str) -> loop.Result:
   data = pair_data(cfg, tok, train, heldout, graphdef, sft_params, mesh, mcfg.rules)
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
 
-  d, t = cfg.dpo, config_lib.stage_train_config(cfg, NAME)
+  t = config_lib.stage_train_config(cfg, NAME)
   n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
-  loss_fn = trainer.preference_loss_fn(d.loss, d.beta, d.label_smoothing, d.gamma)
   stage = loop.Stage(
-      name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh, loss_fn=loss_fn, data=data,
+      name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh, loss_fn=loss_fn(cfg), data=data,
       init_params=lambda: sft_params,
       meta={'tokenizer': tok.path, 'init_from': init_dir, 'source_stats': source_stats,
             'config': cfg.to_json_best_effort()},
@@ -94,7 +99,7 @@ def run(cfg, workdir: str) -> loop.Result:
   result = loop.train(stage, workdir)
   if common.evaluated_before(result, workdir, NAME):
     return result
-  write_eval(cfg, workdir, tok, mcfg, result, data, mesh, loss_fn, source_stats)
+  write_eval(cfg, workdir, tok, mcfg, result, data, mesh, source_stats)
   return result
 
 
@@ -109,7 +114,7 @@ def implicit_rewards(cfg, graphdef, params, batches, mesh, rules) -> np.ndarray:
   return (cfg.dpo.beta * rewards)[weights > 0]
 
 
-def write_eval(cfg, workdir, tok, mcfg, result, data, mesh, loss_fn, source_stats) -> dict:
+def write_eval(cfg, workdir, tok, mcfg, result, data, mesh, source_stats) -> dict:
   """WORKDIR/dpo/eval.json and its summary line."""
   rules = mcfg.rules
   batches = data.val_batches(10 ** 6)
@@ -118,8 +123,8 @@ def write_eval(cfg, workdir, tok, mcfg, result, data, mesh, loss_fn, source_stat
     rewards = implicit_rewards(cfg, result.graphdef, result.state['params'], batches, mesh,
                                rules)
     report['heldout_pairs'] = pairwise.pairwise_report(rewards, data.heldout[:len(rewards)])
-    eval_step = trainer.make_eval_step(result.graphdef, loss_fn, result.shardings['params'],
-                                       mesh, rules, list(batches[0]))
+    eval_step = trainer.make_eval_step(result.graphdef, loss_fn(cfg),
+                                       result.shardings['params'], mesh, rules, list(batches[0]))
     report['heldout_metrics'] = loop.evaluate(eval_step, result.state['params'], batches,
                                               mesh, rules, perplexity=False)
   eval_set = tasks.heldout_eval_set(cfg.dpo.eval_per_task, seed=cfg.seed)

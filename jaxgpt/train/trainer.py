@@ -201,7 +201,7 @@ def pair_logps_b2(model, batch):
 
 
 def preference_loss_fn(loss: str, beta: float, label_smoothing: float = 0.0,
-                       gamma: float = 0.0) -> LossFn:
+                       gamma: float = 0.0, nll_coef: float = 0.0) -> LossFn:
   """DPO / IPO / SimPO on pairs (`losses.preference_loss_sum`) over batch['weight']; the
   reference's log-probs come with the batch (`ref_logp`), computed once before training."""
   def loss_fn(model, batch):
@@ -212,7 +212,7 @@ def preference_loss_fn(loss: str, beta: float, label_smoothing: float = 0.0,
         ref_chosen_b=None if ref is None else ref[:, 0],
         ref_rejected_b=None if ref is None else ref[:, 1], label_smoothing=label_smoothing,
         len_chosen_b=jnp.maximum(lengths_b2[:, 0], 1.0),
-        len_rejected_b=jnp.maximum(lengths_b2[:, 1], 1.0), gamma=gamma)
+        len_rejected_b=jnp.maximum(lengths_b2[:, 1], 1.0), gamma=gamma, nll_coef=nll_coef)
   return loss_fn
 
 
