@@ -304,6 +304,8 @@ def grpo_section() -> ml_collections.ConfigDict:
   g.advantage = 'grpo'         # grpo ((r - mean) / std) | dr_grpo (r - mean) | rloo (leave-one-out)
   g.loss_aggregation = 'auto'  # seq_mean | token_sum | token_mean; auto: token_sum for
                                # dr_grpo, else seq_mean
+  g.oversample = 1             # dynamic sampling (DAPO): draw this many times the prompts, keep
+                               # rollout_batch rows of the groups whose host rewards differ first
   g.kl_in = 'loss'             # loss (k3 term in the loss, GRPO) | reward (-beta * KL in the reward)
   g.kl_estimator = 'k3'
   g.kl_coef = 0.04
@@ -640,6 +642,9 @@ def _validate_grpo(cfg, batch_shards: BatchShards) -> None:
     raise ConfigError(f'config.grpo.group_size={g.group_size} must divide '
                       f'config.grpo.rollout_batch={g.rollout_batch} (rollout_batch / group_size '
                       'prompts an iteration, each sampled group_size times).')
+  if g.oversample < 1:
+    raise ConfigError(f'config.grpo.oversample={g.oversample} must be >= 1 (1: keep every '
+                      'group drawn).')
   if g.advantage == 'rloo' and g.group_size < 2:
     raise ConfigError('config.grpo.advantage=rloo needs config.grpo.group_size >= 2 (the '
                       'baseline is the mean of the other samples of the prompt).')

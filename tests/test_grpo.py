@@ -191,6 +191,34 @@ def test_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
   assert os.path.exists(os.path.join(runs['straight'], 'grpo', 'eval.json'))
 
 
+def test_informative_first_keeps_whole_groups_with_a_signal_first():
+  rewards = np.array([0, 0, 1, 0,  1, 1, 1, 1,  0, 0, 0, 0,  0, 1, 1, 1,  2, 2, 2, 2], float)
+  keep = rl_loop.informative_first(rewards, 4, 3)  # groups 0 and 3 differ; then group 1
+  np.testing.assert_array_equal(keep, [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15])
+  np.testing.assert_array_equal(rl_loop.informative_first(rewards, 4, 1), [0, 1, 2, 3])
+  assert len(rl_loop.informative_first(np.zeros(8), 4, 2)) == 8  # none differ: the first two
+
+
+def test_dynamic_sampling_draws_more_and_keeps_one_batch(smoke_run, tmp_path, monkeypatch):
+  """oversample=3: three batches of prompts sampled, one batch of groups updated on, the
+  drawn rows' gold and equal-group share logged beside the kept ones'."""
+  (tmp_path / 'toy_rewards.py').write_text(textwrap.dedent(TOY_REWARD), encoding='utf-8')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  workdir = smoke_run[0]
+  wd = copy_sft(workdir, str(tmp_path / 'dyn'))
+  cfg = helpers.smoke_config(**{
+      'stage': 'grpo', 'grpo.reward': 'toy_rewards:vowels', 'grpo.steps': 2,
+      'grpo.oversample': 3, 'grpo.rollout_batch': 16, 'grpo.batch_size': 8,
+      'grpo.group_size': 4, 'grpo.eval_per_task': 1,
+      'tokenizer.path': os.path.join(workdir, 'tokenizer.model')})
+  run_lib.run(cfg, wd)
+  import toy_rewards  # pylint: disable=import-outside-toplevel
+  assert [len(c[0]) for c in toy_rewards.CALLS[-2:]] == [48, 48]  # 3 x 4 prompts x K
+  rows = read_jsonl(os.path.join(wd, 'grpo', 'metrics.jsonl'))
+  for r in rows:
+    assert r['equal_reward_groups'] <= r['drawn_equal_reward_groups'] and 'drawn_gold' in r
+
+
 def test_a_weighted_sum_with_the_reward_model():
   """'checker + 0.5*model': the host term plus half the reward model's raw score (no
   score_stats), then the group formula."""

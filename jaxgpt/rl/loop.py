@@ -131,6 +131,18 @@ def group_rows(local: dict, group_size: int) -> dict:
   return {k: np.repeat(v, group_size, axis=0) for k, v in local.items()}
 
 
+def informative_first(rewards_b: np.ndarray, group_size: int, groups: int) -> np.ndarray:
+  """Row indices of `groups` whole groups of K = group_size consecutive rows: first the groups
+  whose rewards are not all equal (the only ones with a learning signal), then the others,
+  each set in draw order, the kept groups back in draw order (DAPO's dynamic sampling, at a
+  fixed batch size)."""
+  r_gk = np.asarray(rewards_b).reshape(-1, group_size)
+  informative = r_gk.max(axis=1) > r_gk.min(axis=1)
+  keep = np.sort(np.concatenate([np.flatnonzero(informative),
+                                 np.flatnonzero(~informative)])[:groups])
+  return (keep[:, None] * group_size + np.arange(group_size)).ravel()
+
+
 def row_fields(rows) -> dict[str, list]:
   """The prompt rows' other fields, column by column (None where a row lacks one)."""
   names = sorted({k for r in rows for k in r.fields})
@@ -149,6 +161,7 @@ class Iteration:
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
         stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
+    self.oversample = int(s.get('oversample', 1))
 
   def host_rewards(self, local, out):
     """(host reward, checker verdict) of this process's rows, as global arrays."""
@@ -168,11 +181,33 @@ class Iteration:
     return loop.global_batch({'reward': reward_b.astype(np.float32),
                               'correct': np.asarray(correct_b, np.float32)}, inp.mesh, self.rules)
 
+  def keep_informative(self, local, prompts, out, host):
+    """With config.<section>.oversample = m > 1, m times the prompts were drawn and sampled:
+    keep one batch's worth of groups, those whose host rewards differ first. Each process
+    chooses among its own groups. Returns the kept (local, prompts, out, host) and the
+    sampled rows' statistics."""
+    algo, inp = self.algo, self.inputs
+    reward_b, correct_b = process_rows(host['reward']), process_rows(host['correct'])
+    keep = informative_first(reward_b, algo.group_size, len(reward_b) // self.oversample //
+                             algo.group_size)
+    k = algo.group_size
+    r_gk = reward_b.reshape(-1, k)
+    drawn = {'drawn_gold': float(correct_b.mean()),
+             'drawn_equal_reward_groups': float(np.mean(r_gk.max(axis=1) == r_gk.min(axis=1)))}
+
+    def rows(tree):
+      return loop.global_batch({f: process_rows(x)[keep] for f, x in tree.items()}, inp.mesh,
+                               self.rules)
+    out = type(out)(**rows({f.name: getattr(out, f.name) for f in dataclasses.fields(out)}))
+    return ({f: v[keep] for f, v in local.items()}, rows(prompts), out, rows(host)), drawn
+
   def __call__(self, state, step: int):
     algo, inp, s = self.algo, self.inputs, self.algo.section
     times = {}
     t0 = time.perf_counter()
-    local = group_rows(next(inp.data.train_iter), algo.group_size)
+    drawn = [next(inp.data.train_iter) for _ in range(self.oversample)]
+    local = group_rows({k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]},
+                       algo.group_size)
     prompts = loop.global_batch({k: local[k] for k in ('prompt', 'length')}, inp.mesh, self.rules)
     repl = sharding.replicated(inp.mesh)
     rng, sample_key = jax.device_put(tuple(jax.random.split(state['rng'])), repl)
@@ -186,6 +221,9 @@ class Iteration:
 
     t0 = time.perf_counter()
     host = self.host_rewards(local, out)
+    drawn_stats = {}
+    if self.oversample > 1:
+      (local, prompts, out, host), drawn_stats = self.keep_informative(local, prompts, out, host)
     times['reward'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -214,6 +252,7 @@ class Iteration:
           jnp.float32(algo.kl_controller(beta, float(roll_metrics['kl']))), repl)
     state['step'] = state['step'] + 1
     metrics = summarise(roll_metrics, per_update)
+    metrics.update(drawn_stats)
     metrics['kl_coef'] = beta
     metrics['iteration_seconds'] = sum(times.values())
     tokens = float(roll_metrics['response_tokens'])
