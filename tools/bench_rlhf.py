@@ -19,6 +19,17 @@ figures are the best of --repeats runs after a compiling warm-up ("first s").
    update seconds and shares from its metrics, mean over --iterations after a warm-up;
    beside PPO's, `sampling.sample` alone on the same batch, with PPO's settings and as
    `tools/bench_decode.py`'s cache variant (greedy, no stop ids).
+4. Beside each of 3., in the same process, TRL's trainer on the same shapes: PPOTrainer
+   (trl.experimental.ppo, last shipped in trl 1.12) and GRPOTrainer, on the same prompt
+   ids, the same policy weights (`jaxgpt.hf.torch_peer`, so replies run as long), a
+   reference copy and random value / reward models of the reward model's shape; the
+   config's rollout batch, minibatches, epochs, response budget, temperature, clip and KL
+   coefficient. Phases are timed by wrapping TRL's generation and marking its first
+   training forward (PPO) or the end of `_generate_and_score_completions` (GRPO); an
+   iteration ends at TRL's `on_step_end` (GRPO: after rollout_batch / batch_size steps).
+   Without trl installed this part is one line saying what to install.
+
+   python tools/bench_rlhf.py --config experiments/tiny.py --parts=ppo,grpo,trl
 """
 
 from __future__ import annotations
@@ -48,6 +59,12 @@ _CHUNK = flags.DEFINE_integer('chunk', 1024, 'rows decoded together in part 2 (t
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per measurement (best is reported)')
 _ITERATIONS = flags.DEFINE_integer('iterations', 2, 'timed PPO iterations after the warm-up')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
+_TORCH_THREADS = flags.DEFINE_integer(
+    'torch_threads', 0, "TRL's torch intra-op threads (0: torch's default); on a loaded "
+    'machine 1 thread can beat 2, whose OpenMP workers wait on each other')
+_PARTS = flags.DEFINE_list('parts', ['train', 'sampling', 'ppo', 'grpo', 'trl'],
+                           'what to measure: train (steps), sampling, ppo, grpo, trl (TRL '
+                           "beside each of ppo and grpo, in this process)")
 
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
 PROMPT_LEN = (18, 31)  # prompt lengths drawn from [18, 30]: ~24 tokens, like task prompts
@@ -190,6 +207,7 @@ def part_online_rl(cfg, mesh, rng, name: str):
         {k: v for k, v in params['policy'].items() if k != 'scalar_head'})
   if roles.reward is not None:
     frozen['reward'] = model_lib.init_params(roles.reward, mesh, seed + 2)[1]
+  init_policy = jax.device_get(params['policy'])  # for TRL's peer (the state gets donated)
   state = roles_lib.make_state(params, p, seed, algo.optimizers, algo.shardings, mesh)
   room = roles.policy.max_seq_len - p.response_tokens - 1
   prompts = p.rollout_batch // algo.group_size
@@ -224,8 +242,9 @@ def part_online_rl(cfg, mesh, rng, name: str):
   print(f'{"sum":10s} {total:8.3f}   (iteration wall {np.mean(walls[1:]):.3f} s; '
         f'{mean("response_tokens"):.0f} response tokens per rollout; update tokens/s counts '
         f'every epoch)')
+  ours = {'roles': roles, 'policy': init_policy, 'batches': batches, 'phases': phases}
   if name != 'ppo':
-    return
+    return ours
   settings = iteration.settings
   policy = state['policy']['params']
   ids, lengths = batches[0]['prompt'], batches[0]['length']
@@ -243,6 +262,219 @@ def part_online_rl(cfg, mesh, rng, name: str):
     print(f'{name:28s} {first:8.2f} {best:8.3f} {new:11d} {new / best:10.0f}')
   print(f'(the greedy row is tools/bench_decode.py --config <this config> --batch '
         f'{p.rollout_batch} --prompt_len {width} --new_tokens {n}, jaxgpt)')
+  return ours
+
+
+# -- 4. TRL's trainers on the same shapes ----------------------------------------------------------
+
+TRL_VERSION = '1.12.0'  # the last release that ships PPOTrainer (trl.experimental.ppo)
+
+
+class PhaseClock:
+  """Seconds of each phase of each iteration of a TRL trainer, from wrappers around its
+  generation and its first training forward, and a callback at every iteration's end."""
+
+  def __init__(self):
+    self.rows, self.now = [], None
+
+  def start(self):
+    self.now = {'t0': time.perf_counter(), 'generate': 0.0, 'scored_at': None}
+
+  def timed(self, fn, phase):
+    def wrapper(*args, **kwargs):
+      start = time.perf_counter()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        self.now[phase] += time.perf_counter() - start
+        self.now.setdefault('generated_at', time.perf_counter())
+    return wrapper
+
+  def mark_scored(self):
+    if self.now['scored_at'] is None:
+      self.now['scored_at'] = time.perf_counter()
+
+  def end(self):
+    n, t = self.now, time.perf_counter()
+    total = t - n['t0']
+    scored = n['scored_at'] or t
+    update = t - scored
+    self.rows.append({'generate': n['generate'], 'score': total - n['generate'] - update,
+                      'update': update, 'total': total})
+    self.start()
+
+
+def trl_tokenizer(vocab_size):
+  """A word-level tokenizer of ids 't0' .. 't{V-1}' (pad t0, end of turn t1 as EOS): TRL
+  needs one to decode and (GRPO) to encode prompts; the models see the same ids as jaxgpt's."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {f't{i}': i for i in range(vocab_size)}, unk_token='t0'))
+  tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tk.decoder = tokenizers.decoders.WordPiece()  # joins tokens with spaces
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tk, pad_token=f't{TOK.pad_id}', eos_token=f't{TOK.end_of_turn_id}',
+      padding_side='left')
+
+
+def hf_models(cfg, roles, policy_params, seed):
+  """(policy, reference, value, reward): the policy with jaxgpt's policy weights (so its
+  replies have the same lengths), the reference its copy, value and reward models randomly
+  initialised transformers sequence classifiers of the reward model's shape."""
+  import copy  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from jaxgpt.hf import torch_peer, weights  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  # XLA flushes float32 denormals to zero on CPU; eager torch does not, and random small
+  # weights then put denormals in the backward pass and Adam's moments, 7-10x slower here.
+  torch.set_flush_denormal(True)
+  policy, about = torch_peer.causal_lm(roles.policy, policy_params,
+                                       threads=_TORCH_THREADS.value)
+  fields = weights.hf_config_from_model(model_lib.ModelConfig.for_stage(cfg, 'reward'),
+                                        head='score', special_ids={'pad_token_id': TOK.pad_id})
+  rm_config = transformers.AutoConfig.for_model(fields.pop('model_type'), **fields)
+  value, reward = (transformers.AutoModelForSequenceClassification.from_config(rm_config)
+                   for _ in range(2))
+  for m in (policy, value, reward):
+    m.config.pad_token_id = TOK.pad_id
+    # TRL names its run after the model; one built from a config has no name.
+    m.config._name_or_path = 'jaxgpt-peer'  # pylint: disable=protected-access
+  policy.generation_config.pad_token_id = TOK.pad_id
+  return policy, copy.deepcopy(policy), value, reward, about + ', denormals flushed'
+
+
+def trl_ppo(cfg, roles, policy_params, batches, workdir):
+  """Seconds per phase of TRL's PPOTrainer iterations on `batches` (after a warm-up)."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  from trl.experimental.ppo import PPOConfig, PPOTrainer  # pylint: disable=import-outside-toplevel
+  from trl.experimental.ppo import ppo_trainer  # pylint: disable=import-outside-toplevel
+  p = cfg.ppo
+  tok = trl_tokenizer(roles.policy.vocab_size)
+  rows = [list(map(int, ids[:n])) for b in batches for ids, n in zip(b['prompt'], b['length'])]
+  data = datasets.Dataset.from_dict({'input_ids': rows})
+  policy, reference, value, reward, about = hf_models(cfg, roles, policy_params, _SEED.value)
+  args = PPOConfig(
+      output_dir=workdir, per_device_train_batch_size=p.rollout_batch,
+      gradient_accumulation_steps=1, num_mini_batches=p.rollout_batch // p.batch_size,
+      num_ppo_epochs=p.epochs, local_rollout_forward_batch_size=p.rollout_batch,
+      response_length=p.response_tokens, temperature=p.temperature,
+      stop_token_id=TOK.end_of_turn_id, missing_eos_penalty=-p.missing_eot_penalty,
+      kl_coef=p.kl_coef, cliprange=p.clip, cliprange_value=p.value_clip, gamma=p.gamma,
+      lam=p.lam, learning_rate=p.lr, total_episodes=len(rows), num_sample_generations=0,
+      report_to='none', save_strategy='no', logging_steps=10**6, disable_tqdm=True,
+      use_cpu=True, bf16=False, seed=_SEED.value, dataloader_num_workers=0)
+  trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
+                       reward_model=reward, value_model=value, train_dataset=data,
+                       eval_dataset=data)
+  clock = PhaseClock()
+  forward = ppo_trainer.forward
+
+  def timed_forward(model, *a, **kw):
+    if isinstance(model, ppo_trainer.PolicyAndValueWrapper):
+      clock.mark_scored()  # the first training forward: rollout scoring is over
+    return forward(model, *a, **kw)
+
+  ppo_trainer.batch_generation = clock.timed(ppo_trainer.batch_generation, 'generate')
+  ppo_trainer.forward = timed_forward
+  trainer.add_callback(IterationEnd(clock))
+  clock.start()
+  trainer.train()
+  return clock.rows[1:], about + f', trl {_trl_version()}'
+
+
+def trl_grpo(cfg, roles, policy_params, batches, workdir):
+  """Seconds per phase of TRL's GRPOTrainer iterations (one generation of rollout_batch
+  completions, then rollout_batch / batch_size optimizer steps) after a warm-up."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  from trl import GRPOConfig, GRPOTrainer  # pylint: disable=import-outside-toplevel
+  g = cfg.grpo
+  tok = trl_tokenizer(roles.policy.vocab_size)
+  prompts = [' '.join(f't{int(i)}' for i in ids[:n])
+             for b in batches for ids, n in zip(b['prompt'], b['length'])]
+  data = datasets.Dataset.from_dict({'prompt': prompts})
+  policy, _, _, _, about = hf_models(cfg, roles, policy_params, _SEED.value)
+  # GRPOTrainer loads its reference from the policy's path: give it one.
+  path = f'{workdir}/policy'
+  policy.save_pretrained(path)
+  policy.config._name_or_path = path  # pylint: disable=protected-access
+  steps = g.rollout_batch // g.batch_size  # optimizer steps per generation
+  args = GRPOConfig(
+      output_dir=workdir, per_device_train_batch_size=g.batch_size,
+      gradient_accumulation_steps=1, steps_per_generation=steps, num_iterations=g.epochs,
+      num_generations=g.group_size, max_completion_length=g.response_tokens,
+      temperature=g.temperature, beta=g.kl_coef, epsilon=g.clip, loss_type='grpo',
+      learning_rate=g.lr, max_steps=steps * len(batches), report_to='none',
+      save_strategy='no', logging_steps=10**6, disable_tqdm=True, use_cpu=True, bf16=False,
+      seed=_SEED.value, dataloader_num_workers=0, shuffle_dataset=False)
+
+  def reward(prompts, completions, **kwargs):  # a host reward as cheap as the checker
+    del prompts, kwargs
+    return [float(len(c) % 3) for c in completions]
+
+  trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=data,
+                        processing_class=tok)
+  clock = PhaseClock()
+  trainer._generate = clock.timed(trainer._generate, 'generate')  # pylint: disable=protected-access
+  score = trainer._generate_and_score_completions  # pylint: disable=protected-access
+
+  def generate_and_score(*a, **kw):
+    out = score(*a, **kw)
+    clock.mark_scored()
+    return out
+
+  trainer._generate_and_score_completions = generate_and_score  # pylint: disable=protected-access
+  trainer.add_callback(IterationEnd(clock, every=steps))
+  clock.start()
+  trainer.train()
+  return clock.rows[1:], about + f', trl {_trl_version()}'
+
+
+def _trl_version():
+  import trl  # pylint: disable=import-outside-toplevel
+  return trl.__version__
+
+
+def IterationEnd(clock, every=1):  # pylint: disable=invalid-name
+  """A transformers callback closing `clock`'s iteration every `every` optimizer steps."""
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  class _End(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+      if state.global_step % every == 0:
+        clock.end()
+
+  return _End()
+
+
+def part_trl(cfg, name, ours):
+  """TRL's trainer for `name` on the shapes, prompts and policy weights of our run; prints
+  both splits and the ratio, or one line naming what to install."""
+  try:
+    import trl  # pylint: disable=import-outside-toplevel,unused-import
+    import datasets  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print(f'\n{name.upper()} beside TRL: not measured (pip install trl=={TRL_VERSION} to compare)')
+    return
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as workdir:
+    fn = {'ppo': trl_ppo, 'grpo': trl_grpo}[name]
+    try:
+      rows, about = fn(cfg, ours['roles'], ours['policy'], ours['batches'], workdir)
+    except ImportError as e:
+      print(f'\n{name.upper()} beside TRL: not measured ({e}; pip install trl=={TRL_VERSION})')
+      return
+  theirs = {k: float(np.mean([r[k] for r in rows])) for k in ('generate', 'score', 'update',
+                                                               'total')}
+  mine = ours['phases']
+  print(f'\n{name.upper()} beside TRL ({about}); the same prompts, shapes and policy '
+        f'weights; mean of {len(rows)} iterations after a warm-up')
+  print(f'{"phase":10s} {"jaxgpt s":>9s} {"TRL s":>9s} {"jaxgpt / TRL":>13s}')
+  for ph in ('generate', 'score', 'update'):
+    print(f'{ph:10s} {mine[ph]:9.3f} {theirs[ph]:9.3f} {mine[ph] / theirs[ph]:12.2f}x')
+  total = sum(mine.values())
+  print(f'{"iteration":10s} {total:9.3f} {theirs["total"]:9.3f} {total / theirs["total"]:12.2f}x')
 
 
 def main(argv):
@@ -259,10 +491,16 @@ def main(argv):
         f'{jnp.dtype(mcfg.param_dtype).name}, frozen_dtype={cfg.ppo.frozen_dtype}')
   rng = np.random.default_rng(_SEED.value)
   start = time.perf_counter()
-  part_train_steps(cfg, mesh, rng)
-  part_sampling(cfg, mesh, rng)
-  part_online_rl(cfg, mesh, rng, 'ppo')
-  part_online_rl(cfg, mesh, rng, 'grpo')
+  parts = set(_PARTS.value)
+  if 'train' in parts:
+    part_train_steps(cfg, mesh, rng)
+  if 'sampling' in parts:
+    part_sampling(cfg, mesh, rng)
+  for name in ('ppo', 'grpo'):
+    if name in parts:
+      ours = part_online_rl(cfg, mesh, rng, name)
+      if 'trl' in parts:
+        part_trl(cfg, name, ours)
   print(f'\ntotal {time.perf_counter() - start:.0f} s')
 
 

@@ -155,6 +155,12 @@ def entropy_sum(logits_btv, mask_bt):
   return masked_sum(ent_bt, mask_bt)
 
 
+def grad_unless_zero(coef, x):
+  """x, its gradient cut when the static `coef` is 0: a term that is only logged (the
+  entropy at entropy_coef 0) then costs no backward pass."""
+  return x if coef else jax.lax.stop_gradient(x)
+
+
 def explained_variance(values_bt, returns_bt, mask_bt):
   """1 - Var[R - V] / Var[R] over the mask: 1 is a perfect value function, <= 0 useless.
 

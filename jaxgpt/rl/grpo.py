@@ -38,19 +38,20 @@ def make_roles(cfg) -> roles_lib.Roles:
 
 
 def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats):
-  """(trained params, frozen params, beta, Rollout) -> (batch, metrics)."""
+  """(trained params, frozen params, beta, Rollout, width) -> (batch, metrics), rows laid
+  out `width` wide (`rollout.assemble`)."""
   g = section
   model_weight = rewards_lib.parse_reward_spec(g.reward, 'config.grpo.reward').model_weight
   score_fn = (None if roles.reward is None
               else rollout.reward_model_score_fn(frozen_graphdefs['reward']))
 
-  def prepare(params, frozen, beta, r: rl_loop.Rollout):
+  def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None):
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
     reference = (None if roles.reference is None
                  else model_lib.merge(frozen_graphdefs['reference'], frozen['reference']))
     rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
     s = rollout.score(r, policy, reference, rm_score, tok, g, model_weight=model_weight,
-                      stats=score_stats)
+                      stats=score_stats, width=width)
     mask_bt, rewards_b = s.mask_bt, s.rewards_b
     if s.ref_logp_bt is not None and g.kl_in == 'reward':
       kl_bt = algo.kl_per_token(s.logp_bt, s.ref_logp_bt, g.kl_estimator, g.kl_clamp) * mask_bt
@@ -82,6 +83,9 @@ def make_loss_fn(section):
         g.response_tokens, ref_logp_bt=batch.get('ref_logp'), kl_coef=kl_coef,
         kl_clamp=g.kl_clamp)
     weights_bt, _ = group.token_loss_weights(mask, aggregation, g.response_tokens)
+    # Unlike PPO's, this entropy keeps its (zero-weighted) backward at entropy_coef 0: cut
+    # (stop_gradient, or left out of the loss), the sharded update's collectives deadlock on
+    # the 8-device CPU mesh of tests/test_grpo.py (XLA 0.10.2, 2x2x2).
     entropy = algo.entropy_sum(logits_btv, weights_bt)
     total = loss_sum - g.entropy_coef * entropy
     return total, dict(stats, policy_loss=loss_sum, update_entropy=entropy)
@@ -98,8 +102,8 @@ def build(cfg, tok, mesh, score_stats) -> rl_loop.Algorithm:
   rules = roles.policy.rules
   prepare = rl_loop.jit_prepare(make_prepare(graphdefs, frozen_graphdefs, roles, g, tok,
                                              score_stats), mesh, rules)
-  update = rl_loop.jit_update(rl_loop.make_update(graphdefs, optimizers,
-                                                  {'policy': make_loss_fn(g)}, g.micro_batches,
-                                                  rules), shardings, mesh, rules)
+  update, epochs = rl_loop.jit_updates(
+      rl_loop.make_update(graphdefs, optimizers, {'policy': make_loss_fn(g)}, g.micro_batches,
+                          rules), shardings, mesh, rules)
   return rl_loop.Algorithm(NAME, g, roles, graphdefs, abstract, shardings, optimizers,
-                           prepare, update, group_size=int(g.group_size))
+                           prepare, update, epochs, group_size=int(g.group_size))

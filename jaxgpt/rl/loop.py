@@ -7,6 +7,13 @@ on its own rows) -> the algorithm's jitted `prepare` (log-probs, the reward mode
 advantages) -> `epochs` passes of shuffled minibatch updates -> the algorithm's KL
 controller. An algorithm (`Algorithm`) supplies only its roles, `prepare` and `update`;
 resume, checkpoints, metrics and the stop flag are the shared `train.loop` pieces.
+
+Two things keep the update cheap. Rows are laid out only as wide as the batch needs: the
+longest prompt + reply + readout, rounded up to a multiple of `ROW_MULTIPLE` (capped at
+the full P + N + 1), so a batch of short replies does not pay for the response budget and
+the compiled widths stay few. And every epoch's minibatch updates run as one compiled
+program (`make_epochs`: a scan over the minibatches' row indices, drawn on the host from
+(seed, step, epoch) as before), not one dispatch and one gather per minibatch.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
@@ -48,8 +57,9 @@ class Algorithm:
   abstract: dict             # the state's abstract arrays and its shardings
   shardings: dict
   optimizers: dict           # trained role -> (optimizer, schedule)
-  prepare: Callable          # jitted (params, frozen, beta, Rollout) -> (batch, metrics)
-  update: Callable           # jitted (state, minibatch) -> (state, metrics)
+  prepare: Callable          # jitted (params, frozen, beta, Rollout, width) -> (batch, metrics)
+  update: Callable           # jitted (state, minibatch) -> (state, metrics): one step
+  epochs: Callable           # jitted (state, batch, rows_ub, ptx) -> (state, metrics per step)
   kl_controller: Callable[[float, float], float] | None = None  # (beta, kl) -> next beta
   group_size: int = 1
   section_name: str = ''     # the config section's name, for messages (default: name)
@@ -106,13 +116,58 @@ def _update_count(opt_state):
 
 
 def jit_prepare(prepare_fn, mesh, rules):
-  return jax.jit(prepare_fn, out_shardings=(sharding.batch_sharding(mesh, rules),
-                                            sharding.replicated(mesh)))
+  """`prepare(params, frozen, beta, rollout, width=None)`, compiled once per row width."""
+  return jax.jit(prepare_fn, static_argnames=('width',),
+                 out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
 
 
 def jit_update(update_fn, shardings, mesh, rules):
   return jax.jit(update_fn, in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_epochs(update_fn, rules):
+  """(state, batch, rows_ub, ptx_u) -> (state, metrics_u): `update_fn` on minibatch
+  batch[rows_ub[u]] (plus pretraining batch ptx_u[u], unless ptx is None) for u = 0, 1, ...
+  in one scan, metrics stacked along u."""
+
+  def epochs(state, batch, rows_ub, ptx_u=None):
+    def step(state, xs):
+      rows_b, ptx = xs
+      minibatch = {k: sharding.constrain(x[rows_b], ('act_batch',) + (None,) * (x.ndim - 1),
+                                         rules) for k, x in batch.items()}
+      if ptx is not None:
+        minibatch['ptx'] = ptx
+      return update_fn(state, minibatch)
+
+    return jax.lax.scan(step, state, (rows_ub, ptx_u))
+
+  return epochs
+
+
+def jit_updates(update_fn, shardings, mesh, rules):
+  """(one step, every epoch's steps) of `update_fn`, compiled on `mesh`."""
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  stacked_sh = NamedSharding(mesh, P(None, *batch_sh.spec))  # (steps, rows, ...)
+  epochs = jax.jit(make_epochs(update_fn, rules),
+                   in_shardings=(shardings, batch_sh, sharding.replicated(mesh), stacked_sh),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return jit_update(update_fn, shardings, mesh, rules), epochs
+
+
+# Rows are laid out to a multiple of this many tokens (or the full P + N + 1): few widths,
+# so few compiles of `prepare` and of the update program.
+ROW_MULTIPLE = 8
+
+
+def row_width(used: int, full: int, multiple: int = ROW_MULTIPLE) -> int:
+  """The laid-out width of a batch whose longest row (prompt + reply + readout) is `used`."""
+  return min(full, max(multiple, -(-used // multiple) * multiple))
+
+
+@jax.jit
+def _longest_row(length_b, response_len_b):
+  return jnp.max(length_b + response_len_b) + 1
 
 
 def process_rows(x) -> np.ndarray:
@@ -156,8 +211,6 @@ class Iteration:
     self.algo, self.inputs = algo, inputs
     s, tok = algo.section, inputs.tok
     self.rules = algo.roles.policy.rules
-    self.take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
-                        out_shardings=sharding.batch_sharding(inputs.mesh, self.rules))
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
         stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
@@ -201,6 +254,17 @@ class Iteration:
     out = type(out)(**rows({f.name: getattr(out, f.name) for f in dataclasses.fields(out)}))
     return ({f: v[keep] for f, v in local.items()}, rows(prompts), out, rows(host)), drawn
 
+  def ptx_batches(self, s):
+    """PPO-ptx: one pretraining batch per update, stacked (None without the mix)."""
+    it = self.inputs.data.ptx_iter
+    if it is None:
+      return None
+    local = [next(it) for _ in range(s.epochs * (s.rollout_batch // s.batch_size))]
+    sh = NamedSharding(self.inputs.mesh,
+                       P(None, *sharding.batch_sharding(self.inputs.mesh, self.rules).spec))
+    return {k: jax.make_array_from_process_local_data(sh, np.stack([b[k] for b in local]))
+            for k in local[0]}
+
   def __call__(self, state, step: int):
     algo, inp, s = self.algo, self.inputs, self.algo.section
     times = {}
@@ -227,24 +291,19 @@ class Iteration:
     times['reward'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    full = prompts['prompt'].shape[1] + s.response_tokens + 1
+    width = row_width(int(_longest_row(prompts['length'], out.lengths)), full)
     batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
-        prompts['prompt'], prompts['length'], out, host['reward'], host['correct']))
+        prompts['prompt'], prompts['length'], out, host['reward'], host['correct']),
+        width=width)
     roll_metrics = jax.device_get(roll_metrics)
     times['score'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    per_update = []
-    minibatches = s.rollout_batch // s.batch_size
-    for epoch in range(s.epochs):
-      order = np.random.default_rng([inp.seed, step, epoch]).permutation(s.rollout_batch)
-      for i in range(minibatches):
-        idx = np.sort(order[i * s.batch_size:(i + 1) * s.batch_size]).astype(np.int32)
-        minibatch = self.take(batch, idx)
-        if inp.data.ptx_iter is not None:
-          minibatch['ptx'] = loop.global_batch(next(inp.data.ptx_iter), inp.mesh, self.rules)
-        state, m = algo.update(state, minibatch)
-        per_update.append(m)
-    per_update = jax.device_get(per_update)
+    state, stacked = algo.epochs(state, batch, minibatch_rows(s, inp.seed, step),
+                                 self.ptx_batches(s))
+    stacked = jax.device_get(stacked)
+    per_update = [{k: v[u] for k, v in stacked.items()} for u in range(len(stacked['ratio']))]
     times['update'] = time.perf_counter() - t0
 
     if algo.kl_controller is not None:
@@ -262,6 +321,19 @@ class Iteration:
         metrics[f'{phase}_tokens_per_sec'] = tokens * (s.epochs if phase == 'update' else 1) / max(
             seconds, 1e-9)
     return state, metrics
+
+
+def minibatch_rows(section, seed: int, step: int) -> np.ndarray:
+  """(epochs x minibatches, batch_size) int32: each update's rows, every epoch a fresh
+  permutation of the rollout batch from (seed, step, epoch), so a resumed run takes the
+  same minibatches."""
+  s = section
+  rows = []
+  for epoch in range(s.epochs):
+    order = np.random.default_rng([seed, step, epoch]).permutation(s.rollout_batch)
+    rows += [np.sort(order[i:i + s.batch_size])
+             for i in range(0, s.rollout_batch - s.batch_size + 1, s.batch_size)]
+  return np.stack(rows).astype(np.int32)
 
 
 def summarise(roll_metrics: dict, per_update: list[dict]) -> dict:

@@ -36,7 +36,8 @@ def make_roles(cfg) -> roles_lib.Roles:
 
 
 def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, score_fn=None):
-  """(trained params, frozen params, beta, Rollout) -> (batch, metrics).
+  """(trained params, frozen params, beta, Rollout, width) -> (batch, metrics), rows laid
+  out `width` wide (`rollout.assemble`).
 
   `score_fn(frozen, tokens_bw, mask_bt, readout_b) -> scores_b` replaces the reward model
   (tests use a programmatic reward); by default the frozen reward model scores, when the
@@ -49,12 +50,12 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, 
   elif score_fn is not None:
     model_weight = 1.0  # a test's programmatic score stands in for the reward model
 
-  def prepare(params, frozen, beta, r: rl_loop.Rollout):
+  def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None):
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
     reference = model_lib.merge(frozen_graphdefs['reference'], frozen['reference'])
     rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
     s = rollout.score(r, policy, reference, rm_score, tok, p, model_weight=model_weight,
-                      stats=score_stats)
+                      stats=score_stats, width=width)
     mask_bt = s.mask_bt
     value_model = (policy if roles.value is None
                    else model_lib.merge(graphdefs['value'], params['value']))
@@ -86,7 +87,7 @@ def make_loss_fns(section, roles):
     mask = batch['mask']
     loss_sum, stats = algo.policy_loss_sum(logp_bt, batch['old_logp'], batch['advantages'],
                                            mask, p.clip)
-    entropy = algo.entropy_sum(logits_btv, mask)
+    entropy = algo.entropy_sum(algo.grad_unless_zero(p.entropy_coef, logits_btv), mask)
     total = loss_sum - p.entropy_coef * entropy
     sums = dict(stats, policy_loss=loss_sum, update_entropy=entropy, weight=mask.sum())
     if 'ptx' in batch:  # scaled so that (sum over micro-batches) / weight is the mean NLL
@@ -123,11 +124,12 @@ def build(cfg, tok, mesh, score_stats, score_fn=None) -> rl_loop.Algorithm:
   rules = roles.policy.rules
   prepare = rl_loop.jit_prepare(make_prepare(graphdefs, frozen_graphdefs, roles, p, tok,
                                              score_stats, score_fn), mesh, rules)
-  update = rl_loop.jit_update(rl_loop.make_update(graphdefs, optimizers, make_loss_fns(p, roles),
-                                                  p.micro_batches, rules), shardings, mesh, rules)
+  update, epochs = rl_loop.jit_updates(
+      rl_loop.make_update(graphdefs, optimizers, make_loss_fns(p, roles), p.micro_batches, rules),
+      shardings, mesh, rules)
 
   def kl_controller(beta, kl):
     return float(algo.adaptive_kl_coef(beta, kl, p.rollout_batch, p.kl_target, p.kl_horizon))
 
   return rl_loop.Algorithm(NAME, p, roles, graphdefs, abstract, shardings, optimizers,
-                           prepare, update, kl_controller)
+                           prepare, update, epochs, kl_controller)

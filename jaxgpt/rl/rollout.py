@@ -1,12 +1,13 @@
 """From sampled responses to a PPO training batch: pure functions, jitted by the stage.
 
-Sequence layout (one row per rollout, W = P + N + 1 tokens, P the prompt width, N the
-response budget): the prompt (its true length L), right after it the response (n tokens,
-its stop token included when it has one), then the `<|reward|>` readout token at L + n,
-then padding. Logits position t predicts token t + 1, so per-token arrays have W - 1
-entries and `mask[t] = 1` exactly where token t + 1 is a response token
-(L - 1 <= t <= L + n - 2). The reward model reads its score at L + n; values V_t are read
-at position t, the state before the action token t + 1.
+Sequence layout (one row per rollout, W tokens: at most P + N + 1, P the prompt width, N
+the response budget, and at least the batch's longest prompt + reply + readout): the
+prompt (its true length L), right after it the response (n tokens, its stop token
+included when it has one), then the `<|reward|>` readout token at L + n, then padding.
+Logits position t predicts token t + 1, so per-token arrays have W - 1 entries and
+`mask[t] = 1` exactly where token t + 1 is a response token (L - 1 <= t <= L + n - 2).
+The reward model reads its score at L + n; values V_t are read at position t, the state
+before the action token t + 1.
 
 Log-probs are those of the distribution the tokens were drawn from: log softmax(logits /
 temperature), for the policy and the reference alike, so before any update the PPO ratio
@@ -24,11 +25,14 @@ from jaxgpt import model as model_lib
 from jaxgpt.rl import algo
 
 
-def assemble(prompt_bp, length_b, response_bn, response_len_b, readout_id: int, pad_id: int):
-  """(tokens_bw, mask_bt, readout_b): prompt + response + readout, right-padded."""
+def assemble(prompt_bp, length_b, response_bn, response_len_b, readout_id: int, pad_id: int,
+             width: int | None = None):
+  """(tokens_bw, mask_bt, readout_b): prompt + response + readout, right-padded to `width`
+  (None: P + N + 1). A narrower width drops only padding: the caller makes it at least
+  max(length + response_len) + 1."""
   b, p = prompt_bp.shape
   n = response_bn.shape[1]
-  w = p + n + 1
+  w = width or p + n + 1
   pos_w = jnp.arange(w)[None, :]
   length_b1, resp_len_b1 = length_b[:, None], response_len_b[:, None]
   from_prompt = jnp.take_along_axis(prompt_bp, jnp.clip(pos_w, 0, p - 1), axis=1)
@@ -96,13 +100,13 @@ class Scored(NamedTuple):
 
 
 def score(r, policy, reference, score_fn, tok, section, *, model_weight: float,
-          stats) -> Scored:
-  """Assemble rollout `r` (a `rl.loop.Rollout`), the policy's and (unless None) the
+          stats, width: int | None = None) -> Scored:
+  """Assemble rollout `r` (a `rl.loop.Rollout`) at `width`, the policy's and (unless None) the
   reference's log-probs, the reward model's score (`score_fn(tokens_bw, mask_bt,
   readout_b)`, unless None) and the sequence reward."""
   out = r.out
   tokens_bw, mask_bt, readout_b = assemble(r.prompt_bp, r.length_b, out.tokens, out.lengths,
-                                           tok.reward_id, tok.pad_id)
+                                           tok.reward_id, tok.pad_id, width)
   logp_bt, logits_btv = log_probs(policy, tokens_bw, section.temperature)
   ref_logp_bt = (None if reference is None
                  else log_probs(reference, tokens_bw, section.temperature)[0])

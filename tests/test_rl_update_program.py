@@ -1,0 +1,166 @@
+"""The RL update's fast paths against the plain ones, on tiny random models: rows trimmed to
+the batch's longest prompt + reply + readout give the full-width layout's advantages,
+losses and updated parameters; the epochs x minibatches scan (one compiled program) gives
+what one jitted update per minibatch gives, on one device and on a sharded mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+import test_grpo
+import test_ppo
+from jaxgpt.inference import sampling
+from jaxgpt.rl import loop as rl_loop
+from jaxgpt.rl import roles as roles_lib
+from jaxgpt.train import loop
+
+P, N = test_ppo.P, test_ppo.N
+
+
+def short_rollout(rows, seed=0, group_size=1):
+  """Prompts of 2..5 tokens in a width of P and replies of 0..3 tokens in a budget of N:
+  the full layout is P + N + 1 = 17 wide, the longest row at most 5 + 3 + 1 = 9."""
+  rng = np.random.default_rng(seed)
+  prompts = rows // group_size
+  prompt = np.zeros((prompts, P), np.int32)
+  length = rng.integers(2, 6, (prompts,)).astype(np.int32)
+  for i, n in enumerate(length):
+    prompt[i, :n] = rng.integers(4, 256, n)
+  prompt, length = np.repeat(prompt, group_size, 0), np.repeat(length, group_size)
+  n_b = rng.integers(0, 4, (rows,)).astype(np.int32)
+  finished = rng.random(rows) > 0.3
+  tokens = rng.integers(4, 256, (rows, N)).astype(np.int32)
+  tokens[np.arange(N)[None, :] >= n_b[:, None]] = test_ppo.TOK.pad_id
+  ends = finished & (n_b > 0)
+  tokens[np.flatnonzero(ends), n_b[ends] - 1] = test_ppo.TOK.end_of_turn_id
+  mask = (np.arange(N)[None, :] < n_b[:, None]).astype(np.int32)
+  out = sampling.SampleOutput(jnp.asarray(tokens), jnp.zeros((rows, N), jnp.float32),
+                              jnp.asarray(mask), jnp.asarray(n_b), jnp.asarray(finished))
+  host = rng.integers(0, 2, (rows,)).astype(np.float32)
+  return rl_loop.Rollout(jnp.asarray(prompt), jnp.asarray(length), out, jnp.asarray(host),
+                         jnp.asarray(host)), int((length + n_b).max()) + 1
+
+
+def fresh_state(s, section):
+  """A second, identical iteration-0 state (the update programs donate theirs)."""
+  params = {r: jax.tree.map(lambda x: jnp.array(x, copy=True), s.state[r]['params'])
+            for r in s.algo.roles.trained()}
+  return roles_lib.make_state(params, section, 0, s.algo.optimizers, s.algo.shardings, s.mesh)
+
+
+def prepare_and_train(s, section, r, width):
+  """(batch, rollout metrics, per-update metrics, trained params) of rollout `r` laid out
+  `width` wide, then one iteration's epochs of minibatch updates."""
+  state = fresh_state(s, section)
+  trained = {k: state[k]['params'] for k in s.algo.roles.trained()}
+  with jax.set_mesh(s.mesh):
+    batch, metrics = s.algo.prepare(trained, s.frozen, jnp.float32(0.05), r, width=width)
+    state, per_update = s.algo.epochs(state, batch, rl_loop.minibatch_rows(section, 0, 0), None)
+  return jax.device_get((batch, metrics, per_update,
+                         {k: state[k]['params'] for k in s.algo.roles.trained()}))
+
+
+def assert_trim_matches_full(s, section, r, used, per_token_keys, row_keys, loss_keys):
+  full = P + N + 1
+  width = rl_loop.row_width(used, full)
+  assert used <= width < full
+  full_batch, full_m, full_u, full_p = prepare_and_train(s, section, r, None)
+  for w in (used, width):
+    batch, m, u, params = prepare_and_train(s, section, r, w)
+    assert batch['tokens'].shape[1] == w
+    np.testing.assert_array_equal(batch['tokens'], full_batch['tokens'][:, :w])
+    np.testing.assert_array_equal(batch['mask'], full_batch['mask'][:, :w - 1])
+    assert not full_batch['mask'][:, w - 1:].any()  # only padding was cut
+    for k in per_token_keys:
+      np.testing.assert_allclose(batch[k], full_batch[k][:, :w - 1], rtol=1e-5, atol=1e-6,
+                                 err_msg=k)
+    for k in row_keys:
+      np.testing.assert_allclose(batch[k], full_batch[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in full_m:
+      np.testing.assert_allclose(m[k], full_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in loss_keys:
+      np.testing.assert_allclose(u[k], full_u[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trimmed_ppo_rows_give_the_full_width_losses_advantages_and_parameters():
+  cfg = test_ppo.ppo_config()
+  cfg.train.eps = 1e-6  # see test_ppo.one_update: Adam's eps against float-noise gradients
+  s = test_ppo.Setup(cfg, jax.devices()[:1])
+  r, used = short_rollout(cfg.ppo.rollout_batch)
+  assert_trim_matches_full(s, cfg.ppo, r, used,
+                           ('old_logp', 'old_values', 'returns', 'advantages'), (),
+                           ('policy_loss', 'value_loss', 'clipfrac', 'ratio', 'approxkl'))
+
+
+@pytest.mark.parametrize('advantage', ['grpo', 'dr_grpo'])
+def test_trimmed_grpo_rows_give_the_full_width_losses_advantages_and_parameters(advantage):
+  cfg = test_grpo.grpo_config(advantage=advantage)
+  cfg.train.eps = 1e-6
+  s = test_grpo.Setup(cfg, jax.devices()[:1])
+  r, used = short_rollout(cfg.grpo.rollout_batch, group_size=test_grpo.K)
+  assert_trim_matches_full(s, cfg.grpo, r, used, ('old_logp', 'ref_logp'), ('advantages',),
+                           ('policy_loss', 'kl_loss', 'clipfrac', 'ratio', 'approxkl'))
+
+
+def test_row_width_rounds_up_to_few_widths_and_never_past_full():
+  assert [rl_loop.row_width(u, 49) for u in (1, 8, 9, 33, 40, 41, 48, 49)] == [
+      8, 8, 16, 40, 40, 48, 48, 49]
+  assert rl_loop.row_width(17, 17) == 17
+
+
+def scan_and_loop(setup_cls, config_fn, section_name, mesh_shape):
+  """(scanned, looped) per-update metrics and final params of one iteration's updates on a
+  random full-width batch."""
+  cfg = config_fn(mesh_shape)
+  cfg.train.eps = 1e-6
+  s = setup_cls(cfg, helpers.devices_for(mesh_shape))
+  section = cfg[section_name]
+  rng = np.random.default_rng(5)
+  b, w = section.rollout_batch, P + N + 1
+  mask = (rng.random((b, w - 1)) > 0.4).astype(np.float32)
+  batch = {'tokens': rng.integers(4, 256, (b, w)).astype(np.int32), 'mask': mask,
+           'old_logp': (-5.5 + 0.1 * rng.standard_normal((b, w - 1))).astype(np.float32) * mask}
+  if section_name == 'ppo':
+    batch.update({k: rng.standard_normal((b, w - 1)).astype(np.float32) * mask
+                  for k in ('old_values', 'advantages', 'returns')})
+  else:
+    batch['ref_logp'] = (-5.5 + 0.1 * rng.standard_normal((b, w - 1))).astype(np.float32) * mask
+    batch['advantages'] = rng.standard_normal((b,)).astype(np.float32)
+  rows = rl_loop.minibatch_rows(section, 0, 3)
+  assert rows.shape == (section.epochs * b // section.batch_size, section.batch_size)
+  out = []
+  with jax.set_mesh(s.mesh):
+    gbatch = loop.global_batch(batch, s.mesh, s.algo.roles.policy.rules)
+    state, per_update = s.algo.epochs(fresh_state(s, section), gbatch, rows, None)
+    out.append(jax.device_get((per_update, state['policy']['params'])))
+    state, looped = fresh_state(s, section), []
+    for rows_b in rows:
+      state, m = s.algo.update(state, {k: v[rows_b] for k, v in batch.items()})
+      looped.append(m)
+    looped = jax.device_get(looped)
+    out.append(({k: np.stack([m[k] for m in looped]) for k in looped[0]},
+                jax.device_get(state['policy']['params'])))
+  return out
+
+
+@pytest.mark.parametrize('algo_name,mesh', [('ppo', (1, 1, 1)), ('ppo', (2, 2, 2)),
+                                            ('grpo', (1, 1, 1)), ('grpo', (1, 2, 4))],
+                         ids=lambda x: 'x'.join(map(str, x)) if isinstance(x, tuple) else x)
+def test_epochs_scan_equals_one_update_per_minibatch(algo_name, mesh):
+  mod = {'ppo': (test_ppo.Setup, test_ppo.ppo_config),
+         'grpo': (test_grpo.Setup, test_grpo.grpo_config)}[algo_name]
+  (scanned, scanned_p), (looped, looped_p) = scan_and_loop(*mod, algo_name, mesh)
+  for k in ('policy_loss', 'clipfrac', 'ratio', 'policy_grad_norm'):
+    np.testing.assert_allclose(scanned[k], looped[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(looped_p)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  if mesh != (1, 1, 1):  # ... and the sharded program equals one device's
+    (one, one_p), _ = scan_and_loop(*mod, algo_name, (1, 1, 1))
+    for k in ('policy_loss', 'clipfrac', 'ratio'):
+      np.testing.assert_allclose(scanned[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(one_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
