@@ -1,4 +1,5 @@
-"""Stage 3 data: comparison pairs -> tokenized (chosen, rejected) batches for the reward model.
+"""Stage 3 data: comparison pairs -> tokenized (chosen, rejected) batches for the reward model
+(and, with reply masks and reference log-probs, for DPO).
 
 Sequence. Each reply is rendered as the conversation prompt + assistant reply with the
 chat template, then one `<|reward|>` token: ``... <|assistant|>{reply}<|end|><|reward|>``
@@ -20,6 +21,8 @@ numpy arrays:
                                      right-padded: pad_id, position 0, segment 0
     readout                          (b, 2) int32      index of each `<|reward|>` token
     margin, weight                   (b,) float32
+    reply_mask (policy=True, DPO)    (b, 2, T) int32   1 on the reply tokens a policy generates
+    ref_logp (with reference_fn)     (b, 2) float32    the reference's summed reply log-probs
 
 weight = 1 / (pairs kept in the pair's group), so every comparison set weighs 1 however
 many pairs it has (InstructGPT: the K(K-1)/2 pairs of one ranking are one example). A
