@@ -148,3 +148,18 @@ def one_train_step(cfg, mcfg, loss_fn, batch, seed=2):
     new_state, metrics = trainer.jit_train_step(step, shardings, mesh, mcfg.rules,
                                                 batch.keys())(state, batch)
   return jax.device_get((metrics['loss'], grads, new_state['params']))
+
+
+def assert_same_step(got, ref):
+  """`one_train_step` results on a sharded mesh equal one device's: loss, gradients (to a
+  tolerance scaled by the largest) and the updated parameters."""
+  (loss, grads, params), (ref_loss, ref_grads, ref_params) = got, ref
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  assert scale > 0
+  for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                          jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=f'grad {jax.tree_util.keystr(path)}')
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
