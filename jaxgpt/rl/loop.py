@@ -274,6 +274,7 @@ class Iteration:
     state['step'] = state['step'] + 1
     metrics = summarise(roll_metrics, per_update)
     metrics['kl_coef'] = beta
+    metrics['row_width'] = width  # tokens per laid-out row (see row_width)
     metrics['iteration_seconds'] = sum(times.values())
     tokens = float(roll_metrics['response_tokens'])
     for phase, seconds in times.items():
