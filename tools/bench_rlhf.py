@@ -27,9 +27,13 @@ figures are the best of --repeats runs after a compiling warm-up ("first s").
    coefficient. Phases are timed by wrapping TRL's generation and marking its first
    training forward (PPO) or the end of `_generate_and_score_completions` (GRPO); an
    iteration ends at TRL's `on_step_end` (GRPO: after rollout_batch / batch_size steps).
-   Without trl installed this part is one line saying what to install.
+   torch flushes float32 denormals, as XLA does. Without trl installed this part is one
+   line saying what to install.
 
    python tools/bench_rlhf.py --config experiments/tiny.py --parts=ppo,grpo,trl
+5. `--parts=update` (not run by default): PPO's update program alone, the per-minibatch
+   loop as it was against the one compiled scan, at the full width and trimmed widths, in
+   interleaved rounds (a shared machine's load swings hit both).
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ _TORCH_THREADS = flags.DEFINE_integer(
     'torch_threads', 0, "TRL's torch intra-op threads (0: torch's default); on a loaded "
     'machine 1 thread can beat 2, whose OpenMP workers wait on each other')
 _PARTS = flags.DEFINE_list('parts', ['train', 'sampling', 'ppo', 'grpo', 'trl'],
-                           'what to measure: train (steps), sampling, ppo, grpo, trl (TRL '
-                           "beside each of ppo and grpo, in this process)")
+                           'what to measure: train (steps), sampling, update (PPO\'s update '
+                           'program before / after, trimmed), ppo, grpo, trl (TRL beside '
+                           'each of ppo and grpo, in this process)')
 
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
 PROMPT_LEN = (18, 31)  # prompt lengths drawn from [18, 30]: ~24 tokens, like task prompts
@@ -477,6 +482,84 @@ def part_trl(cfg, name, ours):
   print(f'{"iteration":10s} {total:9.3f} {theirs["total"]:9.3f} {total / theirs["total"]:12.2f}x')
 
 
+# -- 5. the update alone: before / after ----------------------------------------------------------
+
+
+def part_update(cfg, mesh, rng):
+  """One PPO iteration's epochs x minibatches of updates on random batches, interleaved
+  rounds of: one jitted update per minibatch (a gather and a dispatch each, the entropy's
+  backward kept: the loop as it was) and the one compiled scan, each at the full width
+  P + N + 1 and at trimmed widths. Interleaving keeps a shared machine's load swings out
+  of the comparison."""
+  p = cfg.ppo
+  n_rows, room = p.rollout_batch, cfg.model.max_seq_len - p.response_tokens - 1
+  full = min(-(-PROMPT_LEN[1] // 16) * 16, room) + p.response_tokens + 1
+  widths = sorted({full, 40, 32}, reverse=True)
+  old_cfg = cfg.copy_and_resolve_references()
+  old_cfg.ppo.entropy_coef = 1e-12  # a non-zero weight keeps the entropy's backward pass
+  algos = {'before': ppo_algo.build(old_cfg, TOK, mesh, None),
+           'after': ppo_algo.build(cfg, TOK, mesh, None)}
+  roles = algos['after'].roles
+  params = {'policy': model_lib.init_params(roles.policy, mesh, _SEED.value)[1]}
+  if roles.value is not None:
+    params['value'] = model_lib.init_params(roles.value, mesh, _SEED.value + 1)[1]
+  host = jax.device_get(params)
+  rows_ub = rl_loop.minibatch_rows(p, _SEED.value, 0)
+  take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
+                 out_shardings=sharding.batch_sharding(mesh, roles.policy.rules))
+
+  def batch_of(w):
+    """Rows whose prompt + reply + readout fill at most w tokens (replies up to N)."""
+    n_b = rng.integers(1, p.response_tokens + 1, n_rows)
+    n_b = np.minimum(n_b, w - 1 - 2)
+    length_b = np.minimum(rng.integers(*PROMPT_LEN, n_rows), w - 1 - n_b)
+    t = np.arange(w - 1)[None, :]
+    mask = ((t >= length_b[:, None] - 1) & (t <= (length_b + n_b)[:, None] - 2)).astype(
+        np.float32)
+    batch = {'tokens': rng.integers(4, roles.policy.vocab_size, (n_rows, w)).astype(np.int32),
+             'mask': mask, 'old_logp': -7.6 * mask, 'returns': 0.3 * mask,
+             'old_values': 0.1 * mask,
+             'advantages': rng.standard_normal((n_rows, w - 1)).astype(np.float32) * mask}
+    return loop.global_batch(batch, mesh, roles.policy.rules)
+
+  def runner(name, w):
+    algo = algos[name]
+    holder = {'state': roles_lib.make_state(jax.device_put(host), p, _SEED.value,
+                                            algo.optimizers, algo.shardings, mesh)}
+    batch = batch_of(w)
+
+    def run():
+      if name == 'after':
+        holder['state'], m = algo.epochs(holder['state'], batch, rows_ub, None)
+        return m
+      out = []
+      for idx in rows_ub:
+        holder['state'], m = algo.update(holder['state'], take(batch, idx))
+        out.append(m)
+      return out
+    return run
+
+  runs = {(name, w): runner(name, w) for w in widths for name in algos}
+  times = {k: [] for k in runs}
+  with jax.set_mesh(mesh):
+    for fn in runs.values():  # compile
+      jax.block_until_ready(fn())
+    for _ in range(max(3, _REPEATS.value)):
+      for k, fn in runs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[k].append(time.perf_counter() - start)
+  print(f'\nPPO update alone: {len(rows_ub)} updates of {p.batch_size} rows (policy + value), '
+        f'{len(times[next(iter(times))])} interleaved rounds; seconds (best / median)')
+  print(f'{"width":>6s} {"before (loop)":>16s} {"after (scan)":>16s} {"after / before":>15s}')
+  base = np.min(times[('before', full)])
+  for w in widths:
+    b, a = times[('before', w)], times[('after', w)]
+    print(f'{w:6d} {np.min(b):7.3f} / {np.median(b):6.3f} {np.min(a):7.3f} / {np.median(a):6.3f} '
+          f'{np.min(a) / np.min(b):14.2f}x   (after / before at full width: '
+          f'{np.min(a) / base:.2f}x)')
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
@@ -496,6 +579,8 @@ def main(argv):
     part_train_steps(cfg, mesh, rng)
   if 'sampling' in parts:
     part_sampling(cfg, mesh, rng)
+  if 'update' in parts:
+    part_update(cfg, mesh, rng)
   for name in ('ppo', 'grpo'):
     if name in parts:
       ours = part_online_rl(cfg, mesh, rng, name)

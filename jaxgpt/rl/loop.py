@@ -165,11 +165,6 @@ def row_width(used: int, full: int, multiple: int = ROW_MULTIPLE) -> int:
   return min(full, max(multiple, -(-used // multiple) * multiple))
 
 
-@jax.jit
-def _longest_row(length_b, response_len_b):
-  return jnp.max(length_b + response_len_b) + 1
-
-
 def process_rows(x) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in the order it fed them."""
   if jax.process_count() == 1:
@@ -211,6 +206,9 @@ class Iteration:
     self.algo, self.inputs = algo, inputs
     s, tok = algo.section, inputs.tok
     self.rules = algo.roles.policy.rules
+    # prompt + reply + readout of the longest row, replicated: every process reads it
+    self.longest_row = jax.jit(lambda length_b, n_b: jnp.max(length_b + n_b) + 1,
+                               out_shardings=sharding.replicated(inputs.mesh))
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
         stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
@@ -292,7 +290,7 @@ class Iteration:
 
     t0 = time.perf_counter()
     full = prompts['prompt'].shape[1] + s.response_tokens + 1
-    width = row_width(int(_longest_row(prompts['length'], out.lengths)), full)
+    width = row_width(int(self.longest_row(prompts['length'], out.lengths)), full)
     batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
         prompts['prompt'], prompts['length'], out, host['reward'], host['correct']),
         width=width)
@@ -313,6 +311,7 @@ class Iteration:
     metrics = summarise(roll_metrics, per_update)
     metrics.update(drawn_stats)
     metrics['kl_coef'] = beta
+    metrics['row_width'] = width  # tokens per laid-out row (see row_width)
     metrics['iteration_seconds'] = sum(times.values())
     tokens = float(roll_metrics['response_tokens'])
     for phase, seconds in times.items():
