@@ -145,12 +145,16 @@ def make_epochs(update_fn, rules):
   return epochs
 
 
+def stacked_sharding(mesh, rules) -> NamedSharding:
+  """(steps, rows, ...) arrays: one batch per update, each batch-sharded."""
+  return NamedSharding(mesh, P(None, *sharding.batch_sharding(mesh, rules).spec))
+
+
 def jit_updates(update_fn, shardings, mesh, rules):
   """(one step, every epoch's steps) of `update_fn`, compiled on `mesh`."""
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  stacked_sh = NamedSharding(mesh, P(None, *batch_sh.spec))  # (steps, rows, ...)
   epochs = jax.jit(make_epochs(update_fn, rules),
-                   in_shardings=(shardings, batch_sh, sharding.replicated(mesh), stacked_sh),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh, rules),
+                                 sharding.replicated(mesh), stacked_sharding(mesh, rules)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   return jit_update(update_fn, shardings, mesh, rules), epochs
 
@@ -241,8 +245,7 @@ class Iteration:
     reward_b, correct_b = process_rows(host['reward']), process_rows(host['correct'])
     keep = informative_first(reward_b, algo.group_size, len(reward_b) // self.oversample //
                              algo.group_size)
-    k = algo.group_size
-    r_gk = reward_b.reshape(-1, k)
+    r_gk = reward_b.reshape(-1, algo.group_size)
     drawn = {'drawn_gold': float(correct_b.mean()),
              'drawn_equal_reward_groups': float(np.mean(r_gk.max(axis=1) == r_gk.min(axis=1)))}
 
@@ -258,8 +261,7 @@ class Iteration:
     if it is None:
       return None
     local = [next(it) for _ in range(s.epochs * (s.rollout_batch // s.batch_size))]
-    sh = NamedSharding(self.inputs.mesh,
-                       P(None, *sharding.batch_sharding(self.inputs.mesh, self.rules).spec))
+    sh = stacked_sharding(self.inputs.mesh, self.rules)
     return {k: jax.make_array_from_process_local_data(sh, np.stack([b[k] for b in local]))
             for k in local[0]}
 

@@ -80,7 +80,7 @@ def run(cfg, workdir: str) -> loop.Result:
   tok = common.recorded_tokenizer(cfg, workdir, sft_meta, NAME)
   out_dir = loop.stage_dir(workdir, NAME)
   os.makedirs(out_dir, exist_ok=True)
-  graphdef = model_lib.abstract_model(mcfg)[0]
+  graphdef, abstract_params, _ = model_lib.abstract_model(mcfg)
   train, heldout, source_stats, _ = preference_data.comparisons_for(
       cfg, NAME, out_dir, graphdef, sft_params, mcfg, tok,
       reuse_dirs=(loop.stage_dir(workdir, 'reward'),))
@@ -88,7 +88,7 @@ def run(cfg, workdir: str) -> loop.Result:
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
 
   t = config_lib.stage_train_config(cfg, NAME)
-  n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
+  n_params = model_lib.count_params(abstract_params)
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh, loss_fn=loss_fn(cfg), data=data,
       init_params=lambda: sft_params,
