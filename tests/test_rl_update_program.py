@@ -1,6 +1,7 @@
 """The RL update's fast paths against the plain ones, on tiny random models: rows trimmed to
-the batch's longest prompt + reply + readout give the full-width layout's advantages,
-losses and updated parameters; the epochs x minibatches scan (one compiled program) gives
+the batch's longest prompt + reply + readout, and the LM head run only over a window of the
+longest reply's length, give the full layout's advantages, losses and updated parameters;
+the epochs x minibatches scan (one compiled program) gives
 what one jitted update per minibatch gives, on one device and on a sharded mesh."""
 
 import jax
@@ -11,7 +12,9 @@ import pytest
 import helpers
 import test_grpo
 import test_ppo
+from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
+from jaxgpt.rl import algo, rollout
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import roles as roles_lib
 from jaxgpt.train import loop
@@ -40,7 +43,7 @@ def short_rollout(rows, seed=0, group_size=1):
                               jnp.asarray(mask), jnp.asarray(n_b), jnp.asarray(finished))
   host = rng.integers(0, 2, (rows,)).astype(np.float32)
   return rl_loop.Rollout(jnp.asarray(prompt), jnp.asarray(length), out, jnp.asarray(host),
-                         jnp.asarray(host)), int((length + n_b).max()) + 1
+                         jnp.asarray(host)), int((length + n_b).max()) + 1, int(n_b.max())
 
 
 def fresh_state(s, section):
@@ -50,26 +53,35 @@ def fresh_state(s, section):
   return roles_lib.make_state(params, section, 0, s.algo.optimizers, s.algo.shardings, s.mesh)
 
 
-def prepare_and_train(s, section, r, width):
+def prepare_and_train(s, section, r, width, reply_width=None):
   """(batch, rollout metrics, per-update metrics, trained params) of rollout `r` laid out
-  `width` wide, then one iteration's epochs of minibatch updates."""
+  `width` wide (LM head over `reply_width` positions), then one iteration's epochs of
+  minibatch updates. width 'full': every row P + N + 1 wide, the LM head everywhere."""
   state = fresh_state(s, section)
   trained = {k: state[k]['params'] for k in s.algo.roles.trained()}
   with jax.set_mesh(s.mesh):
-    batch, metrics = s.algo.prepare(trained, s.frozen, jnp.float32(0.05), r, width=width)
+    batch, metrics = s.algo.prepare(trained, s.frozen, jnp.float32(0.05), r,
+                                    width=None if width == 'full' else width,
+                                    reply_width=reply_width)
+    if width == 'full':
+      batch = dict(batch)
+      del batch['window']
     state, per_update = s.algo.epochs(state, batch, rl_loop.minibatch_rows(section, 0, 0), None)
   return jax.device_get((batch, metrics, per_update,
                          {k: state[k]['params'] for k in s.algo.roles.trained()}))
 
 
-def assert_trim_matches_full(s, section, r, used, per_token_keys, row_keys, loss_keys):
+def assert_trim_matches_full(s, section, r, used, longest_reply, per_token_keys, row_keys,
+                             loss_keys):
   full = P + N + 1
   width = rl_loop.row_width(used, full)
-  assert used <= width < full
-  full_batch, full_m, full_u, full_p = prepare_and_train(s, section, r, None)
-  for w in (used, width):
-    batch, m, u, params = prepare_and_train(s, section, r, w)
-    assert batch['tokens'].shape[1] == w
+  assert used <= width < full and longest_reply < N
+  full_batch, full_m, full_u, full_p = prepare_and_train(s, section, r, 'full')
+  for w, reply_width in ((used, longest_reply), (width, rl_loop.row_width(longest_reply, N)),
+                         (None, None)):
+    batch, m, u, params = prepare_and_train(s, section, r, w, reply_width)
+    w = w or full
+    assert batch['tokens'].shape[1] == w and batch['window'].shape[1] == (reply_width or N)
     np.testing.assert_array_equal(batch['tokens'], full_batch['tokens'][:, :w])
     np.testing.assert_array_equal(batch['mask'], full_batch['mask'][:, :w - 1])
     assert not full_batch['mask'][:, w - 1:].any()  # only padding was cut
@@ -90,8 +102,8 @@ def test_trimmed_ppo_rows_give_the_full_width_losses_advantages_and_parameters()
   cfg = test_ppo.ppo_config()
   cfg.train.eps = 1e-6  # see test_ppo.one_update: Adam's eps against float-noise gradients
   s = test_ppo.Setup(cfg, jax.devices()[:1])
-  r, used = short_rollout(cfg.ppo.rollout_batch)
-  assert_trim_matches_full(s, cfg.ppo, r, used,
+  r, used, longest_reply = short_rollout(cfg.ppo.rollout_batch)
+  assert_trim_matches_full(s, cfg.ppo, r, used, longest_reply,
                            ('old_logp', 'old_values', 'returns', 'advantages'), (),
                            ('policy_loss', 'value_loss', 'clipfrac', 'ratio', 'approxkl'))
 
@@ -101,8 +113,8 @@ def test_trimmed_grpo_rows_give_the_full_width_losses_advantages_and_parameters(
   cfg = test_grpo.grpo_config(advantage=advantage)
   cfg.train.eps = 1e-6
   s = test_grpo.Setup(cfg, jax.devices()[:1])
-  r, used = short_rollout(cfg.grpo.rollout_batch, group_size=test_grpo.K)
-  assert_trim_matches_full(s, cfg.grpo, r, used, ('old_logp', 'ref_logp'), ('advantages',),
+  r, used, longest_reply = short_rollout(cfg.grpo.rollout_batch, group_size=test_grpo.K)
+  assert_trim_matches_full(s, cfg.grpo, r, used, longest_reply, ('old_logp', 'ref_logp'), ('advantages',),
                            ('policy_loss', 'kl_loss', 'clipfrac', 'ratio', 'approxkl'))
 
 
@@ -164,3 +176,26 @@ def test_epochs_scan_equals_one_update_per_minibatch(algo_name, mesh):
       np.testing.assert_allclose(scanned[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(one_p)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_log_probs_over_the_reply_window_equal_the_full_ones():
+  """The LM head at the reply window only: the same log-probs at every reply position, 0
+  outside the window, the same entropy; any window at least the longest reply will do."""
+  cfg = test_ppo.ppo_config()
+  s = test_ppo.Setup(cfg, jax.devices()[:1])
+  r, _, longest_reply = short_rollout(cfg.ppo.rollout_batch, seed=4)
+  policy = model_lib.merge(s.graphdefs['policy'], s.state['policy']['params'])
+  tokens_bw, mask_bt, _ = rollout.assemble(r.prompt_bp, r.length_b, r.out.tokens, r.out.lengths,
+                                           test_ppo.TOK.reward_id, test_ppo.TOK.pad_id)
+  full_logp_bt, full_logits_btv = rollout.log_probs(policy, tokens_bw, 0.7)
+  full_entropy = algo.entropy_sum(full_logits_btv, mask_bt)
+  for n in (longest_reply, rl_loop.row_width(longest_reply, N), N):
+    window_bn = rollout.reply_window(mask_bt, n)
+    logp_bt, logits_bnv = rollout.log_probs(policy, tokens_bw, 0.7, window_bn)
+    assert logits_bnv.shape == (tokens_bw.shape[0], n, full_logits_btv.shape[-1])
+    np.testing.assert_allclose(logp_bt * mask_bt, full_logp_bt * mask_bt, rtol=1e-5, atol=1e-6)
+    t = np.arange(tokens_bw.shape[1] - 1)[None, :]
+    outside = (t < window_bn[:, :1]) | (t > window_bn[:, -1:])
+    assert not np.asarray(logp_bt)[outside].any()
+    np.testing.assert_allclose(algo.entropy_sum(logits_bnv, rollout.in_window(mask_bt, window_bn)),
+                               full_entropy, rtol=1e-5)

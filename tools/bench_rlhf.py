@@ -55,6 +55,7 @@ from jaxgpt.rl import grpo as grpo_algo
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import ppo as ppo_algo
 from jaxgpt.rl import roles as roles_lib
+from jaxgpt.rl import rollout
 from jaxgpt.train import loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
@@ -488,7 +489,8 @@ def part_trl(cfg, name, ours):
 def part_update(cfg, mesh, rng):
   """One PPO iteration's epochs x minibatches of updates on random batches, interleaved
   rounds of: one jitted update per minibatch (a gather and a dispatch each, the entropy's
-  backward kept: the loop as it was) and the one compiled scan, each at the full width
+  backward kept, the LM head at every position: the loop as it was) and the one compiled
+  scan with the LM head over the reply window, each at the full width
   P + N + 1 and at trimmed widths. Interleaving keeps a shared machine's load swings out
   of the comparison."""
   p = cfg.ppo
@@ -508,8 +510,9 @@ def part_update(cfg, mesh, rng):
   take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
                  out_shardings=sharding.batch_sharding(mesh, roles.policy.rules))
 
-  def batch_of(w):
-    """Rows whose prompt + reply + readout fill at most w tokens (replies up to N)."""
+  def batch_of(w, window):
+    """Rows whose prompt + reply + readout fill at most w tokens (replies up to N); with
+    `window`, the LM head runs over the reply window of N positions only, as in the loop."""
     n_b = rng.integers(1, p.response_tokens + 1, n_rows)
     n_b = np.minimum(n_b, w - 1 - 2)
     length_b = np.minimum(rng.integers(*PROMPT_LEN, n_rows), w - 1 - n_b)
@@ -520,13 +523,15 @@ def part_update(cfg, mesh, rng):
              'mask': mask, 'old_logp': -7.6 * mask, 'returns': 0.3 * mask,
              'old_values': 0.1 * mask,
              'advantages': rng.standard_normal((n_rows, w - 1)).astype(np.float32) * mask}
+    if window:
+      batch['window'] = np.asarray(rollout.reply_window(mask, p.response_tokens))
     return loop.global_batch(batch, mesh, roles.policy.rules)
 
   def runner(name, w):
     algo = algos[name]
     holder = {'state': roles_lib.make_state(jax.device_put(host), p, _SEED.value,
                                             algo.optimizers, algo.shardings, mesh)}
-    batch = batch_of(w)
+    batch = batch_of(w, window=name == 'after')
 
     def run():
       if name == 'after':

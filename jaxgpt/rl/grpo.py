@@ -45,24 +45,23 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats):
   score_fn = (None if roles.reward is None
               else rollout.reward_model_score_fn(frozen_graphdefs['reward']))
 
-  def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None):
+  def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None, reply_width=None):
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
     reference = (None if roles.reference is None
                  else model_lib.merge(frozen_graphdefs['reference'], frozen['reference']))
     rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
     s = rollout.score(r, policy, reference, rm_score, tok, g, model_weight=model_weight,
-                      stats=score_stats, width=width)
+                      stats=score_stats, width=width, reply_width=reply_width)
     mask_bt, rewards_b = s.mask_bt, s.rewards_b
     if s.ref_logp_bt is not None and g.kl_in == 'reward':
       kl_bt = algo.kl_per_token(s.logp_bt, s.ref_logp_bt, g.kl_estimator, g.kl_clamp) * mask_bt
       rewards_b = rewards_b - beta * kl_bt.sum(axis=1)
     adv_b = group.group_advantages(rewards_b, g.group_size, g.advantage)
-    batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'old_logp': s.logp_bt * mask_bt,
-             'advantages': adv_b}
+    batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'window': s.window_bn,
+             'old_logp': s.logp_bt * mask_bt, 'advantages': adv_b}
     if s.ref_logp_bt is not None and g.kl_in == 'loss':
       batch['ref_logp'] = s.ref_logp_bt * mask_bt
-    metrics = rollout.rollout_metrics(r, s.raw_b, rewards_b, s.logp_bt, s.ref_logp_bt,
-                                      s.logits_btv, mask_bt)
+    metrics = rollout.rollout_metrics(r, s, rewards_b)
     metrics.update(group.group_stats(rewards_b, r.correct_b, g.group_size))
     metrics['advantage_abs'] = jnp.abs(adv_b).mean()
     return batch, metrics
@@ -76,7 +75,8 @@ def make_loss_fn(section):
   kl_coef = g.kl_coef if g.kl_in == 'loss' else 0.0
 
   def policy_loss_fn(model, batch):
-    logp_bt, logits_btv = rollout.log_probs(model, batch['tokens'], g.temperature)
+    window = batch.get('window')  # None: the LM head at every position
+    logp_bt, logits_bnv = rollout.log_probs(model, batch['tokens'], g.temperature, window)
     mask = batch['mask']
     loss_sum, stats = group.group_policy_loss_sum(
         logp_bt, batch['old_logp'], batch['advantages'], mask, g.clip, aggregation,
@@ -86,7 +86,7 @@ def make_loss_fn(section):
     # Unlike PPO's, this entropy keeps its (zero-weighted) backward at entropy_coef 0: cut
     # (stop_gradient, or left out of the loss), the sharded update's collectives deadlock on
     # the 8-device CPU mesh of tests/test_grpo.py (XLA 0.10.2, 2x2x2).
-    entropy = algo.entropy_sum(logits_btv, weights_bt)
+    entropy = algo.entropy_sum(logits_bnv, rollout.in_window(weights_bt, window))
     total = loss_sum - g.entropy_coef * entropy
     return total, dict(stats, policy_loss=loss_sum, update_entropy=entropy)
 

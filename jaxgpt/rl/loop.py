@@ -8,10 +8,12 @@ advantages) -> `epochs` passes of shuffled minibatch updates -> the algorithm's 
 controller. An algorithm (`Algorithm`) supplies only its roles, `prepare` and `update`;
 resume, checkpoints, metrics and the stop flag are the shared `train.loop` pieces.
 
-Two things keep the update cheap. Rows are laid out only as wide as the batch needs: the
+Three things keep the update cheap. Rows are laid out only as wide as the batch needs: the
 longest prompt + reply + readout, rounded up to a multiple of `ROW_MULTIPLE` (capped at
 the full P + N + 1), so a batch of short replies does not pay for the response budget and
-the compiled widths stay few. And every epoch's minibatch updates run as one compiled
+the compiled widths stay few. The LM head and its softmax run only over a window of the
+longest reply's length (rounded the same way) from each row's first reply position
+(`rollout.reply_window`): the prompt's positions cost the trunk alone. And every epoch's minibatch updates run as one compiled
 program (`make_epochs`: a scan over the minibatches' row indices, drawn on the host from
 (seed, step, epoch) as before), not one dispatch and one gather per minibatch.
 """
@@ -116,8 +118,9 @@ def _update_count(opt_state):
 
 
 def jit_prepare(prepare_fn, mesh, rules):
-  """`prepare(params, frozen, beta, rollout, width=None)`, compiled once per row width."""
-  return jax.jit(prepare_fn, static_argnames=('width',),
+  """`prepare(params, frozen, beta, rollout, width=None, reply_width=None)`, compiled once
+  per (row width, reply window)."""
+  return jax.jit(prepare_fn, static_argnames=('width', 'reply_width'),
                  out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
 
 
@@ -211,8 +214,9 @@ class Iteration:
     s, tok = algo.section, inputs.tok
     self.rules = algo.roles.policy.rules
     # prompt + reply + readout of the longest row, replicated: every process reads it
-    self.longest_row = jax.jit(lambda length_b, n_b: jnp.max(length_b + n_b) + 1,
-                               out_shardings=sharding.replicated(inputs.mesh))
+    self.longest = jax.jit(lambda length_b, n_b: jnp.stack([jnp.max(length_b + n_b) + 1,
+                                                             jnp.max(n_b)]),
+                           out_shardings=sharding.replicated(inputs.mesh))
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
         stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
@@ -292,10 +296,12 @@ class Iteration:
 
     t0 = time.perf_counter()
     full = prompts['prompt'].shape[1] + s.response_tokens + 1
-    width = row_width(int(self.longest_row(prompts['length'], out.lengths)), full)
+    longest_row, longest_reply = (int(x) for x in self.longest(prompts['length'], out.lengths))
+    width = row_width(longest_row, full)
+    reply_width = row_width(longest_reply, s.response_tokens)
     batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
         prompts['prompt'], prompts['length'], out, host['reward'], host['correct']),
-        width=width)
+        width=width, reply_width=reply_width)
     roll_metrics = jax.device_get(roll_metrics)
     times['score'] = time.perf_counter() - t0
 
@@ -314,6 +320,7 @@ class Iteration:
     metrics.update(drawn_stats)
     metrics['kl_coef'] = beta
     metrics['row_width'] = width  # tokens per laid-out row (see row_width)
+    metrics['reply_width'] = reply_width  # positions the LM head runs at (rollout.reply_window)
     metrics['iteration_seconds'] = sum(times.values())
     tokens = float(roll_metrics['response_tokens'])
     for phase, seconds in times.items():

@@ -50,12 +50,12 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, 
   elif score_fn is not None:
     model_weight = 1.0  # a test's programmatic score stands in for the reward model
 
-  def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None):
+  def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None, reply_width=None):
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
     reference = model_lib.merge(frozen_graphdefs['reference'], frozen['reference'])
     rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
     s = rollout.score(r, policy, reference, rm_score, tok, p, model_weight=model_weight,
-                      stats=score_stats, width=width)
+                      stats=score_stats, width=width, reply_width=reply_width)
     mask_bt = s.mask_bt
     value_model = (policy if roles.value is None
                    else model_lib.merge(graphdefs['value'], params['value']))
@@ -63,11 +63,10 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, 
     adv = rollout.advantages(s.logp_bt, s.ref_logp_bt, values_bt, s.rewards_b, mask_bt, beta,
                              kl_estimator=p.kl_estimator, kl_clamp=p.kl_clamp, gamma=p.gamma,
                              lam=p.lam)
-    batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'old_logp': s.logp_bt * mask_bt,
-             'old_values': values_bt, 'advantages': adv['advantages'],
+    batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'window': s.window_bn,
+             'old_logp': s.logp_bt * mask_bt, 'old_values': values_bt, 'advantages': adv['advantages'],
              'returns': adv['returns']}
-    metrics = rollout.rollout_metrics(r, s.raw_b, s.rewards_b, s.logp_bt, s.ref_logp_bt,
-                                      s.logits_btv, mask_bt)
+    metrics = rollout.rollout_metrics(r, s, s.rewards_b)
     metrics.update({
         'rlhf_reward': adv['token_rewards'].sum(axis=1).mean(),
         'kl_penalty_estimator': adv['kl_bt'].sum(axis=1).mean(),
@@ -83,11 +82,13 @@ def make_loss_fns(section, roles):
   p = section
 
   def policy_loss_fn(model, batch):
-    logp_bt, logits_btv = rollout.log_probs(model, batch['tokens'], p.temperature)
+    window = batch.get('window')  # None: the LM head at every position
+    logp_bt, logits_bnv = rollout.log_probs(model, batch['tokens'], p.temperature, window)
     mask = batch['mask']
     loss_sum, stats = algo.policy_loss_sum(logp_bt, batch['old_logp'], batch['advantages'],
                                            mask, p.clip)
-    entropy = algo.entropy_sum(algo.grad_unless_zero(p.entropy_coef, logits_btv), mask)
+    entropy = algo.entropy_sum(algo.grad_unless_zero(p.entropy_coef, logits_bnv),
+                               rollout.in_window(mask, window))
     total = loss_sum - p.entropy_coef * entropy
     sums = dict(stats, policy_loss=loss_sum, update_entropy=entropy, weight=mask.sum())
     if 'ptx' in batch:  # scaled so that (sum over micro-batches) / weight is the mean NLL

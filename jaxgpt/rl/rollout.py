@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from jaxgpt import losses
@@ -46,14 +47,40 @@ def assemble(prompt_bp, length_b, response_bn, response_len_b, readout_id: int, 
   return tokens_bw.astype(jnp.int32), mask_bt, readout_b1[:, 0].astype(jnp.int32)
 
 
-def policy_logits(model, tokens_bw, temperature: float):
-  """float32 logits (b, W-1, V) / temperature: the sampling distribution at each step."""
-  return model(tokens_bw[:, :-1]) / temperature
+def reply_window(mask_bt, n: int):
+  """(b, n) int32 logits positions start_b .. start_b + n - 1, start_b the first position of
+  row b's mask (its first reply token's predecessor): every reply of at most n tokens lies
+  inside. Positions past W - 2 (the last logits position) are outside every reply."""
+  start_b = jnp.argmax(mask_bt > 0, axis=1).astype(jnp.int32)
+  return start_b[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
 
 
-def log_probs(model, tokens_bw, temperature: float):
-  logits_btv = policy_logits(model, tokens_bw, temperature)
-  return losses.token_log_probs(logits_btv, tokens_bw[:, 1:]), logits_btv
+def in_window(x_bt, window_bn):
+  """x at the window's positions (b, n, ...); 0 at positions past the row. No window: x."""
+  if window_bn is None:
+    return x_bt
+  last = x_bt.shape[1] - 1
+  got = jnp.take_along_axis(x_bt, jnp.minimum(window_bn, last).reshape(
+      window_bn.shape + (1,) * (x_bt.ndim - 2)), axis=1)
+  valid = (window_bn <= last).reshape(window_bn.shape + (1,) * (x_bt.ndim - 2))
+  return jnp.where(valid, got, jnp.zeros((), got.dtype))
+
+
+def log_probs(model, tokens_bw, temperature: float, window_bn=None):
+  """(logp_bt, logits_bnv): log softmax(logits / T) of each next token, (b, W-1), and the
+  logits / T at the reply window (`reply_window`). The LM head and the softmax run only at
+  the window's positions, the rest of logp_bt is 0: the prompt's and the padding's
+  positions, which no loss reads, cost the trunk alone. No window: every position (n = W-1)."""
+  if window_bn is None:
+    logits_btv = model(tokens_bw[:, :-1]) / temperature
+    return losses.token_log_probs(logits_btv, tokens_bw[:, 1:]), logits_btv
+  h_bnd = in_window(model.hidden(tokens_bw[:, :-1]), window_bn)
+  logits_bnv = model.logits(h_bnd) / temperature
+  logp_bn = losses.token_log_probs(logits_bnv, in_window(tokens_bw[:, 1:], window_bn))
+  logp_bn = jnp.where(window_bn < tokens_bw.shape[1] - 1, logp_bn, 0.0)
+  scatter = jax.vmap(lambda z_t, i_n, v_n: z_t.at[i_n].add(v_n, mode='drop'))
+  logp_bt = scatter(jnp.zeros(tokens_bw[:, 1:].shape, jnp.float32), window_bn, logp_bn)
+  return logp_bt, logits_bnv
 
 
 def values(model, tokens_bw):
@@ -92,46 +119,51 @@ class Scored(NamedTuple):
   """A rollout laid out for the update, with what every algorithm computes of it."""
   tokens_bw: jnp.ndarray
   mask_bt: jnp.ndarray
+  window_bn: jnp.ndarray        # the reply window (`reply_window`) the update reads too
   logp_bt: jnp.ndarray          # the policy's log-probs at logits / T (the update's "old")
-  logits_btv: jnp.ndarray
+  logits_bnv: jnp.ndarray       # the policy's logits / T at the window
   ref_logp_bt: jnp.ndarray | None
   raw_b: jnp.ndarray | None     # the reward model's score (None: no model term)
   rewards_b: jnp.ndarray        # the sequence reward (`sequence_rewards`)
 
 
 def score(r, policy, reference, score_fn, tok, section, *, model_weight: float,
-          stats, width: int | None = None) -> Scored:
+          stats, width: int | None = None, reply_width: int | None = None) -> Scored:
   """Assemble rollout `r` (a `rl.loop.Rollout`) at `width`, the policy's and (unless None) the
-  reference's log-probs, the reward model's score (`score_fn(tokens_bw, mask_bt,
+  reference's log-probs over a reply window `reply_width` long (None: the response budget;
+  at least the longest reply), the reward model's score (`score_fn(tokens_bw, mask_bt,
   readout_b)`, unless None) and the sequence reward."""
   out = r.out
   tokens_bw, mask_bt, readout_b = assemble(r.prompt_bp, r.length_b, out.tokens, out.lengths,
                                            tok.reward_id, tok.pad_id, width)
-  logp_bt, logits_btv = log_probs(policy, tokens_bw, section.temperature)
+  window_bn = reply_window(mask_bt, reply_width or out.tokens.shape[1])
+  logp_bt, logits_bnv = log_probs(policy, tokens_bw, section.temperature, window_bn)
   ref_logp_bt = (None if reference is None
-                 else log_probs(reference, tokens_bw, section.temperature)[0])
+                 else log_probs(reference, tokens_bw, section.temperature, window_bn)[0])
   raw_b = None if score_fn is None else score_fn(tokens_bw, mask_bt, readout_b)
   rewards_b = sequence_rewards(r.host_reward_b, raw_b, out.finished, model_weight=model_weight,
                                stats=stats, normalize=section.normalize_scores,
                                missing_eot_penalty=section.missing_eot_penalty)
-  return Scored(tokens_bw, mask_bt, logp_bt, logits_btv, ref_logp_bt, raw_b, rewards_b)
+  return Scored(tokens_bw, mask_bt, window_bn, logp_bt, logits_bnv, ref_logp_bt, raw_b,
+                rewards_b)
 
 
-def rollout_metrics(rollout, raw_b, rewards_b, logp_bt, ref_logp_bt, logits_btv, mask_bt) -> dict:
-  """What every online-RL iteration logs of its samples: reward-model score (`scores`),
-  reward, gold accuracy (the checker on what was sampled), KL to the reference, entropy,
-  reply length, the share that ended their turn."""
-  out = rollout.out
+def rollout_metrics(rollout, s: Scored, rewards_b) -> dict:
+  """What every online-RL iteration logs of its samples (`s`, from `score`, with the
+  algorithm's `rewards_b`): reward-model score (`scores`), reward, gold accuracy (the
+  checker on what was sampled), KL to the reference, entropy, reply length, the share that
+  ended their turn."""
+  out, mask_bt = rollout.out, s.mask_bt
   n_tokens = jnp.maximum(mask_bt.sum(), 1.0)
+  entropy = algo.entropy_sum(s.logits_bnv, in_window(mask_bt, s.window_bn))
   metrics = {'rewards': rewards_b.mean(), 'host_rewards': rollout.host_reward_b.mean(),
-             'gold': rollout.correct_b.mean(),
-             'entropy': algo.entropy_sum(logits_btv, mask_bt) / n_tokens,
+             'gold': rollout.correct_b.mean(), 'entropy': entropy / n_tokens,
              'response_length': out.lengths.mean(), 'eot_rate': out.finished.mean(),
              'response_tokens': mask_bt.sum()}
-  if raw_b is not None:
-    metrics['scores'] = raw_b.mean()
-  if ref_logp_bt is not None:
-    metrics['kl'] = kl_estimate(logp_bt, ref_logp_bt, mask_bt)
+  if s.raw_b is not None:
+    metrics['scores'] = s.raw_b.mean()
+  if s.ref_logp_bt is not None:
+    metrics['kl'] = kl_estimate(s.logp_bt, s.ref_logp_bt, mask_bt)
   return metrics
 
 
