@@ -108,6 +108,11 @@ def test_report_rows_numbers_and_files(full_report):
     assert curve['n'] == [1, 2, 4, 8, 16, 32, 64] and curve['kl_bound'][0] == 0.0
     assert all(0.0 <= g <= 1.0 for g in curve['gold'])
     assert curve['rm_score'] == sorted(curve['rm_score'])  # the expected max rises with n
+    # pass@n (the checker picks) rises with n, bounds the RM's pick and starts at its pick
+    assert curve['pass'] == sorted(curve['pass']) and curve['pass'][0] == curve['gold'][0]
+    assert all(p >= g for p, g in zip(curve['pass'], curve['gold']))
+    by_task = curve['pass_per_task']  # pass@64 per task; tasks hold equal shares of prompts
+    assert np.mean(list(by_task.values())) == pytest.approx(curve['pass'][-1])
     assert 'plots/best_of_n.png' in out['plots'] and '## Best-of-n' in open(
         os.path.join(workdir, 'report.md'), encoding='utf-8').read()
   assert {c['verdict'] for c in out['claims']} <= {'holds', 'does not hold', 'not tested'}

@@ -51,14 +51,19 @@ def _mean(xs):
   return float(np.mean(xs)) if xs else None
 
 
+def per_task_means(eval_set, values) -> dict:
+  """{task: mean of `values` (one per eval_set example) over that task's examples}."""
+  return {t: _mean([float(v) for e, v in zip(eval_set, values) if e.task == t])
+          for t in sorted({e.task for e in eval_set})}
+
+
 def summarise(name, eval_set, greedy, samples, k, *, scores=None, kl=None, kl_note='',
               entropies=(), logprob_gap=None, stage=None, step=None) -> dict:
   """One table row from greedy answers (one per prompt) and k samples per prompt, each
   sample (answer text, full reply text, length in tokens)."""
   right = [tasks.check(e, None, a) for e, a in zip(eval_set, greedy)]
   gold = [tasks.check(eval_set[i // k], None, a) for i, (a, _, _) in enumerate(samples)]
-  per_task = {t: _mean([r for e, r in zip(eval_set, right) if e.task == t])
-              for t in sorted({e.task for e in eval_set})}
+  per_task = per_task_means(eval_set, right)
   replies = [s[1] for s in samples]
   tokens = np.concatenate(list(entropies)) if len(entropies) else np.zeros(0)
   return {'model': name, 'stage': stage, 'step': step, 'gold_greedy': _mean(right),
@@ -184,7 +189,7 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
                   kl=best_of_n_lib.kl_bound(n), kl_note='analytic bound log N - (N-1)/N',
                   entropies=[e for _, e in own], stage='sft+reward')
   row['greedy_finished'] = [got.finished[flat[j * k]] for j in range(len(eval_set))]
-  curve = {'n': [], 'kl_bound': [], 'gold': [], 'rm_score': []}
+  curve = {'n': [], 'kl_bound': [], 'gold': [], 'rm_score': [], 'pass': []}
   m = 1
   while m <= CURVE_N:
     curve['n'].append(m)
@@ -193,7 +198,12 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
                                                               m).mean()))
     curve['rm_score'].append(float(best_of_n_lib.expected_best_of(got.scores_pn, got.scores_pn,
                                                                   m).mean()))
+    # pass@n: the checker itself picks, the most any reranking (or RL that only sharpens
+    # the SFT distribution) could get out of n samples
+    curve['pass'].append(float(best_of_n_lib.expected_best_of(got.gold_pn, got.gold_pn,
+                                                              m).mean()))
     m *= 2
+  curve['pass_per_task'] = per_task_means(eval_set, got.gold_pn.any(axis=1))
   return row, curve
 
 
@@ -385,10 +395,19 @@ def curve_lines(curve) -> list[str]:
            f'Of {curve["n"][-1]} SFT samples per prompt at T=1, the one the RM scores highest, '
            'averaged over every n-subset (unbiased); KL is the bound log n - (n-1)/n. Where '
            'the RM score keeps rising and gold accuracy does not, the RM is being '
-           'over-optimised (Gao et al. 2022). Plot: plots/best_of_n.png.', '',
-           '| n | KL bound (nats) | RM score | gold accuracy |', '|---:|---:|---:|---:|']
-  for n, kl, s, g in zip(curve['n'], curve['kl_bound'], curve['rm_score'], curve['gold']):
-    lines.append(f'| {n} | {kl:.3f} | {s:.3f} | {g:.1%} |')
+           'over-optimised (Gao et al. 2022). pass@n: the task checker picks instead, the '
+           'ceiling of any reranking of these samples (and of RL that only sharpens them). '
+           'Plot: plots/best_of_n.png.', '',
+           '| n | KL bound (nats) | RM score | gold accuracy | pass@n |',
+           '|---:|---:|---:|---:|---:|']
+  passes = curve.get('pass') or [None] * len(curve['n'])
+  for n, kl, s, g, p in zip(curve['n'], curve['kl_bound'], curve['rm_score'], curve['gold'],
+                            passes):
+    lines.append(f'| {n} | {kl:.3f} | {s:.3f} | {g:.1%} | '
+                 f'{"n/a" if p is None else format(p, ".1%")} |')
+  if curve.get('pass_per_task'):
+    lines += ['', f'pass@{curve["n"][-1]} per task: ' + ', '.join(
+        f'{t} {v:.1%}' for t, v in curve['pass_per_task'].items()) + '.']
   return lines
 
 
