@@ -16,6 +16,7 @@ from a separate full forward, so their agreement with the sampler's is a self-ch
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -204,6 +205,13 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
                                                               m).mean()))
     m *= 2
   curve['pass_per_task'] = per_task_means(eval_set, got.gold_pn.any(axis=1))
+  # maj@N: the most frequent of a prompt's N replies (first seen on a tie), checked: what
+  # sharpening the sampled distribution onto its mode would answer
+  n_all = got.gold_pn.shape[1]
+  majority = [collections.Counter(got.texts[p * n_all:(p + 1) * n_all]).most_common(1)[0][0]
+              for p in range(len(eval_set))]
+  curve['majority_per_task'] = per_task_means(
+      eval_set, [tasks.check(e, None, a) for e, a in zip(eval_set, majority)])
   return row, curve
 
 
@@ -405,9 +413,12 @@ def curve_lines(curve) -> list[str]:
                             passes):
     lines.append(f'| {n} | {kl:.3f} | {s:.3f} | {g:.1%} | '
                  f'{"n/a" if p is None else format(p, ".1%")} |')
-  if curve.get('pass_per_task'):
-    lines += ['', f'pass@{curve["n"][-1]} per task: ' + ', '.join(
-        f'{t} {v:.1%}' for t, v in curve['pass_per_task'].items()) + '.']
+  for key, what in (('pass_per_task', f'pass@{curve["n"][-1]}'),
+                    ('majority_per_task', f'maj@{curve["n"][-1]} (the most frequent reply)')):
+    if curve.get(key):
+      by_task = curve[key]
+      lines += ['', f'{what}: {np.mean(list(by_task.values())):.1%}; per task ' + ', '.join(
+          f'{t} {v:.1%}' for t, v in by_task.items()) + '.']
   return lines
 
 
