@@ -113,7 +113,9 @@ def test_report_rows_numbers_and_files(full_report):
     assert all(p >= g for p, g in zip(curve['pass'], curve['gold']))
     by_task = curve['pass_per_task']  # pass@64 per task; tasks hold equal shares of prompts
     assert np.mean(list(by_task.values())) == pytest.approx(curve['pass'][-1])
-    # a right majority reply is a right sample: maj@64 <= pass@64 on every task
+    # a right majority reply is a right sample: maj@64 <= pass@64 on every task (this
+    # config draws exactly 64 samples a prompt, so both count the same ones)
+    assert curve['majority_of'] == 64
     assert all(curve['majority_per_task'][t] <= v for t, v in by_task.items())
     assert 'plots/best_of_n.png' in out['plots'] and '## Best-of-n' in open(
         os.path.join(workdir, 'report.md'), encoding='utf-8').read()

@@ -204,10 +204,11 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
     curve['pass'].append(float(best_of_n_lib.expected_best_of(got.gold_pn, got.gold_pn,
                                                               m).mean()))
     m *= 2
-  curve['pass_per_task'] = per_task_means(eval_set, got.gold_pn.any(axis=1))
+  curve['pass_per_task'] = per_task_means(
+      eval_set, best_of_n_lib.expected_best_of(got.gold_pn, got.gold_pn, CURVE_N))
   # maj@N: the most frequent of a prompt's N replies (first seen on a tie), checked: what
   # sharpening the sampled distribution onto its mode would answer
-  n_all = got.gold_pn.shape[1]
+  n_all = curve['majority_of'] = got.gold_pn.shape[1]
   majority = [collections.Counter(got.texts[p * n_all:(p + 1) * n_all]).most_common(1)[0][0]
               for p in range(len(eval_set))]
   curve['majority_per_task'] = per_task_means(
@@ -414,7 +415,8 @@ def curve_lines(curve) -> list[str]:
     lines.append(f'| {n} | {kl:.3f} | {s:.3f} | {g:.1%} | '
                  f'{"n/a" if p is None else format(p, ".1%")} |')
   for key, what in (('pass_per_task', f'pass@{curve["n"][-1]}'),
-                    ('majority_per_task', f'maj@{curve["n"][-1]} (the most frequent reply)')):
+                    ('majority_per_task', f'maj@{curve.get("majority_of")} (the most frequent '
+                                          f'of all {curve.get("majority_of")} replies)')):
     if curve.get(key):
       by_task = curve[key]
       lines += ['', f'{what}: {np.mean(list(by_task.values())):.1%}; per task ' + ', '.join(
