@@ -114,7 +114,8 @@ def test_trimmed_grpo_rows_give_the_full_width_losses_advantages_and_parameters(
   cfg.train.eps = 1e-6
   s = test_grpo.Setup(cfg, jax.devices()[:1])
   r, used, longest_reply = short_rollout(cfg.grpo.rollout_batch, group_size=test_grpo.K)
-  assert_trim_matches_full(s, cfg.grpo, r, used, longest_reply, ('old_logp', 'ref_logp'), ('advantages',),
+  assert_trim_matches_full(s, cfg.grpo, r, used, longest_reply, ('old_logp', 'ref_logp'),
+                           ('advantages',),
                            ('policy_loss', 'kl_loss', 'clipfrac', 'ratio', 'approxkl'))
 
 

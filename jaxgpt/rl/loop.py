@@ -13,9 +13,10 @@ longest prompt + reply + readout, rounded up to a multiple of `ROW_MULTIPLE` (ca
 the full P + N + 1), so a batch of short replies does not pay for the response budget and
 the compiled widths stay few. The LM head and its softmax run only over a window of the
 longest reply's length (rounded the same way) from each row's first reply position
-(`rollout.reply_window`): the prompt's positions cost the trunk alone. And every epoch's minibatch updates run as one compiled
-program (`make_epochs`: a scan over the minibatches' row indices, drawn on the host from
-(seed, step, epoch) as before), not one dispatch and one gather per minibatch.
+(`rollout.reply_window`): the prompt's positions cost the trunk alone. And every epoch's
+minibatch updates run as one compiled program (`make_epochs`: a scan over the minibatches'
+row indices, drawn on the host from (seed, step, epoch) as before), not one dispatch and
+one gather per minibatch.
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats, 
                              kl_estimator=p.kl_estimator, kl_clamp=p.kl_clamp, gamma=p.gamma,
                              lam=p.lam)
     batch = {'tokens': s.tokens_bw, 'mask': mask_bt, 'window': s.window_bn,
-             'old_logp': s.logp_bt * mask_bt, 'old_values': values_bt, 'advantages': adv['advantages'],
-             'returns': adv['returns']}
+             'old_logp': s.logp_bt * mask_bt, 'old_values': values_bt,
+             'advantages': adv['advantages'], 'returns': adv['returns']}
     metrics = rollout.rollout_metrics(r, s, s.rewards_b)
     metrics.update({
         'rlhf_reward': adv['token_rewards'].sum(axis=1).mean(),
