@@ -77,7 +77,7 @@ def log_probs(model, tokens_bw, temperature: float, window_bn=None):
   h_bnd = in_window(model.hidden(tokens_bw[:, :-1]), window_bn)
   logits_bnv = model.logits(h_bnd) / temperature
   logp_bn = losses.token_log_probs(logits_bnv, in_window(tokens_bw[:, 1:], window_bn))
-  logp_bn = jnp.where(window_bn < tokens_bw.shape[1] - 1, logp_bn, 0.0)
+  # positions past the row are out of bounds of (W-1,) and dropped
   scatter = jax.vmap(lambda z_t, i_n, v_n: z_t.at[i_n].add(v_n, mode='drop'))
   logp_bt = scatter(jnp.zeros(tokens_bw[:, 1:].shape, jnp.float32), window_bn, logp_bn)
   return logp_bt, logits_bnv

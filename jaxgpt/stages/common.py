@@ -64,6 +64,14 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
   return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), meta
 
 
+def start_from(cfg, workdir: str, stage: str, directory: str, mesh, mcfg, *, what: str):
+  """(params, tokenizer) a stage starts from: the newest checkpoint in `directory` (its
+  `init_dir`; named `what` in errors), placed for `mcfg` on `mesh`, and the tokenizer that
+  checkpoint was trained with."""
+  params, meta = params_from_checkpoint(directory, mesh, mcfg, what=what)
+  return params, recorded_tokenizer(cfg, workdir, meta, stage)
+
+
 def checkpoint_meta(directory: str) -> dict:
   """The meta of the newest checkpoint in `directory` ({} for 'hf:DIR' or none yet)."""
   if directory.startswith(hf_import.HF_PREFIX) or not os.path.isdir(directory):

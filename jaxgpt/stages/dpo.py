@@ -75,9 +75,8 @@ def pair_data(cfg, tok, train, heldout, graphdef, sft_params, mesh, rules):
 def run(cfg, workdir: str) -> loop.Result:
   mesh, mcfg = common.mesh_and_model(cfg)
   init_dir = common.init_dir(cfg, workdir, PREVIOUS)
-  sft_params, sft_meta = common.params_from_checkpoint(init_dir, mesh, mcfg,
-                                                       what=f'{NAME}: the SFT model')
-  tok = common.recorded_tokenizer(cfg, workdir, sft_meta, NAME)
+  sft_params, tok = common.start_from(cfg, workdir, NAME, init_dir, mesh, mcfg,
+                                      what=f'{NAME}: the SFT model')
   out_dir = loop.stage_dir(workdir, NAME)
   os.makedirs(out_dir, exist_ok=True)
   graphdef, abstract_params, _ = model_lib.abstract_model(mcfg)

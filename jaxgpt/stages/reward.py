@@ -76,9 +76,8 @@ def run(cfg, workdir: str) -> loop.Result:
   sft_mcfg = model_lib.ModelConfig.from_config(cfg)
   mcfg = model_lib.ModelConfig.for_stage(cfg, NAME)
   init_dir = common.init_dir(cfg, workdir, PREVIOUS)
-  sft_params, sft_meta = common.params_from_checkpoint(init_dir, mesh, sft_mcfg,
-                                                       what=f'{NAME}: the SFT model')
-  tok = common.recorded_tokenizer(cfg, workdir, sft_meta, NAME)
+  sft_params, tok = common.start_from(cfg, workdir, NAME, init_dir, mesh, sft_mcfg,
+                                      what=f'{NAME}: the SFT model')
   out_dir = loop.stage_dir(workdir, NAME)
   os.makedirs(out_dir, exist_ok=True)
   sft_graphdef = model_lib.abstract_model(sft_mcfg)[0]

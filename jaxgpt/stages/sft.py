@@ -34,9 +34,8 @@ def chat_sampler(tok, mcfg, max_new_tokens):
 def run(cfg, workdir: str) -> loop.Result:
   mesh, mcfg = common.mesh_and_model(cfg)
   init_dir = common.init_dir(cfg, workdir, PREVIOUS)
-  params0, base_meta = common.params_from_checkpoint(init_dir, mesh, mcfg,
-                                                     what=f'{NAME} initial weights')
-  tok = common.recorded_tokenizer(cfg, workdir, base_meta, NAME)
+  params0, tok = common.start_from(cfg, workdir, NAME, init_dir, mesh, mcfg,
+                                   what=f'{NAME} initial weights')
   data = make_sft_data(cfg, tok, **common.process_info())
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
   t = config_lib.stage_train_config(cfg, NAME)
