@@ -67,10 +67,13 @@ _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
 _TORCH_THREADS = flags.DEFINE_integer(
     'torch_threads', 0, "TRL's torch intra-op threads (0: torch's default); on a loaded "
     'machine 1 thread can beat 2, whose OpenMP workers wait on each other')
+PARTS = ('train', 'sampling', 'update', 'ppo', 'grpo', 'trl')
 _PARTS = flags.DEFINE_list('parts', ['train', 'sampling', 'ppo', 'grpo', 'trl'],
                            'what to measure: train (steps), sampling, update (PPO\'s update '
                            'program before / after, trimmed), ppo, grpo, trl (TRL beside '
                            'each of ppo and grpo, in this process)')
+flags.register_validator('parts', lambda v: set(v) <= set(PARTS),
+                         f'--parts takes a comma-separated list of {", ".join(PARTS)}')
 
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
 PROMPT_LEN = (18, 31)  # prompt lengths drawn from [18, 30]: ~24 tokens, like task prompts
