@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
+import test_rl_update_program
 from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
 from jaxgpt import sharding
@@ -24,6 +25,7 @@ from jaxgpt.rl import group
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import rollout
 from jaxgpt.rl import roles as roles_lib
+from jaxgpt.train import trainer
 
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
 P, N, K = 8, 8, 4
@@ -246,3 +248,45 @@ def test_a_weighted_sum_with_the_reward_model():
   want = group.group_advantages(jnp.asarray(host) + 0.5 * raw, K, 'grpo')
   np.testing.assert_allclose(batch['advantages'], want, rtol=1e-5, atol=1e-6)
   assert abs(metrics['scores'] - float(jnp.mean(raw))) < 1e-5 and 'ref_logp' not in batch
+
+
+
+def test_on_policy_grpo_gradient_is_the_advantage_weighted_sft_gradient():
+  """Before any update (ratio 1, no KL term), GRPO's per-reply-mean loss has the gradient
+  of SFT's cross-entropy with each reply token weighted A_i / len_i. The SFT side lays the
+  rows out itself (prompt + reply, shifted targets, positions 0..): a reply window or a
+  mask one position off in the RL layout would fail this."""
+  cfg = grpo_config(temperature=1.0)  # T scales the RL gradient by 1 / T; no 'ref_logp': no KL
+  s = Setup(cfg, jax.devices()[:1])
+  r, _, longest_reply = test_rl_update_program.short_rollout(cfg.grpo.rollout_batch, seed=3,
+                                                             group_size=K)
+  prompt_bp, length_b = np.asarray(r.prompt_bp), np.asarray(r.length_b)
+  reply_bn, n_b = np.asarray(r.out.tokens), np.asarray(r.out.lengths)
+  adv_b = np.linspace(-1.5, 2.0, len(n_b)).astype(np.float32)
+  graphdef, params = s.algo.graphdefs['policy'], s.state['policy']['params']
+  tokens_bw, mask_bt, _ = rollout.assemble(r.prompt_bp, r.length_b, r.out.tokens, r.out.lengths,
+                                           TOK.reward_id, TOK.pad_id)
+  window_bn = rollout.reply_window(mask_bt, longest_reply)
+  old_logp_bt = rollout.log_probs(model_lib.merge(graphdef, params), tokens_bw, 1.0,
+                                  window_bn)[0] * mask_bt
+  rl_batch = {'tokens': tokens_bw, 'mask': mask_bt, 'window': window_bn,
+              'old_logp': old_logp_bt, 'advantages': jnp.asarray(adv_b)}
+
+  rows = [np.concatenate([prompt_bp[i, :length_b[i]], reply_bn[i, :n_b[i]]])
+          for i in range(len(n_b))]
+  w = max(len(x) for x in rows)
+  inputs_bt = np.zeros((len(rows), w - 1), np.int32)
+  targets_bt, weights_bt = np.zeros_like(inputs_bt), np.zeros((len(rows), w - 1), np.float32)
+  for i, x in enumerate(rows):
+    inputs_bt[i, :len(x) - 1], targets_bt[i, :len(x) - 1] = x[:-1], x[1:]
+    weights_bt[i, length_b[i] - 1:len(x) - 1] = adv_b[i] / max(n_b[i], 1)
+  sft_batch = {'inputs': inputs_bt, 'targets': targets_bt, 'weights': weights_bt,
+               'positions': np.broadcast_to(np.arange(w - 1, dtype=np.int32), inputs_bt.shape)}
+
+  def grad(loss_fn, batch):
+    return jax.grad(lambda p: loss_fn(model_lib.merge(graphdef, p), batch)[0])(params)
+
+  assert 0 in n_b and len(set(n_b)) > 2  # empty and uneven replies
+  rl_grads = grad(grpo_algo.make_loss_fn(cfg.grpo), rl_batch)
+  for a, b in zip(jax.tree.leaves(rl_grads), jax.tree.leaves(grad(trainer.lm_loss_fn(), sft_batch))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
