@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import helpers
-import test_rl_update_program
 from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
 from jaxgpt import sharding
@@ -256,6 +255,7 @@ def test_on_policy_grpo_gradient_is_the_advantage_weighted_sft_gradient():
   of SFT's cross-entropy with each reply token weighted A_i / len_i. The SFT side lays the
   rows out itself (prompt + reply, shifted targets, positions 0..): a reply window or a
   mask one position off in the RL layout would fail this."""
+  import test_rl_update_program  # pylint: disable=import-outside-toplevel  (it imports this file)
   cfg = grpo_config(temperature=1.0)  # T scales the RL gradient by 1 / T; no 'ref_logp': no KL
   s = Setup(cfg, jax.devices()[:1])
   r, _, longest_reply = test_rl_update_program.short_rollout(cfg.grpo.rollout_batch, seed=3,
