@@ -53,8 +53,9 @@ def check_png(path):
 
 
 def check_row(r, n_new):
-  for key in ('gold_greedy', 'gold_sampled'):
+  for key in ('gold_greedy', 'gold_sampled', 'pass_sampled'):
     assert 0.0 <= r[key] <= 1.0, (r['model'], key, r[key])
+  assert r['gold_sampled'] <= r['pass_sampled'], r
   assert 1.0 <= r['distinct'] <= SAMPLES, r
   assert 1.0 <= r['length'] <= n_new, r
   assert 0.0 <= r['entropy'] <= np.log(512) + 1e-4, r
@@ -172,3 +173,16 @@ def test_report_sft_and_ppo_policy_subtree(smoke_run, tmp_path):
   with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
     md = f.read()
   assert 'Not in this report**: pretrain' in md and 'no loss curve for reward' in md
+
+
+def test_summarise_pass_at_k_counts_prompts_with_any_right_sample():
+  from jaxgpt.data import tasks  # pylint: disable=import-outside-toplevel
+  eval_set = tasks.heldout_eval_set(1)[:3]
+  k = 4
+  right_counts = (0, 1, 4)  # prompt i: the first right_counts[i] of its k samples are right
+  samples = [(e.answer if j < n else 'no answer', 'reply', 3)
+             for e, n in zip(eval_set, right_counts) for j in range(k)]
+  row = report.summarise('m', eval_set, ['no answer'] * 3, samples, k)
+  assert row['pass_sampled'] == pytest.approx(2 / 3)
+  assert row['gold_sampled'] == pytest.approx(5 / 12)
+  assert row['gold_greedy'] == 0.0

@@ -64,11 +64,14 @@ def summarise(name, eval_set, greedy, samples, k, *, scores=None, kl=None, kl_no
   sample (answer text, full reply text, length in tokens)."""
   right = [tasks.check(e, None, a) for e, a in zip(eval_set, greedy)]
   gold = [tasks.check(eval_set[i // k], None, a) for i, (a, _, _) in enumerate(samples)]
+  # pass@k beside pass@1 (gold_sampled): RL that only sharpens raises the one, lowers the other
+  passed = [any(gold[i:i + k]) for i in range(0, len(gold), k)]
   per_task = per_task_means(eval_set, right)
   replies = [s[1] for s in samples]
   tokens = np.concatenate(list(entropies)) if len(entropies) else np.zeros(0)
   return {'model': name, 'stage': stage, 'step': step, 'gold_greedy': _mean(right),
-          'gold_sampled': _mean(gold), 'rm_score': None if scores is None else _mean(scores),
+          'gold_sampled': _mean(gold), 'pass_sampled': _mean(passed),
+          'rm_score': None if scores is None else _mean(scores),
           'kl_to_sft': kl, 'kl_note': kl_note,
           'entropy': float(tokens.mean()) if tokens.size else None,
           'distinct': _mean([len(set(replies[i:i + k])) for i in range(0, len(replies), k)]),
@@ -309,9 +312,11 @@ def _cell(text, width: int = 48) -> str:
 
 def markdown(report: dict) -> str:
   k, rows = report['samples_per_prompt'], report['rows']
-  columns = (('gold_greedy', 'gold acc. greedy', '{:.1%}'), ('gold_sampled', 'gold acc. T=1',
-             '{:.1%}'), ('rm_score', 'RM score', '{:.3f}'), ('kl_to_sft', 'KL to SFT (nats)',
-             '{:.3f}'), ('entropy', 'entropy (nats/token)', '{:.3f}'),
+  columns = (('gold_greedy', 'gold acc. greedy', '{:.1%}'),
+             ('gold_sampled', 'gold acc. T=1', '{:.1%}'),
+             ('pass_sampled', f'pass@{k} T=1', '{:.1%}'), ('rm_score', 'RM score', '{:.3f}'),
+             ('kl_to_sft', 'KL to SFT (nats)', '{:.3f}'),
+             ('entropy', 'entropy (nats/token)', '{:.3f}'),
              ('distinct', f'distinct / {k}', '{:.2f}'), ('length', 'length (tokens)', '{:.1f}'))
   lines = [f'# State of GPT, reproduced: `{report["workdir"]}`', '',
            f'{report["n_prompts"]} held-out task prompts ({report["per_task"]} per task, none '
@@ -330,7 +335,9 @@ def markdown(report: dict) -> str:
             'forwards of the chat-format sequence; base rows n/a (asked as documents); '
             'best-of-N: the analytic bound log N - (N-1)/N. Entropy: per reply token, of the '
             "model's own next-token distribution (best-of-N: the SFT model's, along the picks)."
-            ' Length counts the stop token. best-of-N keeps, of N SFT samples at T=1, the one '
+            ' Length counts the stop token. pass@k: a prompt counts when any of its k samples '
+            'is right; RL that only sharpens the SFT model raises T=1 accuracy and lowers pass@k.'
+            ' best-of-N keeps, of N SFT samples at T=1, the one '
             'the RM scores highest; its greedy column is one such pick per prompt.']
   if gaps:
     lines.append(f'- Self-check: the sampler\'s log-probs and the full forward\'s agree within '
