@@ -13,6 +13,7 @@ import pytest
 import helpers
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
+from jaxgpt.data import tasks
 from jaxgpt.evals import report
 from jaxgpt.train import checkpoint as ckpt_lib
 
@@ -176,7 +177,6 @@ def test_report_sft_and_ppo_policy_subtree(smoke_run, tmp_path):
 
 
 def test_summarise_pass_at_k_counts_prompts_with_any_right_sample():
-  from jaxgpt.data import tasks  # pylint: disable=import-outside-toplevel
   eval_set = tasks.heldout_eval_set(1)[:3]
   k = 4
   right_counts = (0, 1, 4)  # prompt i: the first right_counts[i] of its k samples are right
