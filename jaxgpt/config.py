@@ -130,9 +130,13 @@ def tokenizer_section() -> ml_collections.ConfigDict:
   tok.path = ''               # '' -> WORKDIR/tokenizer.model, trained from the corpus on first use
   tok.vocab_size = 4096
   tok.train_chars = 20_000_000  # characters of corpus sampled to train it
-  tok.chat_tokens = 'add'     # a model's tokenizer lacking jaxgpt's chat / reward tokens:
-                              # 'add' them (new rows = mean of the old; exported with a chat
-                              # template that renders them) | 'require' (fail instead)
+  tok.chat_template = 'model'  # how conversations are rendered: 'model' (the model's own
+                              # chat template when its tokenizer has one, else jaxgpt's) |
+                              # 'jaxgpt' (jaxgpt's <|user|>...<|end|> format); jaxgpt.data.chat
+  tok.chat_tokens = 'add'     # a model's tokenizer lacking the jaxgpt tokens its chat format
+                              # needs (the model's template: <|reward|> alone; jaxgpt's: the
+                              # chat tokens too): 'add' them (new rows = mean of the old) |
+                              # 'require' (fail instead)
   return tok
 
 
@@ -430,6 +434,7 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _validate_ppo(cfg, batch_shards)
   _validate_grpo(cfg, batch_shards)
   _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
+  _choice(cfg, 'tokenizer.chat_template', ('model', 'jaxgpt'))
   return sizes
 
 

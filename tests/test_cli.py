@@ -20,7 +20,7 @@ from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
 from jaxgpt.cli import chat as chat_cli
 from jaxgpt.cli import sample as sample_cli
-from jaxgpt.data import chat as chat_template
+
 from jaxgpt.inference import sampling
 from jaxgpt.inference import loading as inference
 from jaxgpt.train import optim, trainer
@@ -129,9 +129,9 @@ def test_sample_prints_greedy_completions(workdir, stage):
                                        '--temperature=0', '--max_new_tokens=6'])
   assert code == 0
   if stage == 'pretrain':  # a document start, as the pretraining stage's own sampler
-    ids = [[tok.eot_id] + tok.encode(p, allow_special=False) for p in PROMPTS]
+    ids = [[tok.eot_id] + tok.encode(p, allow_special=True) for p in PROMPTS]
   else:  # a user turn of the chat template
-    ids = [chat_template.render_prompt([{'role': 'user', 'content': p}], tok) for p in PROMPTS]
+    ids = [tok.chat.prompt([{'role': 'user', 'content': p}]) for p in PROMPTS]
   expected = sampling.generate_text(loaded.graphdef, loaded.params, loaded.mcfg, tok, ids,
                                     max_new_tokens=6)
   for i, (prompt, completion) in enumerate(zip(PROMPTS, expected), 1):
@@ -158,7 +158,7 @@ def test_stream_yields_the_greedy_sample_tokens(sft):
   # The trained smoke model, and random weights with peaked distributions (varied tokens).
   peaked = jax.device_put(helpers.random_params(mcfg, seed=3, std=0.5),
                           jax.tree.map(lambda x: x.sharding, params))
-  prompts = [chat_template.render_prompt([{'role': 'user', 'content': q}], tok)
+  prompts = [tok.chat.prompt([{'role': 'user', 'content': q}])
              for q in PROMPTS]
   settings = greedy(tok, 6)  # the shapes test_sample_* compiled already
   for weights in (params, peaked):
@@ -204,9 +204,9 @@ def test_chat_session_keeps_history_and_truncates_from_the_left(sft):
   session = chat_cli.Session(sft, system='Be brief.', max_new_tokens=32)
   session.turns = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
   ids = session.prompt_ids('and you?')
-  assert ids == chat_template.render_prompt(
+  assert ids == tok.chat.prompt(
       [{'role': 'system', 'content': 'Be brief.'}, *session.turns,
-       {'role': 'user', 'content': 'and you?'}], tok)
+       {'role': 'user', 'content': 'and you?'}])
   assert session.dropped == 0
 
   long_turn = 'word ' * 40
@@ -216,9 +216,9 @@ def test_chat_session_keeps_history_and_truncates_from_the_left(sft):
   budget = sft.mcfg.max_seq_len - 32
   assert len(ids) <= budget and session.dropped >= 2 and session.dropped % 2 == 0
   kept = session.turns[session.dropped:]
-  assert ids == chat_template.render_prompt(
+  assert ids == tok.chat.prompt(
       [{'role': 'system', 'content': 'Be brief.'}, *kept,
-       {'role': 'user', 'content': 'last question'}], tok)
+       {'role': 'user', 'content': 'last question'}])
   with pytest.raises(chat_cli.ContextFull, match='Shorten it'):
     session.prompt_ids('x ' * sft.mcfg.max_seq_len)
 

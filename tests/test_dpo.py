@@ -14,7 +14,7 @@ import helpers
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt import run as run_lib
-from jaxgpt.data import chat
+
 from jaxgpt.data import reward as reward_data
 from jaxgpt.data.comparisons import Comparison
 from jaxgpt.data.tokenizer import train_tokenizer
@@ -59,7 +59,7 @@ def test_reply_mask_marks_the_generated_reply_tokens_only(tok):
                                               (c.rejected, c.rejected_finished))):
       mask = batch['reply_mask'][r, side].astype(bool)
       ids = batch['tokens'][r, side][mask].tolist()
-      want = chat.render([{'role': 'assistant', 'content': reply}], tok)[0][1:]
+      want = tok.chat.render([{'role': 'assistant', 'content': reply}])[0][1:]
       assert ids == (want if finished else want[:-1])
       assert (ids[-1] == tok.end_of_turn_id) == finished
       n = int(batch['segment_ids'][r, side].sum())
@@ -121,9 +121,9 @@ def test_stored_reference_log_probs_equal_a_fresh_forward(tok, policy):
   model = samples_lib.StageModel(graphdef, params, mcfg, {}, 0)
   prompts, replies = [], []
   for c in pairs:
-    prompt = chat.render(list(c.prompt), tok, add_generation_prompt=True)[0]
+    prompt = tok.chat.render(list(c.prompt), add_generation_prompt=True)[0]
     for reply, finished in ((c.chosen, c.chosen_finished), (c.rejected, c.rejected_finished)):
-      ids = chat.render([{'role': 'assistant', 'content': reply}], tok)[0][1:]
+      ids = tok.chat.render([{'role': 'assistant', 'content': reply}])[0][1:]
       prompts.append(prompt)
       replies.append(ids if finished else ids[:-1])
   fresh = [float(lp.sum()) for lp, _ in samples_lib.response_logprobs(model, prompts, replies)]

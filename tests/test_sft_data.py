@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import config as config_lib
-from jaxgpt.data import chat, conversations, sft, tasks
+from jaxgpt.data import conversations, sft, tasks
 from jaxgpt.data.tokenizer import train_tokenizer
 
 _TEXT = ['Hello there! How are you doing today? I am doing well, thank you.',
@@ -151,7 +151,7 @@ def test_long_rows_truncated_or_dropped_and_counted(tmp_path, tok, policy):
   path = _write(tmp_path / 'long.jsonl', rows)
   cfg = _cfg(tmp_path, seq_len=64, data=path, on_long_row=policy, val_fraction=0.0,
              packing=False)
-  lengths = [len(chat.render(sft.normalize_row(r), tok)[0]) for r in rows]
+  lengths = [len(tok.chat.render(sft.normalize_row(r))[0]) for r in rows]
   assert max(lengths[:20]) <= 65 < min(lengths[20:])
   data = sft.make_sft_data(cfg, tok)
   s = data.stats

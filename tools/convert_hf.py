@@ -1,7 +1,7 @@
 """Hugging Face models in and out of jaxgpt.
 
     python tools/convert_hf.py import --hf DIR --out CKPT_DIR [--mesh fsdp=8]
-        [--param_dtype bfloat16] [--vocab_multiple 128] [--chat_tokens add]
+        [--param_dtype bfloat16] [--vocab_multiple 128] [--chat_tokens add] [--chat_template model]
     python tools/convert_hf.py export --workdir WORKDIR --stage sft --out HF_DIR
         [--dtype bfloat16] [--max_shard_gb 2]
     python tools/convert_hf.py export --checkpoint CKPT_DIR --out HF_DIR
@@ -50,7 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   imp.add_argument('--vocab_multiple', type=int, default=128,
                    help='pad the embedding / head rows to a multiple (1: no padding)')
   imp.add_argument('--chat_tokens', default='add', choices=('add', 'require'),
-                   help='add the chat / reward tokens the tokenizer lacks, or fail')
+                   help='add the jaxgpt tokens the chat format needs (the model\'s template: '
+                   '<|reward|> alone), or fail')
+  imp.add_argument('--chat_template', default='model', choices=('model', 'jaxgpt'),
+                   help='render conversations with the model\'s own chat template (when it '
+                   'has one) or with jaxgpt\'s')
   exp = sub.add_parser('export', help='a jaxgpt stage -> a Hugging Face model directory')
   exp.add_argument('--workdir', help='the run directory (with --stage)')
   exp.add_argument('--stage', default='sft',
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
   if args.command == 'import':
     record = hf_import.import_checkpoint(
         args.hf, args.out, mesh=mesh, param_dtype=args.param_dtype,
-        vocab_multiple=args.vocab_multiple, chat_tokens=args.chat_tokens)
+        vocab_multiple=args.vocab_multiple, chat_tokens=args.chat_tokens,
+        chat_template=args.chat_template)
     m = record['model']
     print(f'imported {args.hf} -> {args.out}: {m["family"]}, '
           f'{record["n_params"]:,} parameters ({args.param_dtype}), vocab {m["vocab_size"]} '

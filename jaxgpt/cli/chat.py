@@ -1,6 +1,7 @@
 r"""Interactive chat with a trained stage, streamed token by token:
 
   python -m jaxgpt.cli.chat --workdir DIR --stage sft [--system "You are terse."] [--temperature 0.7]
+  python -m jaxgpt.cli.chat --checkpoint CKPT_DIR   # e.g. a model tools/convert_hf.py imported
 
 The whole conversation is kept and rendered with the chat template every turn; when it
 would not leave room for a reply in the model's context (config.model.max_seq_len), the
@@ -16,7 +17,6 @@ from typing import Iterable, Iterator, TextIO
 from absl import flags
 
 from jaxgpt import errors
-from jaxgpt.data import chat as chat_template
 from jaxgpt.inference import sampling
 from jaxgpt.inference import loading as inference
 
@@ -39,7 +39,7 @@ class Session:
 
   def __init__(self, loaded: inference.Loaded, *, system: str = '', max_new_tokens: int = 128,
                temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0, seed: int = 0):
-    self.graphdef, self.params, self.mcfg, self.tok, _ = loaded
+    self.graphdef, self.params, self.mcfg, self.tok = loaded[:4]
     self.system = system
     self.max_new_tokens = max_new_tokens
     self.settings = sampling.SamplingConfig(
@@ -67,7 +67,7 @@ class Session:
     turns = self.turns + [{'role': 'user', 'content': user_text}]
     self.dropped = 0
     while True:
-      ids = chat_template.render_prompt(self._messages(turns), self.tok)
+      ids = self.tok.chat.prompt(self._messages(turns))
       if len(ids) <= budget:
         return ids
       if len(turns) == 1:
@@ -200,7 +200,7 @@ def repl(session: Session, stdin: TextIO, stdout: TextIO, *, interactive: bool =
 
 def main(argv):
   inference.start_cli(argv)
-  loaded = inference.load(FLAGS.workdir, FLAGS.stage, mesh=FLAGS.mesh)
+  loaded = inference.load_from_flags()
   session = Session(loaded, system=_SYSTEM.value, max_new_tokens=FLAGS.max_new_tokens,
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                     seed=FLAGS.seed)
@@ -210,7 +210,9 @@ def main(argv):
       import readline  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       pass
-    print(f'[chat] {FLAGS.stage} model from {FLAGS.workdir}. {HELP}', flush=True)
+    source = FLAGS.checkpoint or FLAGS.workdir
+    print(f'[chat] {loaded.stage} model from {source} ({loaded.tokenizer.chat.name} chat '
+          f'format). {HELP}', flush=True)
   return repl(session, sys.stdin, sys.stdout, interactive=interactive)
 
 

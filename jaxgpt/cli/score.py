@@ -24,6 +24,9 @@ if 'workdir' not in flags.FLAGS:
   flags.DEFINE_string('workdir', None, 'Run directory written by jaxgpt.main.')
 if 'mesh' not in flags.FLAGS:
   flags.DEFINE_string('mesh', '', 'Inference mesh overrides, e.g. "data=1,tensor=8".')
+if 'checkpoint' not in flags.FLAGS:
+  flags.DEFINE_string('checkpoint', None, 'A reward model\'s checkpoints directory instead of '
+                      '--workdir (WORKDIR/reward/checkpoints).')
 FLAGS = flags.FLAGS
 _PROMPT = flags.DEFINE_string('prompt', None, 'The user turn the responses answer.')
 _RESPONSE = flags.DEFINE_multi_string('response', [], 'A reply to score (repeatable).')
@@ -59,9 +62,10 @@ def main(argv):
     rows = [([{'role': 'user', 'content': _PROMPT.value}], [r]) for r in _RESPONSE.value]
   else:
     raise app.UsageError('give --prompt with --response (repeatable), or --jsonl FILE.')
-  loaded = inference.load(FLAGS.workdir, 'reward', mesh=FLAGS.mesh,
+  loaded = inference.load(FLAGS.workdir, 'reward', checkpoint=FLAGS.checkpoint, mesh=FLAGS.mesh,
                           allowed=inference.SCORING_STAGES)
-  meta = inference.latest_checkpoint(FLAGS.workdir, 'reward', inference.SCORING_STAGES)[2]
+  meta = (inference.checkpoint_dir_meta(FLAGS.checkpoint) if FLAGS.checkpoint else
+          inference.latest_checkpoint(FLAGS.workdir, 'reward', inference.SCORING_STAGES))[2]
   items = [(prompt, reply) for prompt, replies in rows for reply in replies]
   scores = scoring.score_replies(loaded.graphdef, loaded.params, loaded.mcfg,
                                  loaded.tokenizer, items)

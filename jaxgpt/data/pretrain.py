@@ -328,7 +328,8 @@ def corpus_sample(config, max_chars: int, seed: int = 0):
 def load_or_train_tokenizer(config, workdir: str) -> Tokenizer:
   """config.tokenizer.path, or WORKDIR/tokenizer.model trained from the corpus once."""
   if config.tokenizer.path:  # a .model file or a model's tokenizer (directory, .json)
-    return tokenizer_lib.load(config.tokenizer.path)
+    return tokenizer_lib.load(config.tokenizer.path,
+                              chat_template=config.tokenizer.chat_template)
   path = os.path.join(workdir, 'tokenizer.model')
   if os.path.exists(path):
     return Tokenizer.load(path)

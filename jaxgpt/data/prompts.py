@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxgpt.data import chat, tasks
+from jaxgpt.data import tasks
 from jaxgpt.data.jsonl import BadRow, expand_paths, parse_prompt, read_rows
 
 EMBEDDED_PROMPTS = 20_000
@@ -87,7 +87,7 @@ def make_prompt_data(config, stage: str, tokenizer, *, process_index: int = 0,
   if room < 2:
     raise ValueError(f'config.{stage}.response_tokens={p.response_tokens} leaves no room for a '
                      f'prompt in config.model.max_seq_len={config.model.max_seq_len}.')
-  ids = [chat.render_prompt(list(r.messages), tokenizer) for r in rows]
+  ids = [tokenizer.chat.prompt(list(r.messages)) for r in rows]
   truncated = sum(len(x) > room for x in ids)
   ids = [x[-room:] for x in ids]
   width = min(-(-max(len(x) for x in ids) // 16) * 16, room)

@@ -54,7 +54,6 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from jaxgpt.data import chat
 from jaxgpt.data.comparisons import Comparison, read_comparisons
 from jaxgpt.data.jsonl import BAD_ROW_POLICIES, expand_paths
 from jaxgpt.data.sft import LONG_ROW_POLICIES
@@ -67,38 +66,34 @@ __all__ = ['encode_reply', 'split_comparisons', 'load_comparison_files', 'make_r
 
 def encode_reply(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len: int,
                  on_long_row: str, finished: bool = True) -> tuple[list[int] | None, bool]:
-  """(ids, truncated): prompt + assistant reply [+ `<|end|>` if finished] + `<|reward|>`,
-  at most seq_len tokens. The reply's own tokens (its content and `<|end|>`, what a policy
-  is scored on) are the `reply_length(ids)` tokens before the `<|reward|>`.
+  """(ids, truncated) of `encode_reply_parts`."""
+  ids, truncated, _ = encode_reply_parts(prompt_messages, reply, tokenizer, seq_len,
+                                         on_long_row, finished)
+  return ids, truncated
 
-  A cut reply (finished False) has no `<|end|>`, as in a PPO rollout of a response that
-  ran out of tokens. Too long: 'truncate' drops prompt tokens from the left (the reply
-  part, from its `<|assistant|>` to `<|reward|>`, is always whole); when the reply part
-  alone does not fit, or with 'drop', the ids are None (truncated False).
+
+def encode_reply_parts(prompt_messages: Sequence[dict], reply: str, tokenizer, seq_len: int,
+                       on_long_row: str, finished: bool = True
+                       ) -> tuple[list[int] | None, bool, int]:
+  """(ids, truncated, reply tokens): prompt + assistant reply in the tokenizer's chat format
+  + `<|reward|>`, at most seq_len tokens. The reply's own tokens (what a policy samples
+  after the generation prompt and is scored on: its content and, if finished, its
+  end-of-turn token) are the `reply tokens` before the `<|reward|>`.
+
+  A cut reply (finished False) has no end-of-turn token, as in a PPO rollout of a response
+  that ran out of tokens. Too long: 'truncate' drops prompt tokens from the left (the
+  assistant turn's header, the reply and `<|reward|>` are always whole); when they alone do
+  not fit, or with 'drop', the ids are None (truncated False).
   """
   if on_long_row not in LONG_ROW_POLICIES:
     raise ValueError(f'on_long_row={on_long_row!r} must be one of {LONG_ROW_POLICIES}.')
-  # chat.render works message by message, so rendering the two parts apart gives the
-  # same ids as rendering the whole conversation, and tells where the reply starts.
-  prompt_ids = chat.render(list(prompt_messages), tokenizer)[0]
-  reply_ids = chat.render([{'role': 'assistant', 'content': reply}], tokenizer)[0]
-  if not finished:
-    reply_ids = reply_ids[:-1]  # the <|end|> the sampler never emitted
-  ids = prompt_ids + reply_ids + [tokenizer.reward_id]
+  context, header, reply_ids = tokenizer.chat.split_reply(prompt_messages, reply, finished)
+  ids = context + header + reply_ids + [tokenizer.reward_id]
   if len(ids) <= seq_len:
-    return ids, False
-  if on_long_row == 'drop' or len(reply_ids) + 1 > seq_len:
-    return None, False
-  return ids[len(ids) - seq_len:], True
-
-
-def reply_length(ids: Sequence[int], tokenizer) -> int:
-  """Tokens of the reply in `encode_reply`'s ids that a policy generates: its content and,
-  when finished, its `<|end|>`; they sit between the last `<|assistant|>` (given, not
-  generated; a content never holds that id) and the `<|reward|>`."""
-  assistant = tokenizer.role_id('assistant')
-  last = max(i for i, t in enumerate(ids) if t == assistant)
-  return len(ids) - 2 - last
+    return ids, False, len(reply_ids)
+  if on_long_row == 'drop' or len(header) + len(reply_ids) + 1 > seq_len:
+    return None, False, len(reply_ids)
+  return ids[len(ids) - seq_len:], True, len(reply_ids)
 
 
 @dataclasses.dataclass
@@ -109,7 +104,7 @@ class _Pairs:
   margin: np.ndarray     # float32, (P,)
   weight: np.ndarray     # float32, (P,)
   groups: list           # per group: int64 array of its pair indices, in order
-  reply_lens: np.ndarray  # int32, (2P,): each sequence's reply tokens (`reply_length`)
+  reply_lens: np.ndarray  # int32, (2P,): each sequence's reply tokens (`encode_reply_parts`)
   ref_logps: np.ndarray | None = None  # float32, (P, 2): a reference model's reply log-probs
 
   def __len__(self) -> int:
@@ -126,17 +121,17 @@ def _tokenize(comparisons: Sequence[Comparison], tokenizer, seq_len: int,
   seqs, kept, group_of, reply_lens = [], [], [], []
   group_index: dict[str, int] = {}
   for c in comparisons:
-    sides = [encode_reply(c.prompt, reply, tokenizer, seq_len, on_long_row, finished)
+    sides = [encode_reply_parts(c.prompt, reply, tokenizer, seq_len, on_long_row, finished)
              for reply, finished in ((c.chosen, c.chosen_finished),
                                      (c.rejected, c.rejected_finished))]
-    long = any(ids is None or cut for ids, cut in sides)
+    long = any(ids is None or cut for ids, cut, _ in sides)
     counts['too_long'] += long
-    if any(ids is None for ids, _ in sides):
+    if any(ids is None for ids, _, _ in sides):
       counts['dropped'] += 1
       continue
     counts['truncated'] += long
-    seqs += [np.asarray(ids, np.int32) for ids, _ in sides]
-    reply_lens += [reply_length(ids, tokenizer) for ids, _ in sides]
+    seqs += [np.asarray(ids, np.int32) for ids, _, _ in sides]
+    reply_lens += [n for _, _, n in sides]
     kept.append(c)
     group_of.append(group_index.setdefault(c.group, len(group_index)))
   group_of = np.asarray(group_of, np.int64)

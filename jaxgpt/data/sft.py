@@ -25,7 +25,7 @@ changed file gets a new dataset and an unchanged one is reused. The split is the
 builder's: a conversation goes to `validation` by a hash of its index.
 
 Reading (grain). At start-up every conversation is read back from the TFDS dataset once,
-rendered with `chat.render` into ids and a loss mask, and kept in memory (`Tokenized`,
+rendered with the tokenizer's chat format (`tokenizer.chat.render`, `jaxgpt.data.chat`) into ids and a loss mask, and kept in memory (`Tokenized`,
 five bytes a token). A conversation longer than seq_len + 1 tokens is cut to seq_len + 1
 (`on_long_row='truncate'`; one whose cut leaves no assistant target is dropped) or
 dropped (`'drop'`); both are counted (`too_long`, `truncated`, `dropped`). Each kept one
@@ -54,7 +54,6 @@ import grain
 from absl import flags
 import numpy as np
 
-from jaxgpt.data import chat
 from jaxgpt.data import conversations
 from jaxgpt.data import jsonl
 from jaxgpt.data.jsonl import BAD_ROW_POLICIES, BadRow, BadRowError, expand_paths  # noqa: F401
@@ -199,7 +198,7 @@ def tokenize_split(source, tokenizer, seq_len: int, on_long_row: str,
   for start in range(0, len(source), chunk):
     keys = list(range(start, min(start + chunk, len(source))))
     for record in source.__getitems__(keys):
-      ids, mask = chat.render(_decode(record), tokenizer)
+      ids, mask = tokenizer.chat.render(_decode(record))
       if len(ids) > seq_len + 1:
         c['too_long'] += 1
         if on_long_row == 'drop' or not any(mask[1:seq_len + 1]):

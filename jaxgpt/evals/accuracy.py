@@ -22,7 +22,7 @@ import collections
 import random
 import re
 
-from jaxgpt.data import chat, tasks
+from jaxgpt.data import tasks
 from jaxgpt.inference import sampling
 
 MODES = ('zero_shot', 'few_shot', 'chat')
@@ -48,7 +48,7 @@ def prompts_for(mode: str, tok, eval_set, *, shots: int = 3, seed: int = 0) -> l
   if mode not in MODES:
     raise ValueError(f'mode {mode!r} must be one of {MODES}')
   if mode == 'chat':
-    return [chat.render_prompt([{'role': 'user', 'content': e.prompt}], tok) for e in eval_set]
+    return [tok.chat.prompt([{'role': 'user', 'content': e.prompt}]) for e in eval_set]
   if mode == 'zero_shot':
     return [_bare_prompt(tok, e.prompt) for e in eval_set]
   rng = random.Random(seed)

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from jaxgpt.data import chat, tasks
+from jaxgpt.data import tasks
 from jaxgpt.evals import samples as samples_lib
 from jaxgpt.inference import scoring
 
@@ -37,10 +37,10 @@ def sample_scored(policy, rm, tok, eval_set, n: int, *, n_new: int, seed: int,
   by `rm` and checked by the task suite. A sample cut at n_new tokens is scored without
   `<|end|>`, as PPO would score it."""
   questions = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
-  prompts = [chat.render_prompt(q, tok) for q in questions for _ in range(n)]
+  prompts = [tok.chat.prompt(q) for q in questions for _ in range(n)]
   drawn = samples_lib.draw(policy, tok, prompts, n_new=n_new, seed=seed)
   ids = [x for x, _ in drawn]
-  replies = [chat.completion_text(x, tok) for x in ids]
+  replies = [tok.chat.reply(x) for x in ids]
   texts, finished = [t for t, _ in replies], [f for _, f in replies]
   scores = scoring.score_replies(rm.graphdef, rm.params, rm.mcfg, tok,
                                  [(questions[i // n], t, f)

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat, tasks
+from jaxgpt.data import tasks
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.evals import best_of_n as best_of_n_lib
 from jaxgpt.evals import samples as samples_lib
@@ -117,7 +117,7 @@ def write_report(cfg, workdir: str) -> dict:
     drawn = samples_lib.draw(m, tok, rep, n_new=n_new, seed=seed)
     own = samples_lib.response_logprobs(m, rep, [ids for ids, _ in drawn])
     gap = max(float(np.abs(lp - f).max(initial=0)) for (_, lp), (f, _) in zip(drawn, own))
-    texts, finished = zip(*[chat.completion_text(ids, tok) for ids, _ in drawn])
+    texts, finished = zip(*[tok.chat.reply(ids) for ids, _ in drawn])
     answers = [evaluation.answer_text(mode, t) for t in texts]
     kl, note = None, 'n/a: asked as a document' if mode != 'chat' else 'n/a: no SFT model'
     if mode == 'chat' and sft is not None:

@@ -29,6 +29,7 @@ import numpy as np
 from jaxgpt.data.tokenizer import hf_tokenizer
 from jaxgpt.hf import weights as hf
 from jaxgpt.hf.safetensors_io import ShardWriter
+from jaxgpt.inference import sampling
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 
@@ -50,7 +51,7 @@ def _bos_id(tok) -> int | None:
 def special_ids(tok) -> dict:
   """bos / eos / pad ids for config.json and generation_config.json."""
   eos = tok.eot_id
-  stops = ([tok.end_of_turn_id, eos] if hf_tokenizer.has_chat_tokens(tok) else [eos])
+  stops = list(sampling.default_stop_ids(tok))
   return {'bos_token_id': _bos_id(tok) if hasattr(tok, 'token_id') else None,
           'eos_token_id': eos, 'pad_token_id': tok.pad_id, 'stop_ids': stops}
 
@@ -111,11 +112,11 @@ def export(params, mcfg, tok, out_dir: str, *, head: str = 'lm', dtype: str | No
           f'{config["architectures"][0]} (its score has no bias): exported scores are jaxgpt '
           'scores minus it (recorded as jaxgpt_score_bias in config.json).', flush=True)
   _write_json(os.path.join(out_dir, 'config.json'), config)
+  hf_tokenizer.save(tok, out_dir)  # before generation_config.json, which holds every stop id
   generation = {'bos_token_id': ids['bos_token_id'], 'pad_token_id': ids['pad_token_id'],
                 'eos_token_id': ids['stop_ids'] if len(ids['stop_ids']) > 1 else ids['stop_ids'][0]}
   _write_json(os.path.join(out_dir, 'generation_config.json'),
               {k: v for k, v in generation.items() if v is not None})
-  hf_tokenizer.save(tok, out_dir)
   return {'files': files, 'bytes': writer.total_bytes, 'score_bias': score_bias,
           'architecture': config['architectures'][0]}
 
@@ -125,39 +126,11 @@ def load_for_export(*, workdir: str | None = None, stage: str | None = None,
   """(params, mcfg, tokenizer, head) of WORKDIR/<stage>'s newest checkpoint, or of a
   checkpoints directory (`checkpoint`, e.g. one `convert_hf.py import` wrote). The mesh puts
   every device on 'fsdp' (each holds a slice) unless `mesh` overrides axes."""
-  from jaxgpt.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from jaxgpt.inference import loading as inference  # pylint: disable=import-outside-toplevel
-  from jaxgpt import sharding
-  from jaxgpt import model as model_lib  # pylint: disable=import-outside-toplevel
-  from jaxgpt.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   overrides = dict({'data': 1, 'fsdp': -1}, **(mesh or {}))
   allowed = inference.GENERATIVE_STAGES + inference.SCORING_STAGES
-  if checkpoint is None:
-    loaded = inference.load(workdir, stage, mesh=overrides, allowed=allowed)
-    return loaded.params, loaded.mcfg, loaded.tokenizer, 'score' if stage == 'reward' else 'lm'
-  directory = os.path.abspath(checkpoint)
-  if not os.path.isdir(directory):
-    raise ckpt_lib.CheckpointError(f'--checkpoint {directory} does not exist.')
-  reader = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
-    step = reader.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f'{directory} holds no finished checkpoint.')
-    meta = reader.read_meta(step)
-  finally:
-    reader.close()
-  stage = meta.get('stage', 'import')
-  cfg = inference.config_from_meta(meta, f'{directory}/{step}')
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
-  for axis, size in overrides.items():
-    cfg.mesh[axis] = int(size)
-  mcfg = (model_lib.ModelConfig.for_stage(cfg, stage) if stage in allowed
-          else model_lib.ModelConfig.from_config(cfg))
-  _, target = model_lib.abstract_sharded_params(mcfg, sharding.make_mesh(cfg))
-  params = ckpt_lib.restore_subtree(directory, step, target,
-                                    inference.params_key(stage))
-  tok = tokenizer_lib.load(meta.get('tokenizer') or cfg.tokenizer.path)
-  return params, mcfg, tok, 'score' if stage == 'reward' else 'lm'
+  loaded = inference.load(workdir, stage, checkpoint=checkpoint, mesh=overrides, allowed=allowed)
+  return loaded.params, loaded.mcfg, loaded.tokenizer, 'score' if loaded.stage == 'reward' else 'lm'
 
 
 def _write_json(path, obj):

@@ -62,13 +62,15 @@ def read_config_json(hf_dir: str) -> dict:
     raise hf.ConversionError(f'{path}: not valid JSON ({e}).') from e
 
 
-def prepare_tokenizer(hf_dir: str, out_dir: str, chat_tokens: str):
-  """(tokenizer, added token strings): DIR's tokenizer with the missing chat tokens added
-  (chat_tokens='add') or required ('require'), written to `out_dir`."""
+def prepare_tokenizer(hf_dir: str, out_dir: str, chat_tokens: str, chat_template: str = 'model'):
+  """(tokenizer, added token strings): DIR's tokenizer, with the jaxgpt tokens its chat
+  format needs (`hf_tokenizer.needed_chat_tokens`: with the model's own template only the
+  reward model's `<|reward|>`) added when missing (chat_tokens='add') or required
+  ('require'), written to `out_dir` with the model's chat template and stop ids."""
   if chat_tokens not in ('add', 'require'):
     raise config_lib.ConfigError(
         f"config.tokenizer.chat_tokens={chat_tokens!r} must be one of ('add', 'require').")
-  tok = hf_tokenizer.load(hf_dir)
+  tok = hf_tokenizer.load(hf_dir, chat_template=chat_template)
   added = []
   if chat_tokens == 'add':
     tok, added = hf_tokenizer.with_chat_tokens(tok)
@@ -77,7 +79,7 @@ def prepare_tokenizer(hf_dir: str, out_dir: str, chat_tokens: str):
         f"the tokenizer of {hf_dir} lacks {hf_tokenizer.missing_chat_tokens(tok)}, which the "
         "chat and reward stages need; set config.tokenizer.chat_tokens='add'.")
   hf_tokenizer.save(tok, out_dir, source_dir=hf_dir)
-  return hf_tokenizer.load(out_dir), added
+  return hf_tokenizer.load(out_dir, chat_template=chat_template), added
 
 
 def _grown_vocab(fields: dict, hf_dir: str, tokenizer_size: int, added: list[str]) -> dict:
@@ -115,7 +117,8 @@ def adopt_hf_model(cfg, hf_dir: str, tokenizer_dir: str) -> list[str]:
   writing its tokenizer (chat tokens added per config) to `tokenizer_dir`; returns the
   added tokens."""
   fields = hf.model_config_from_hf(read_config_json(hf_dir))  # refusals come first
-  tok, added = prepare_tokenizer(hf_dir, tokenizer_dir, cfg.tokenizer.chat_tokens)
+  tok, added = prepare_tokenizer(hf_dir, tokenizer_dir, cfg.tokenizer.chat_tokens,
+                                 cfg.tokenizer.chat_template)
   _apply(cfg, _grown_vocab(fields, hf_dir, tok.vocab_size, added), tok.path, tok.vocab_size,
          hf_dir)
   return added
@@ -250,7 +253,7 @@ def rss_bytes() -> int:
 
 def import_checkpoint(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None,
                       param_dtype: str = 'float32', vocab_multiple: int = 1,
-                      chat_tokens: str = 'add') -> dict:
+                      chat_tokens: str = 'add', chat_template: str = 'model') -> dict:
   """Writes DIR as a jaxgpt checkpoint (step 0, {'params'}) in `out_dir`, its tokenizer in
   out_dir/tokenizer and what a run needs to start from it in out_dir/hf_import.json;
   returns that record (with the time taken and the peak host memory)."""
@@ -261,6 +264,7 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None 
                                  'directory.')
   cfg = config_lib.base_config()
   cfg.tokenizer.chat_tokens = chat_tokens
+  cfg.tokenizer.chat_template = chat_template
   added = adopt_hf_model(cfg, hf_dir, os.path.join(out_dir, 'tokenizer'))
   cfg.model.param_dtype = param_dtype
   cfg.model.vocab_multiple = vocab_multiple

@@ -49,6 +49,7 @@ class Loaded(NamedTuple):
   mcfg: model_lib.ModelConfig
   tokenizer: tokenizer_lib.Tokenizer
   cfg: ml_collections.ConfigDict
+  stage: str = 'sft'         # what the checkpoint holds ('import': an imported model)
 
 
 def _train_command(workdir: str, stage: str) -> str:
@@ -145,27 +146,58 @@ def _merged(base: dict, override: dict) -> dict:
   return out
 
 
-def _tokenizer(workdir: str, meta: dict, model_vocab: int) -> tokenizer_lib.Tokenizer:
+def _tokenizer(workdir: str, meta: dict, model_vocab: int,
+               chat_template: str) -> tokenizer_lib.Tokenizer:
   candidates = [p for p in (meta.get('tokenizer'), os.path.join(workdir, 'tokenizer.model'))
                 if p]
   for path in candidates:
     if os.path.exists(path):
-      tok = tokenizer_lib.load(path)
+      tok = tokenizer_lib.load(path, chat_template=chat_template)
       tokenizer_lib.check_vocab(tok, model_vocab)
       return tok
   raise InferenceError(f'tokenizer not found (looked at {candidates}).')
 
 
-def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
-         allowed=GENERATIVE_STAGES) -> Loaded:
-  """(graphdef, params, mcfg, tokenizer, cfg) of the newest checkpoint of WORKDIR/<stage>:
-  a language model (pretrain, sft, ppo's policy), or with allowed=SCORING_STAGES the
-  reward model.
+def checkpoint_dir_meta(checkpoint: str) -> tuple[str, int, dict]:
+  """(directory, newest finished step, its meta) of a checkpoints directory given by path:
+  a stage's WORKDIR/<stage>/checkpoints or what `tools/convert_hf.py import` wrote."""
+  directory = os.path.abspath(checkpoint)
+  if not os.path.isdir(directory):
+    raise InferenceError(f'--checkpoint {directory} does not exist; give a checkpoints '
+                         'directory (WORKDIR/<stage>/checkpoints, or one tools/convert_hf.py '
+                         'import wrote).')
+  reader = ckpt_lib.Checkpointer(directory, async_save=False)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      raise InferenceError(f'--checkpoint {directory} holds no finished checkpoint.')
+    try:
+      meta = reader.read_meta(step)
+    except ckpt_lib.DamagedCheckpointError as e:
+      raise _damaged(e) from e
+  finally:
+    reader.close()
+  return directory, step, meta
+
+
+def load(workdir: str | None = None, stage: str = 'sft', *, checkpoint: str | None = None,
+         mesh: dict[str, int] | str | None = None, allowed=GENERATIVE_STAGES) -> Loaded:
+  """(graphdef, params, mcfg, tokenizer, cfg) of the newest checkpoint of WORKDIR/<stage>,
+  or of the checkpoints directory `checkpoint` (the stage then comes from its record: an
+  imported model is 'import'): a language model (pretrain, sft, ppo's policy, an imported
+  model), or with allowed=SCORING_STAGES the reward model.
 
   `mesh` overrides axes of the inference mesh (default data=-1, fsdp=1, tensor=1).
   """
   jax.config.update('jax_threefry_partitionable', True)  # as in training: mesh-independent
-  directory, step, meta = latest_checkpoint(workdir, stage, allowed)
+  if checkpoint is not None:
+    directory, step, meta = checkpoint_dir_meta(checkpoint)
+    stage = meta.get('stage', 'import')
+    if stage != 'import':
+      check_stage(stage, allowed)
+    workdir = os.path.dirname(os.path.dirname(directory))
+  else:
+    directory, step, meta = latest_checkpoint(workdir, stage, allowed)
   cfg = config_from_meta(meta, f'{directory}/{step}')
   overrides = parse_mesh(mesh) if isinstance(mesh, str) or mesh is None else dict(mesh)
   unknown = set(overrides) - set(config_lib.MESH_AXES)
@@ -188,8 +220,8 @@ def load(workdir: str, stage: str, *, mesh: dict[str, int] | str | None = None,
                                      params_key(stage))
   except ckpt_lib.DamagedCheckpointError as e:
     raise _damaged(e) from e
-  tok = _tokenizer(workdir, meta, mcfg.vocab_size)
-  return Loaded(graphdef, params, mcfg, tok, cfg)
+  tok = _tokenizer(workdir, meta, mcfg.vocab_size, cfg.tokenizer.chat_template)
+  return Loaded(graphdef, params, mcfg, tok, cfg, stage)
 
 
 # -- flags shared by the command-line tools ---------------------------------------------------
@@ -199,6 +231,8 @@ def define_flags() -> None:
   """The flags `jaxgpt.cli.sample` and `jaxgpt.cli.chat` share (each defined once per process)."""
   specs = [
       (flags.DEFINE_string, 'workdir', None, 'Run directory written by jaxgpt.main.'),
+      (flags.DEFINE_string, 'checkpoint', None, 'A checkpoints directory instead of --workdir '
+       'and --stage: one tools/convert_hf.py import wrote, or WORKDIR/<stage>/checkpoints.'),
       (flags.DEFINE_string, 'stage', 'sft', f'Which stage to load: one of {GENERATIVE_STAGES}.'),
       (flags.DEFINE_string, 'mesh', '', 'Inference mesh overrides, e.g. "data=1,tensor=8" '
        '(default: every device on the data axis).'),
@@ -214,9 +248,22 @@ def define_flags() -> None:
 
 
 def start_cli(argv) -> None:
-  """What `chat` and `score` check first: no stray arguments, a --workdir; quiet logs."""
+  """What the tools check first: no stray arguments, a --workdir or a --checkpoint (not
+  both); quiet logs."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}.')
   logging.set_verbosity(logging.WARNING)
-  if not flags.FLAGS.workdir:
-    raise app.UsageError('--workdir is required.')
+  check_source()
+
+
+def check_source() -> None:
+  """Exactly one of --workdir (with --stage) and --checkpoint."""
+  given = [f for f in ('workdir', 'checkpoint') if f in flags.FLAGS and flags.FLAGS[f].value]
+  if len(given) != 1:
+    raise app.UsageError('give --workdir (with --stage) or --checkpoint, one of them.')
+
+
+def load_from_flags(**kw) -> Loaded:
+  """`load` of what --workdir / --stage or --checkpoint and --mesh name."""
+  f = flags.FLAGS
+  return load(f.workdir, f.stage, checkpoint=f.checkpoint, mesh=f.mesh, **kw)

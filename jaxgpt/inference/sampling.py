@@ -410,14 +410,12 @@ def sample(graphdef, params, mcfg, prompts_bp, lengths_b, rng,
 
 
 def default_stop_ids(tokenizer) -> tuple[int, ...]:
-  """<|end|> (if the tokenizer has it) and end-of-text."""
-  ids = []
+  """The chat format's stop ids (its end of turn, end of text); end of text alone for a
+  tokenizer that cannot chat (a LLaMA-layout one without chat tokens)."""
   try:
-    ids.append(tokenizer.end_of_turn_id)
-  except ValueError:  # a LLaMA-layout tokenizer without chat tokens
-    pass
-  ids.append(tokenizer.eot_id)
-  return tuple(dict.fromkeys(ids))
+    return tokenizer.chat.stop_ids
+  except ValueError:
+    return (tokenizer.eot_id,)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, *, bucket: int = 16,

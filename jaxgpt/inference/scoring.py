@@ -75,7 +75,7 @@ def score_replies(graphdef, params, mcfg, tokenizer, items, *, seq_len: int | No
                   batch_size: int = 256) -> np.ndarray:
   """Scores of `items`, each (prompt messages, reply text) or (prompt messages, reply
   text, finished). finished defaults to True (a user's reply is a whole turn); pass a
-  sampled reply's own flag (`chat.completion_text`), as a reply cut at the token limit is
+  sampled reply's own flag (`tok.chat.reply`), as a reply cut at the token limit is
   scored without `<|end|>`. Prompts too long for `seq_len` (default the model's) lose
   tokens from the left, as in training."""
   seq_len = seq_len or mcfg.max_seq_len

@@ -34,7 +34,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
-from jaxgpt.data import chat
 from jaxgpt.inference import sampling
 from jaxgpt.rl import roles as roles_lib
 from jaxgpt.train import loop, trainer
@@ -230,7 +229,7 @@ class Iteration:
       zeros_b = np.zeros(len(local['prompt']), np.float32)
       return loop.global_batch({'reward': zeros_b, 'correct': zeros_b}, inp.mesh, self.rules)
     tokens_bn, n_b = process_rows(out.tokens), process_rows(out.lengths)
-    completions = [chat.completion_text(tokens_bn[i, :n_b[i]], inp.tok)[0]
+    completions = [inp.tok.chat.reply(tokens_bn[i, :n_b[i]])[0]
                    for i in range(len(n_b))]
     rows = [inp.data.rows[int(r)] for r in local['row']]
     prompts, fields = [r.text for r in rows], row_fields(rows)

@@ -102,7 +102,7 @@ def recorded_tokenizer(cfg, workdir: str, base_meta: dict, stage: str) -> tokeni
                                                                           'tokenizer.model')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{stage}: tokenizer {path} not found; set config.tokenizer.path.')
-  tok = tokenizer_lib.load(path)
+  tok = tokenizer_lib.load(path, chat_template=cfg.tokenizer.chat_template)
   tokenizer_lib.check_vocab(tok, cfg.model.vocab_size)
   return tok
 

@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from jaxgpt.data import chat, comparisons, jsonl, tasks
+from jaxgpt.data import comparisons, jsonl, tasks
 from jaxgpt.data import reward as reward_data
 from jaxgpt.inference import sampling
 from jaxgpt.stages import common
@@ -128,7 +128,7 @@ def embedded_comparisons(cfg, out_dir, graphdef, sft_params, sft_mcfg, tok, name
                                                                 seed=cfg.seed + 1)}.values())
     k = int(r.samples_per_prompt)
     per_sample = [e for e in examples for _ in range(k)]
-    prompt_ids = [chat.render_prompt([{'role': 'user', 'content': e.prompt}], tok)
+    prompt_ids = [tok.chat.prompt([{'role': 'user', 'content': e.prompt}])
                   for e in per_sample]
     samples = sampling.generate(graphdef, sft_params, sft_mcfg, tok, prompt_ids,
                                 max_new_tokens=r.response_tokens, temperature=1.0,

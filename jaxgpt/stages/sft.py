@@ -9,7 +9,7 @@ the base model given a few-shot document, and the SFT model.
 from __future__ import annotations
 
 from jaxgpt import config as config_lib
-from jaxgpt.data import chat, tasks
+from jaxgpt.data import tasks
 from jaxgpt.data.sft import make_sft_data
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.inference import sampling
@@ -23,7 +23,7 @@ PREVIOUS = 'pretrain'
 def chat_sampler(tok, mcfg, max_new_tokens):
   """Greedy answers to a few held-out task prompts, shown while training."""
   questions = [e.prompt for e in tasks.heldout_eval_set(1, seed=1)[:4]]
-  prompts = [chat.render_prompt([{'role': 'user', 'content': q}], tok) for q in questions]
+  prompts = [tok.chat.prompt([{'role': 'user', 'content': q}]) for q in questions]
 
   def sample(graphdef, params):
     return list(zip(questions, sampling.generate_text(graphdef, params, mcfg, tok, prompts,

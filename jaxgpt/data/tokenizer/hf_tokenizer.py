@@ -48,9 +48,20 @@ class TokenizerFileError(ValueError):
   """A tokenizer file is missing or unreadable; the message names it."""
 
 
-def load(path):
-  """A tokenizer from a SentencePiece `.model` file, a `tokenizer.json` or a directory."""
+def load(path, *, chat_template: str = 'model'):
+  """A tokenizer from a SentencePiece `.model` file, a `tokenizer.json` or a directory,
+  with what its directory says about chatting (`attach_model_files`) and the chat format
+  `chat_template` picks ('model' | 'jaxgpt', `jaxgpt.data.chat`)."""
+  from jaxgpt.data import chat  # pylint: disable=import-outside-toplevel
+  chat.check_choice(chat_template)
   path = os.fspath(path)
+  tok = _load(path)
+  attach_model_files(tok, path if os.path.isdir(path) else os.path.dirname(path) or '.')
+  tok.chat_choice = chat_template
+  return tok
+
+
+def _load(path: str):
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, 'tokenizer.json')):
       return HFTokenizer.from_dir(path)
@@ -63,6 +74,38 @@ def load(path):
   if path.endswith('.json'):
     return HFTokenizer.from_dir(os.path.dirname(path) or '.', json_path=path)
   return Tokenizer.load(path)
+
+
+def read_chat_template(directory: str) -> str | None:
+  """The chat template a model directory ships: `chat_template.jinja`, else
+  tokenizer_config.json's `chat_template` (a string, or a list of named templates of
+  which transformers uses 'default')."""
+  jinja_path = os.path.join(directory, 'chat_template.jinja')
+  if os.path.exists(jinja_path):
+    with open(jinja_path, encoding='utf-8') as f:
+      return f.read()
+  template = (_read_json(os.path.join(directory, 'tokenizer_config.json'), {}) or {}).get(
+      'chat_template')
+  if isinstance(template, list):
+    named = {t.get('name'): t.get('template') for t in template if isinstance(t, dict)}
+    template = named.get('default')
+  return template if isinstance(template, str) and template else None
+
+
+def read_eos_ids(directory: str) -> tuple[int, ...]:
+  """eos_token_id (one id or a list) of the directory's generation_config.json, else of
+  its config.json: the ids a model's generation stops at."""
+  for name in ('generation_config.json', 'config.json'):
+    eos = (_read_json(os.path.join(directory, name), {}) or {}).get('eos_token_id')
+    if eos is not None:
+      return tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+  return ()
+
+
+def attach_model_files(tok, directory: str) -> None:
+  """Sets `tok.chat_template` and `tok.generation_eos_ids` from a model directory."""
+  tok.chat_template = read_chat_template(directory)
+  tok.generation_eos_ids = read_eos_ids(directory)
 
 
 def _read_json(path, default=None):
@@ -139,10 +182,12 @@ class HFTokenizer(TokenizerBase):
                _read_json(os.path.join(directory, 'tokenizer_config.json'), {}))
 
   def __getstate__(self):  # picklable for grain worker processes
-    return {'tk_json': self._json, 'path': self.path, 'config': self.config}
+    return {'tk_json': self._json, 'path': self.path, 'config': self.config,
+            **self.model_files_state()}
 
   def __setstate__(self, state):
     self.__init__(state['tk_json'], state['path'], state['config'])
+    self.set_model_files_state(state)
 
   def _variant(self, after_special: bool, allow_special: bool):
     """The tokenizer `encode` uses for these settings, built on first use."""
@@ -167,6 +212,13 @@ class HFTokenizer(TokenizerBase):
 
   def token_id(self, text: str | None) -> int | None:
     return None if text is None else self._tk.token_to_id(text)
+
+  @functools.cached_property
+  def _special_ids(self) -> frozenset:
+    return frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
+
+  def special_ids(self) -> set[int]:
+    return set(self._special_ids)
 
   def _config_id(self, name: str) -> int | None:
     return self.token_id(token_text(self.config.get(name)))
@@ -211,10 +263,18 @@ class HFTokenizer(TokenizerBase):
 # -- chat tokens ---------------------------------------------------------------------------
 
 
+def needed_chat_tokens(tok) -> tuple[str, ...]:
+  """The jaxgpt tokens (names in SPECIAL_TOKENS) `tok`'s chat format needs: with the
+  model's own template only the reward model's readout `<|reward|>` (the one jaxgpt token
+  such a model gets), with jaxgpt's template all of CHAT_TOKENS."""
+  from jaxgpt.data import chat  # pylint: disable=import-outside-toplevel
+  return ('reward',) if chat.uses_model_template(tok, tok.chat_choice) else CHAT_TOKENS
+
+
 def missing_chat_tokens(tok) -> list[str]:
-  """The chat / reward token strings `tok` does not have."""
+  """The token strings of `needed_chat_tokens` that `tok` does not have."""
   out = []
-  for name in CHAT_TOKENS:
+  for name in needed_chat_tokens(tok):
     try:
       tok._require(name)  # pylint: disable=protected-access
     except ValueError:
@@ -223,8 +283,10 @@ def missing_chat_tokens(tok) -> list[str]:
 
 
 def with_chat_tokens(tok):
-  """(tokenizer, added token strings): `tok` with the missing chat tokens appended as
-  special tokens (ids vocab_size, vocab_size + 1, ...)."""
+  """(tokenizer, added token strings): `tok` with the missing chat tokens
+  (`missing_chat_tokens`) appended as special tokens (ids vocab_size, vocab_size + 1, ...).
+  This is where a published model's vocabulary grows (the importer gives the new rows
+  the mean of the old ones)."""
   missing = missing_chat_tokens(tok)
   if not missing:
     return tok, []
@@ -249,6 +311,7 @@ def with_chat_tokens(tok):
       piece.piece, piece.score = t, 0.0
       piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
     new = Tokenizer(model.SerializeToString(), tok.path)
+  new.set_model_files_state(tok.model_files_state())
   got = [new.id_to_piece(i) for i in range(n, n + len(missing))]
   if got != missing or new.vocab_size != n + len(missing):
     raise TokenizerFileError(f'tokenizer {tok.path}: adding {missing} gave {got} at ids '
@@ -263,8 +326,9 @@ def has_chat_tokens(tok) -> bool:
 def save(tok, out_dir: str, *, source_dir: str | None = None) -> str:
   """Writes `tok` as a tokenizer directory that `transformers.AutoTokenizer` loads (and
   `load` reads back); returns out_dir. Files of `source_dir` (tokenizer_config.json,
-  special_tokens_map.json) are carried over; with the chat tokens present, the chat
-  template becomes jaxgpt's."""
+  special_tokens_map.json) are carried over; the chat template written is the one `tok`
+  renders with (the model's own, or jaxgpt's when it has the chat tokens), and the ids
+  generation stops at go to generation_config.json."""
   os.makedirs(out_dir, exist_ok=True)
   source_dir = source_dir or (tok.path if os.path.isdir(tok.path) else
                               os.path.dirname(tok.path))
@@ -284,8 +348,14 @@ def save(tok, out_dir: str, *, source_dir: str | None = None) -> str:
   if special is not None and os.path.abspath(source_dir) != os.path.abspath(out_dir):
     shutil.copyfile(os.path.join(source_dir, 'special_tokens_map.json'),
                     os.path.join(out_dir, 'special_tokens_map.json'))
-  if has_chat_tokens(tok):
+  from jaxgpt.data import chat  # pylint: disable=import-outside-toplevel
+  if chat.uses_model_template(tok, tok.chat_choice):
+    config['chat_template'] = tok.chat_template
+  elif all(tok._special_id(n) is not None for n in CHAT_TOKENS):  # pylint: disable=protected-access
     config['chat_template'] = CHAT_TEMPLATE
+  if tok.generation_eos_ids:
+    _write_text(os.path.join(out_dir, 'generation_config.json'),
+                json.dumps({'eos_token_id': list(tok.generation_eos_ids)}, indent=1))
   config.setdefault('eos_token', tok.id_to_piece(tok.eot_id))
   config.setdefault('pad_token', tok.id_to_piece(tok.pad_id))
   _write_text(os.path.join(out_dir, 'tokenizer_config.json'), json.dumps(config, indent=1))

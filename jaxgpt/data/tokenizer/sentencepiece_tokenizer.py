@@ -79,10 +79,11 @@ class Tokenizer(TokenizerBase):
       return cls(f.read(), path)
 
   def __getstate__(self):  # picklable for grain worker processes
-    return {'model_proto': self._proto, 'path': self.path}
+    return {'model_proto': self._proto, 'path': self.path, **self.model_files_state()}
 
   def __setstate__(self, state):
     self.__init__(state['model_proto'], state['path'])
+    self.set_model_files_state(state)
 
   @property
   def vocab_size(self) -> int:
@@ -91,8 +92,19 @@ class Tokenizer(TokenizerBase):
   # -- special tokens -------------------------------------------------------
 
   def _special_id(self, name: str) -> int | None:
-    idx = self._sp.piece_to_id(SPECIAL_TOKENS[name])
-    return None if self._sp.is_unknown(idx) else idx
+    return self.token_id(SPECIAL_TOKENS[name])
+
+  def token_id(self, text: str | None) -> int | None:
+    idx = None if text is None else self._sp.piece_to_id(text)
+    return None if idx is None or self._sp.is_unknown(idx) else idx
+
+  @functools.cached_property
+  def _special_ids(self) -> frozenset:
+    return frozenset({self._sp.piece_to_id(p) for p in self._user_defined} | {
+        i for i in range(self.vocab_size) if self._sp.is_control(i)})
+
+  def special_ids(self) -> set[int]:
+    return set(self._special_ids)
 
   @functools.cached_property
   def pad_id(self) -> int:

@@ -24,6 +24,41 @@ class TokenizerBase:
   _MISSING_HINT = ''
 
   vocab_size: int
+  # What the model's files say about chatting (`attach_model_files`): its own chat template
+  # (jinja) and the end-of-sequence ids of its generation_config.json; and which format
+  # config.tokenizer.chat_template picked ('model' | 'jaxgpt', see `jaxgpt.data.chat`).
+  chat_template: str | None = None
+  generation_eos_ids: tuple[int, ...] = ()
+  chat_choice: str = 'model'
+
+  @property
+  def chat(self):
+    """The chat format every stage renders conversations with (`jaxgpt.data.chat`)."""
+    key = (self.chat_choice, self.chat_template)
+    cached = self.__dict__.get('_chat')
+    if cached is None or cached[0] != key:
+      from jaxgpt.data import chat  # pylint: disable=import-outside-toplevel
+      cached = (key, chat.for_tokenizer(self, self.chat_choice))
+      self.__dict__['_chat'] = cached
+    return cached[1]
+
+  def model_files_state(self) -> dict:
+    """The chat settings, for a subclass's __getstate__ (grain workers pickle tokenizers)."""
+    return {'chat_template': self.chat_template,
+            'generation_eos_ids': tuple(self.generation_eos_ids),
+            'chat_choice': self.chat_choice}
+
+  def set_model_files_state(self, state: dict) -> None:
+    self.chat_template = state.get('chat_template')
+    self.generation_eos_ids = tuple(state.get('generation_eos_ids', ()))
+    self.chat_choice = state.get('chat_choice', 'model')
+
+  def special_ids(self) -> set[int]:
+    """Ids of the control tokens (special added tokens, user-defined pieces)."""
+    raise NotImplementedError
+
+  def token_id(self, text: str | None) -> int | None:
+    raise NotImplementedError
 
   def _special_id(self, name: str) -> int | None:
     raise NotImplementedError
