@@ -331,7 +331,9 @@ class GGUFWeights:
     except (ValueError, NotImplementedError) as e:
       raise ConversionError(f"{m.path}: cannot de-quantise tensor '{name}' "
                             f'({tensor.tensor_type.name}): {e}') from e
-    x = np.array(x, np.float32).reshape(m.hf_shape(key))  # a copy: nothing keeps the map
+    if np.may_share_memory(x, tensor.data):  # F32 comes back as a view of the memory map
+      x = x.copy()
+    x = x.reshape(m.hf_shape(key))
     if m.arch.permuted_qk and key.endswith(('self_attn.q_proj.weight', 'self_attn.q_proj.bias')):
       x = _unpermute(x, m.hf_config['num_attention_heads'])
     elif m.arch.permuted_qk and key.endswith(('self_attn.k_proj.weight',

