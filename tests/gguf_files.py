@@ -1,7 +1,8 @@
 """Small GGUF files for tests, written with the `gguf` package's writer (llama.cpp's own).
 
-`write_llama(path, model, ...)` stores a transformers LLaMA the way llama.cpp's converter
-does: llama.cpp tensor names, q/k rows reordered for its interleaved RoPE, norms in F32,
+`write_llama(path, model, ...)` stores a transformers LLaMA (or Qwen 2 / 3, Gemma 3) the way
+llama.cpp's converter does: llama.cpp tensor names, q/k rows reordered for its interleaved
+RoPE (LLaMA), Gemma's norms as 1 + w, norms and biases in F32,
 every other tensor in the type `quant` picks. The `gguf` package quantises F16, BF16, Q8_0
 and Q4/Q5_0/1 in Python but not the K-quants, so a K-quant (or IQ4_NL) tensor is written as random
 blocks of its layout (`random_blocks`) with small f16 scales; both readers de-quantise
@@ -91,14 +92,21 @@ def _permute(w, n_heads):
 _LAYER_NAMES = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q',
                 'self_attn.k_proj': 'attn_k', 'self_attn.v_proj': 'attn_v',
                 'self_attn.o_proj': 'attn_output', 'post_attention_layernorm': 'ffn_norm',
-                'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
+                'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
+                'self_attn.q_norm': 'attn_q_norm', 'self_attn.k_norm': 'attn_k_norm'}
 
 
-def gguf_name(hf_name: str) -> str:
+# Gemma 3 norms around both sub-blocks (llama.cpp's ffn_norm is the pre-MLP norm there).
+_GEMMA3_NAMES = dict(_LAYER_NAMES, post_attention_layernorm='post_attention_norm',
+                     pre_feedforward_layernorm='ffn_norm',
+                     post_feedforward_layernorm='post_ffw_norm')
+
+
+def gguf_name(hf_name: str, arch: str = 'llama') -> str:
   if hf_name.startswith('model.layers.'):
     _, _, i, rest = hf_name.split('.', 3)
     stem, kind = rest.rsplit('.', 1)
-    return f'blk.{i}.{_LAYER_NAMES[stem]}.{kind}'
+    return f'blk.{i}.{(_GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES)[stem]}.{kind}'
   return {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight':
           'output_norm.weight', 'lm_head.weight': 'output.weight'}[hf_name]
 
@@ -106,7 +114,7 @@ def gguf_name(hf_name: str) -> str:
 def tensor_types(quant: str, name: str):
   """The ggml type `write_llama` stores a tensor in, per `quant`: one type for every
   matrix, 'Q4_K' (K-quant ffn_down rows, Q8_0 elsewhere) or 'mixed'."""
-  if name.endswith('norm.weight'):
+  if name.endswith(('norm.weight', '.bias')):
     return Q.F32
   if quant == 'Q4_K':
     return {'blk.0.ffn_down.weight': Q.Q4_K, 'blk.1.ffn_down.weight': Q.Q6_K}.get(name, Q.Q8_0)
@@ -159,7 +167,12 @@ def write_llama(path, model, vocab: dict, quant: str = 'F32', *, arch: str = 'll
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
   w.add_rope_dimension_count(c.head_dim)
-  w.add_rope_freq_base(c.rope_parameters['rope_theta'])
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  rope = c.rope_parameters
+  w.add_rope_freq_base(rope.get('rope_theta') or rope['full_attention']['rope_theta'])
+  if getattr(c, 'sliding_window', None):
+    w.add_sliding_window(c.sliding_window)
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
   w.add_tokenizer_model(vocab['model'])
@@ -184,11 +197,15 @@ def write_llama(path, model, vocab: dict, quant: str = 'F32', *, arch: str = 'll
     if hf_name == 'lm_head.weight' and c.tie_word_embeddings:
       continue
     x = tensor.detach().float().numpy() if hasattr(tensor, 'detach') else np.asarray(tensor)
-    if hf_name.endswith('q_proj.weight'):
+    if arch == 'gemma3' and hf_name.endswith('norm.weight'):
+      x = x + 1  # llama.cpp stores Gemma's (1 + w)
+    if arch != 'llama':  # llama.cpp reorders q/k rows for LLaMA only
+      pass
+    elif hf_name.endswith('q_proj.weight'):
       x = _permute(x, c.num_attention_heads)
     elif hf_name.endswith('k_proj.weight'):
       x = _permute(x, c.num_key_value_heads)
-    name = gguf_name(hf_name)
+    name = gguf_name(hf_name, arch)
     qtype = tensor_types(quant, name)
     if qtype == Q.F32:
       w.add_tensor(name, np.ascontiguousarray(x, np.float32))

@@ -27,6 +27,7 @@ from jaxgpt.data.tokenizer import hf_tokenizer
 from jaxgpt.hf import gguf as gguf_lib
 from jaxgpt.hf import importer as hf_import
 from jaxgpt.hf import registry
+from jaxgpt.hf import weights as hf
 from jaxgpt.hf.weights import ConversionError
 from jaxgpt.stages import common
 
@@ -164,6 +165,40 @@ def test_init_from_gguf_and_the_import_command_give_the_same_model(f32_file, tmp
   assert meta == {'hf_source': path} and common.checkpoint_meta(f'gguf:{path}') == {}
   from_ckpt, _ = common.params_from_checkpoint(ckpt, mesh, mcfg, what='test')
   jax.tree.map(np.testing.assert_array_equal, from_file, from_ckpt)
+
+
+@pytest.mark.parametrize('arch', ['qwen2', 'qwen3', 'gemma3'])
+def test_other_architectures_map_to_transformers_tensors(vocab, tmp_path, monkeypatch, arch):
+  """The metadata and tensor maps for the families jaxgpt's decoder is gaining (refused as
+  unsupported until hf.MODEL_TYPES has them; let through here): every tensor equals
+  transformers' (Qwen 2 q/k/v biases, Qwen 3 q/k norms, Gemma 3 norms stored as 1 + w, no
+  q/k reorder), and the config keys transformers reads agree."""
+  spec = gguf_lib.ARCHS[arch]
+  monkeypatch.setitem(hf.MODEL_TYPES, spec.model_type, hf.MODEL_TYPES.get(spec.model_type, arch))
+  kw = dict(vocab_size=len(vocab['tokens']), hidden_size=64, intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+            head_dim=128 if arch == 'qwen3' else 8, max_position_embeddings=128)
+  model = {'qwen2': transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)),
+           'qwen3': transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw)),
+           'gemma3': transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+               sliding_window=16, **kw))}[arch].eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+  path = gguf_files.write_llama(tmp_path / 'm.gguf', model, vocab, 'Q8_0', arch=arch)
+  ref = transformers_load(path)
+  ours = gguf_lib.GGUFModel(path)
+  read = ours.weights()
+  for key, want in ref.state_dict().items():
+    if key == 'lm_head.weight' and key not in read:
+      continue
+    np.testing.assert_array_equal(read(key, tuple(want.shape)), want.numpy(), err_msg=key)
+  read.check_all_used()
+  theirs = ref.config.to_dict()
+  for key in ('model_type', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+              'num_attention_heads', 'num_key_value_heads', 'head_dim', 'tie_word_embeddings',
+              'sliding_window' if arch == 'gemma3' else 'vocab_size'):
+    assert ours.hf_config[key] == theirs.get(key, ours.hf_config[key]), key  # Qwen2: no head_dim
 
 
 # -- tokenizer -------------------------------------------------------------------------------
