@@ -107,7 +107,7 @@ def model_section() -> ml_collections.ConfigDict:
   m.decode_dtype = ''         # the sampler's weights, compute and KV cache ('' -> dtype);
                               # 'bfloat16' halves the bytes a decode step reads
   # Published models in and out (tools/convert_hf.py; init_from='hf:DIR' takes the
-  # architecture from DIR/config.json and the tokenizer from DIR).
+  # architecture from DIR/config.json and the tokenizer from DIR, 'gguf:FILE' from the file).
   m.tie_embeddings = False    # llama: the output head is the input embedding (gpt2 always ties)
   m.vocab_multiple = 1        # embedding/head rows padded to a multiple (e.g. 128, so 'tensor'
                               # divides them); padded logits are masked, export strips them
@@ -321,7 +321,8 @@ def checkpoint_section() -> ml_collections.ConfigDict:
   ck.every_steps = 500
   ck.every_minutes = 10.0
   ck.max_to_keep = 2
-  ck.init_from = ''           # a previous stage's checkpoint dir; '' -> WORKDIR/<previous stage>
+  ck.init_from = ''           # a previous stage's checkpoint dir; '' -> WORKDIR/<previous stage>;
+                              # 'hf:DIR', 'gguf:FILE' or 'gguf:NAME': a published model
   ck.on_damaged = 'fallback'  # newest checkpoint unreadable at resume: 'fallback' (move it to
                               # <stage>/damaged_checkpoints/, resume from the newest good one)
                               # or 'stop' (report it and stop)

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import pytest
 
+import gguf_files
 import helpers
 from jaxgpt import errors
 from jaxgpt import config as config_lib
@@ -137,6 +138,23 @@ def full_disk(then=None):
   return setup
 
 
+def gguf_file(how: str):
+  """{d}/m.gguf: a tiny LLaMA GGUF, truncated, of another architecture or with a tensor of
+  a type id the gguf package does not know."""
+  def setup(d, run):
+    del run
+    path = str(d / 'm.gguf')
+    vocab = gguf_files.byte_level_vocab()
+    model = gguf_files.RandomLlama(len(vocab['tokens']))
+    gguf_files.write_llama(path, model, vocab, arch='mamba' if how == 'arch' else 'llama')
+    if how == 'truncated':
+      data = (d / 'm.gguf').read_bytes()
+      (d / 'm.gguf').write_bytes(data[:len(data) - 1000])
+    elif how == 'type':
+      gguf_files.set_tensor_type(path, 'blk.0.attn_norm.weight', 77)
+  return setup
+
+
 # -- the table ------------------------------------------------------------------------------
 
 MAIN = ('-m', 'jaxgpt.main', '--config=experiments/tiny.py:smoke')
@@ -148,6 +166,7 @@ SFT = ('--config.stage=sft', '--config.checkpoint.init_from={run}/pretrain/check
        '--config.sft.data={d}/sft.jsonl')
 SAMPLE = ('-m', 'jaxgpt.cli.sample')
 PREPARE = ('tools/prepare_corpus.py', '--name=corpus', '--tfds_dir={d}/tfds')
+GGUF_IMPORT = ('tools/convert_hf.py', 'import', '--gguf', '{d}/m.gguf', '--out', '{d}/ckpt')
 NOISE = random.Random(0).randbytes(4000)
 
 CASES = [
@@ -264,6 +283,14 @@ CASES = [
          ('No space left on device', '{d}/full/tfds'), full_disk(write(text_docs()))),
     Case('tokenizer-tool-missing-arg', ('tools/train_tokenizer.py', '--out={d}/t.model'),
          ('--vocab_size',)),
+    Case('gguf-truncated', GGUF_IMPORT, ('{d}/m.gguf: truncated', "tensor '", 'copy it again'),
+         gguf_file('truncated')),
+    Case('gguf-unknown-architecture', GGUF_IMPORT,
+         ('{d}/m.gguf', "general.architecture='mamba' is not supported", "'llama'"),
+         gguf_file('arch')),
+    Case('gguf-unknown-quant-type', GGUF_IMPORT,
+         ('{d}/m.gguf', "tensor 'blk.0.attn_norm.weight' has ggml type 77", 'Q4_K'),
+         gguf_file('type')),
     Case('bench-typo', ('tools/bench_decode.py', '--config=experiments/tiny.py:smoke',
                         '--config.model.d_modle=3'), ("unknown field 'model.d_modle'",)),
 ]

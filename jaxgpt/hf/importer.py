@@ -1,19 +1,24 @@
-"""Hugging Face models in: a model directory -> jaxgpt parameters placed on a mesh.
+"""Published models in: a Hugging Face directory or a GGUF file -> jaxgpt parameters on a mesh.
 
 Two ways in, one code path:
 
   python tools/convert_hf.py import --hf DIR --out CKPT_DIR    # a jaxgpt checkpoint, then
   ... --config.checkpoint.init_from=CKPT_DIR                    # any stage starts from it
   ... --config.checkpoint.init_from=hf:DIR                      # or straight from DIR
+  ... --config.checkpoint.init_from=gguf:FILE                   # or from a GGUF file (or a
+                                                                # name in hf/registry.py)
 
+A `ModelSource` is either kind: config.json as a dict, a tokenizer directory and a
+tensor reader under Hugging Face names (`SafetensorsReader`; for a GGUF, `jaxgpt.hf.gguf`
+maps its metadata, rebuilds its tokenizer and de-quantises each tensor as it is read).
 Either way the published model decides config.model's architecture (`ARCH_FIELDS`, from
-DIR/config.json) and the tokenizer (DIR's, with jaxgpt's chat tokens added when
+its config) and the tokenizer (its own, with jaxgpt's chat tokens added when
 config.tokenizer.chat_tokens='add'); `adopt_init_settings` sets them before the config is
 validated, says what it changed, and records them in WORKDIR/hf_model.json so the later
 stages of the run (reward, ppo: no init_from) build the same model. dtype, scan, remat,
 mesh and the rest stay the run's.
 
-Memory. `load_params` reads the safetensors files one tensor at a time and places the
+Memory. `load_params` reads the weights one tensor at a time and places the
 model on the mesh one layer at a time: each stacked (L, ...) parameter is created empty in
 its sharding and layer i is written into it on device (donated, so no second copy). A host
 holds one layer of host arrays at a time, and every device receives only its shard
@@ -37,10 +42,13 @@ from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.data.tokenizer import hf_tokenizer
+from jaxgpt.hf import gguf as gguf_lib
+from jaxgpt.hf import registry
 from jaxgpt.hf import weights as hf
 from jaxgpt.train import checkpoint as ckpt_lib
 
 HF_PREFIX = 'hf:'
+GGUF_PREFIX = 'gguf:'
 IMPORT_RECORD = 'hf_import.json'   # in an imported checkpoint's directory
 WORKDIR_RECORD = 'hf_model.json'   # in a run's workdir started from one
 # config.model fields a published model decides; the rest (dtypes, scan, remat) are the run's.
@@ -60,6 +68,58 @@ def read_config_json(hf_dir: str) -> dict:
       return json.load(f)
   except ValueError as e:
     raise hf.ConversionError(f'{path}: not valid JSON ({e}).') from e
+
+
+def is_published(spec: str) -> bool:
+  """Whether config.checkpoint.init_from names a published model ('hf:DIR', 'gguf:...')."""
+  return spec.startswith((HF_PREFIX, GGUF_PREFIX))
+
+
+class ModelSource:
+  """A published model, opened once: a Hugging Face directory (config.json, safetensors,
+  tokenizer files) or a GGUF file (`jaxgpt.hf.gguf`)."""
+
+  def __init__(self, path: str, *, gguf: bool = False):
+    self.path = os.fspath(path)
+    self.gguf = gguf_lib.GGUFModel(self.path) if gguf else None
+
+  @classmethod
+  def of(cls, source) -> 'ModelSource':
+    """`source` itself, or a Hugging Face directory given as a path."""
+    return source if isinstance(source, ModelSource) else cls(source)
+
+  @classmethod
+  def from_spec(cls, spec: str) -> 'ModelSource':
+    """'hf:DIR', or 'gguf:FILE' / 'gguf:NAME' (a model of `registry.MODELS`, fetched on
+    first use)."""
+    if spec.startswith(GGUF_PREFIX):
+      return cls(registry.resolve(spec[len(GGUF_PREFIX):]), gguf=True)
+    if spec.startswith(HF_PREFIX):
+      return cls(spec[len(HF_PREFIX):])
+    raise ValueError(f'{spec!r} names no published model (hf:DIR or gguf:FILE).')
+
+  def hf_config(self) -> dict:
+    return self.gguf.hf_config if self.gguf else read_config_json(self.path)
+
+  def model_fields(self) -> dict:
+    """config.model's `ARCH_FIELDS`; refuses, naming the setting, what jaxgpt lacks."""
+    try:
+      return hf.model_config_from_hf(self.hf_config())
+    except hf.ConversionError as e:
+      if self.gguf:  # the setting came from the file's metadata: name the file
+        raise hf.ConversionError(f'{self.path} (its GGUF metadata as config.json): {e}') from e
+      raise
+
+  def tokenizer_dir(self, out_dir: str) -> str:
+    """The directory its tokenizer loads from: a GGUF's is rebuilt into `out_dir` first."""
+    return self.gguf.write_tokenizer(out_dir) if self.gguf else self.path
+
+  def weights(self):
+    """An `hf.Read` of its tensors under Hugging Face names."""
+    if self.gguf:
+      return self.gguf.weights()
+    from jaxgpt.hf import safetensors_io  # pylint: disable=import-outside-toplevel
+    return safetensors_io.SafetensorsReader(self.path)
 
 
 def prepare_tokenizer(hf_dir: str, out_dir: str, chat_tokens: str, chat_template: str = 'model'):
@@ -112,27 +172,29 @@ def _apply(cfg, fields: dict, tokenizer_path: str, tokenizer_size: int, source: 
           flush=True)
 
 
-def adopt_hf_model(cfg, hf_dir: str, tokenizer_dir: str) -> list[str]:
-  """Sets config.model's architecture and config.tokenizer from a Hugging Face directory,
-  writing its tokenizer (chat tokens added per config) to `tokenizer_dir`; returns the
-  added tokens."""
-  fields = hf.model_config_from_hf(read_config_json(hf_dir))  # refusals come first
-  tok, added = prepare_tokenizer(hf_dir, tokenizer_dir, cfg.tokenizer.chat_tokens,
-                                 cfg.tokenizer.chat_template)
-  _apply(cfg, _grown_vocab(fields, hf_dir, tok.vocab_size, added), tok.path, tok.vocab_size,
-         hf_dir)
+def adopt_hf_model(cfg, source, tokenizer_dir: str) -> list[str]:
+  """Sets config.model's architecture and config.tokenizer from a published model (a
+  `ModelSource`, or a Hugging Face directory), writing its tokenizer (chat tokens added per
+  config) to `tokenizer_dir`; returns the added tokens."""
+  source = ModelSource.of(source)
+  fields = source.model_fields()  # refusals come first
+  tok, added = prepare_tokenizer(source.tokenizer_dir(tokenizer_dir), tokenizer_dir,
+                                 cfg.tokenizer.chat_tokens, cfg.tokenizer.chat_template)
+  _apply(cfg, _grown_vocab(fields, source.path, tok.vocab_size, added), tok.path,
+         tok.vocab_size, source.path)
   return added
 
 
 def adopt_init_settings(cfg, workdir: str) -> None:
-  """Before validation: with config.checkpoint.init_from 'hf:DIR' or a checkpoint written by
-  `convert_hf.py import`, the model's architecture and tokenizer come from there. They are
+  """Before validation: with config.checkpoint.init_from 'hf:DIR', 'gguf:FILE' (or a known
+  model's name) or a checkpoint written by `convert_hf.py import`, the model's architecture
+  and tokenizer come from there. They are
   recorded in WORKDIR/hf_model.json, so the later stages of the same run (no init_from)
   build the same model."""
   src = cfg.checkpoint.init_from
   workdir_record = os.path.join(workdir, WORKDIR_RECORD)
-  if src.startswith(HF_PREFIX):
-    adopt_hf_model(cfg, src[len(HF_PREFIX):], os.path.join(workdir, 'hf_tokenizer'))
+  if is_published(src):
+    adopt_hf_model(cfg, ModelSource.from_spec(src), os.path.join(workdir, 'hf_tokenizer'))
   elif src and os.path.exists(os.path.join(src, IMPORT_RECORD)):
     _apply_record(cfg, _read_record(os.path.join(src, IMPORT_RECORD)), src)
   elif not src and os.path.exists(workdir_record):
@@ -199,13 +261,13 @@ def _empty(leaf, sh: NamedSharding) -> jax.Array:
   return jax.jit(lambda: jnp.zeros(leaf.shape, leaf.dtype), out_shardings=sh)()
 
 
-def load_params(hf_dir: str, mesh, mcfg, *, skip=()) -> dict:
+def load_params(source, mesh, mcfg, *, skip=()) -> dict:
   """jaxgpt parameters of `mcfg` (minus the top-level entries in `skip`, e.g. a new
-  'scalar_head') from a Hugging Face directory's safetensors, in their shardings on
-  `mesh`. Fails naming the file and tensor on a missing, misshapen, truncated or
-  corrupted tensor, and on a tensor the model has no place for."""
-  from jaxgpt.hf.safetensors_io import SafetensorsReader  # pylint: disable=import-outside-toplevel
-  reader = SafetensorsReader(hf_dir)
+  'scalar_head') from a published model (a `ModelSource`, or a Hugging Face directory), in
+  their shardings on `mesh`. Fails naming the file and tensor on a missing, misshapen,
+  truncated or corrupted tensor, and on a tensor the model has no place for."""
+  source = ModelSource.of(source)
+  reader, hf_dir = source.weights(), source.path
   _, abstract, logical = model_lib.abstract_model(mcfg)
   shardings = sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
   if 'scalar_head' in abstract and 'scalar_head' not in skip:
@@ -251,13 +313,15 @@ def rss_bytes() -> int:
     return 0
 
 
-def import_checkpoint(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None,
+def import_checkpoint(source, out_dir: str, *, mesh: dict[str, int] | None = None,
                       param_dtype: str = 'float32', vocab_multiple: int = 1,
                       chat_tokens: str = 'add', chat_template: str = 'model') -> dict:
-  """Writes DIR as a jaxgpt checkpoint (step 0, {'params'}) in `out_dir`, its tokenizer in
-  out_dir/tokenizer and what a run needs to start from it in out_dir/hf_import.json;
-  returns that record (with the time taken and the peak host memory)."""
+  """Writes a published model (a `ModelSource`, or a Hugging Face directory) as a jaxgpt
+  checkpoint (step 0, {'params'}) in `out_dir`, its tokenizer in out_dir/tokenizer and what
+  a run needs to start from it in out_dir/hf_import.json; returns that record (with the
+  time taken and the peak host memory)."""
   start = time.perf_counter()
+  source = ModelSource.of(source)
   out_dir = os.path.abspath(out_dir)
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise config_lib.ConfigError(f'--out {out_dir} exists and is not empty; give a new '
@@ -265,7 +329,7 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None 
   cfg = config_lib.base_config()
   cfg.tokenizer.chat_tokens = chat_tokens
   cfg.tokenizer.chat_template = chat_template
-  added = adopt_hf_model(cfg, hf_dir, os.path.join(out_dir, 'tokenizer'))
+  added = adopt_hf_model(cfg, source, os.path.join(out_dir, 'tokenizer'))
   cfg.model.param_dtype = param_dtype
   cfg.model.vocab_multiple = vocab_multiple
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
@@ -274,12 +338,12 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None 
   device_mesh = sharding.make_mesh(cfg)
   mcfg = model_lib.ModelConfig.from_config(cfg)
   rss_before, load_start = rss_bytes(), time.perf_counter()
-  params = load_params(hf_dir, device_mesh, mcfg)
+  params = load_params(source, device_mesh, mcfg)
   jax.block_until_ready(params)
   load_seconds, peak_after_load = time.perf_counter() - load_start, peak_rss_bytes()
   n_params = model_lib.count_params(params)
   record = {
-      'hf_source': os.path.abspath(hf_dir),
+      'hf_source': os.path.abspath(source.path), 'format': 'gguf' if source.gguf else 'hf',
       'model': {k: cfg.model[k] for k in ARCH_FIELDS}, 'vocab_multiple': vocab_multiple,
       'param_dtype': param_dtype, 'tokenizer': cfg.tokenizer.path,
       'tokenizer_vocab_size': cfg.tokenizer.vocab_size, 'added_tokens': added,

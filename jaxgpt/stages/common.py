@@ -53,11 +53,12 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
   on `mesh`. Top-level entries named in `fresh` (e.g. a new 'scalar_head') are
   initialised instead of read; entries the checkpoint has but `mcfg` lacks (the LM head
   of an SFT model, for a reward model) are not read at all. `directory` 'hf:DIR' reads a
-  Hugging Face model directory instead (`jaxgpt.hf.importer`)."""
-  if directory.startswith(hf_import.HF_PREFIX):
-    hf_dir = directory[len(hf_import.HF_PREFIX):]
-    params = hf_import.load_params(hf_dir, mesh, mcfg, skip=fresh)
-    return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), {'hf_source': hf_dir}
+  Hugging Face model directory instead, 'gguf:FILE' (or a known model's name) a GGUF file
+  (`jaxgpt.hf.importer`)."""
+  if hf_import.is_published(directory):
+    source = hf_import.ModelSource.from_spec(directory)
+    params = hf_import.load_params(source, mesh, mcfg, skip=fresh)
+    return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), {'hf_source': source.path}
   _, target = model_lib.abstract_sharded_params(mcfg, mesh)
   wanted = {k: v for k, v in target.items() if k not in fresh}
   params, meta, _ = ckpt_lib.restore_latest_params(directory, wanted, what=what)
@@ -73,8 +74,9 @@ def start_from(cfg, workdir: str, stage: str, directory: str, mesh, mcfg, *, wha
 
 
 def checkpoint_meta(directory: str) -> dict:
-  """The meta of the newest checkpoint in `directory` ({} for 'hf:DIR' or none yet)."""
-  if directory.startswith(hf_import.HF_PREFIX) or not os.path.isdir(directory):
+  """The meta of the newest checkpoint in `directory` ({} for 'hf:DIR', 'gguf:FILE' or none
+  yet)."""
+  if hf_import.is_published(directory) or not os.path.isdir(directory):
     return {}
   reader = ckpt_lib.Checkpointer(directory, async_save=False)
   try:

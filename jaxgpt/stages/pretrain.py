@@ -1,7 +1,7 @@
 """Stage 1, pretraining: next-token prediction on packed raw text.
 
-With config.checkpoint.init_from (a checkpoint, or 'hf:DIR' for a published model) it is
-continued pretraining from those weights; otherwise the model starts random.
+With config.checkpoint.init_from (a checkpoint, or 'hf:DIR' / 'gguf:FILE' for a published
+model) it is continued pretraining from those weights; otherwise the model starts random.
 """
 
 from __future__ import annotations
