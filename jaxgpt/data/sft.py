@@ -1,7 +1,9 @@
 """Stage 2 data: chat transcripts -> (inputs, targets, weights) rows for supervised finetuning.
 
 Source (`config.sft.data`): `'embedded'` (ChatterBot conversations plus train-split task
-examples, `conversations.demo_sft_rows`) or comma-separated paths/globs of JSONL files,
+examples, `conversations.demo_sft_rows`), `'tasks'` (the task examples alone: a model that
+already converses learns the task suite's answer format) or comma-separated paths/globs
+of JSONL files,
 one conversation a line, in either shape::
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
@@ -62,6 +64,9 @@ from jaxgpt.data import text_dataset
 
 FORMAT_VERSION = '1.0.0'
 LONG_ROW_POLICIES = ('truncate', 'drop')
+# config.sft.data values that name data of our own: ChatterBot conversations plus task
+# examples, or the task examples alone.
+EMBEDDED_SOURCES = ('embedded', 'tasks')
 
 # The `config.sft` fields this module reads (defaults and meanings: jaxgpt/config.py).
 _FIELDS = ('data', 'task_examples', 'on_bad_row', 'on_long_row', 'packing', 'val_fraction')
@@ -120,10 +125,10 @@ def read_jsonl(paths: Sequence[str], on_bad_row: str = 'error') -> tuple[list[li
 
 def load_rows(opts: dict, seed: int = 0) -> tuple[list[list[dict]], dict]:
   """All valid conversations of the configured source, and the parsing counts."""
-  if opts['data'] == 'embedded':
+  if opts['data'] in EMBEDDED_SOURCES:
     # Embedded rows come from our own code: any bad one is a bug, never skipped.
-    rows = [normalize_row(r) for r in
-            conversations.demo_sft_rows(int(opts['task_examples']), seed)]
+    rows = [normalize_row(r) for r in conversations.demo_sft_rows(
+        int(opts['task_examples']), seed, [] if opts['data'] == 'tasks' else None)]
     return rows, {'rows_read': len(rows), 'bad_rows': 0, 'bad_rows_by_kind': {}}
   return read_jsonl(expand_paths(opts['data'], 'config.sft.data'), opts['on_bad_row'])
 

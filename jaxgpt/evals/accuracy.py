@@ -8,8 +8,11 @@
 - 'few_shot':  a base model given a document of solved same-task examples first, in the
                `Q: ...` / `A: ...` format (the prompt trick from the talk), then
                `Q: <question>` / `A:`;
-- 'chat':      an assistant model given the question as a user turn of the chat
-               template, answering until end of turn.
+- 'chat':      an assistant model given the question as a user turn of its chat
+               format, answering until end of turn;
+- 'chat_few_shot': the same after solved same-task examples given as earlier user /
+               assistant turns of the conversation (how one prompts an instruct model by
+               example).
 
 Answers (`answer_text`): in the document modes, the first non-blank line of the
 completion with a leading 'A:' or 'Answer:' label (optionally in bold) removed; in chat,
@@ -25,7 +28,8 @@ import re
 from jaxgpt.data import tasks
 from jaxgpt.inference import sampling
 
-MODES = ('zero_shot', 'few_shot', 'chat')
+MODES = ('zero_shot', 'few_shot', 'chat', 'chat_few_shot')
+CHAT_MODES = ('chat', 'chat_few_shot')
 
 
 # A label a document may put before an answer: 'A:', 'Answer:', '**Answer:**'.
@@ -56,15 +60,19 @@ def prompts_for(mode: str, tok, eval_set, *, shots: int = 3, seed: int = 0) -> l
   prompts = []
   for e in eval_set:
     same_task = [x for x in pool if x.task == e.task]
-    prompts.append(_document_prompt(tok, rng.sample(same_task, min(shots, len(same_task))),
-                                    e.prompt))
+    shown = rng.sample(same_task, min(shots, len(same_task)))
+    if mode == 'chat_few_shot':
+      turns = [m for x in shown for m in x.messages()]
+      prompts.append(tok.chat.prompt(turns + [{'role': 'user', 'content': e.prompt}]))
+    else:
+      prompts.append(_document_prompt(tok, shown, e.prompt))
   return prompts
 
 
 def answer_text(mode: str, completion: str) -> str:
   """The answer part of a completion: in a document, its first non-blank line, less a
-  leading 'A:' / 'Answer:' label; in chat, the whole reply."""
-  if mode == 'chat':
+  leading 'A:' / 'Answer:' label; in a chat, the whole reply."""
+  if mode in CHAT_MODES:
     return completion
   line = next((l for l in completion.split('\n') if l.strip()), '')
   return _ANSWER_LABEL.sub('', line, count=1)
