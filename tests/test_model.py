@@ -202,6 +202,15 @@ def test_llama_7b_abstract_state_has_6_7b_params_and_allocates_nothing():
   assert live_after - live_before < 1e6  # nothing of the model's size was allocated
 
 
+@pytest.mark.parametrize('name,count', [('llama3_8b', 8_030_261_248), ('qwen3_8b', 8_190_735_360),
+                                        ('gemma3_1b', 999_885_952)])
+def test_family_experiments_have_the_published_parameter_counts(name, count):
+  """The experiment files' architectures have exactly the published models' parameters
+  (Llama 3.1 8B, Qwen3 8B, Gemma 3 1B), counted abstractly."""
+  mcfg = model_lib.ModelConfig.from_config(_experiment(name))
+  assert model_lib.count_params(model_lib.abstract_model(mcfg)[1]) == count
+
+
 # -- scalar head --------------------------------------------------------------------------
 
 def test_scalar_head_gives_one_float32_per_position():
