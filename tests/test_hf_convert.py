@@ -229,11 +229,13 @@ def test_import_then_export_loads_in_transformers(hf_dirs, tokens, tmp_path, kin
   assert generation['eos_token_id'] == [tok.end_of_turn_id, tok.eot_id]
 
 
-@pytest.mark.parametrize('kind,bias', [('llama', 0.0), ('gpt2', 0.7), ('llama', 0.7)])
+@pytest.mark.parametrize('kind,bias', [('llama', 0.0), ('gpt2', 0.7), ('llama', 0.7),
+                                       ('gemma3', 0.0)])
 def test_reward_model_exports_as_sequence_classifier(hf_dirs, tmp_path, kind, bias):
-  """The score at the readout (the last non-pad token) equals jaxgpt's. A nonzero bias of
-  the scalar head folds into GPT-2's final LayerNorm; LLaMA has no place for it (noted in
-  config.json, the scores differ by exactly it)."""
+  """The score at the readout (the last non-pad token) equals jaxgpt's (Gemma 3: as a
+  Gemma3TextForSequenceClassification). A nonzero bias of the scalar head folds into
+  GPT-2's final LayerNorm; LLaMA has no place for it (noted in config.json, the scores
+  differ by exactly it)."""
   cfg = imported_config(hf_dirs[kind][0], tmp_path / 'tok', (1, 1, 1))
   tok = hf_tokenizer.load(str(tmp_path / 'tok'))
   mcfg = model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)

@@ -30,8 +30,9 @@ to the mean of the existing rows), then zero padding up to `vocab_multiple` (mas
 of the logits). `to_hf` keeps the first `vocab_size` rows.
 
 Heads. A tied model (`tie_word_embeddings`: GPT-2 always, Gemma 3 and small Llama 3.2 /
-Qwen models) reads logits from the embedding and has no 'lm_head' entry. The scalar head of a reward model exports as the `score` of a
-`*ForSequenceClassification` model (`head='score'`).
+Qwen models) reads logits from the embedding and has no 'lm_head' entry. The scalar head
+of a reward model exports as the `score` of a `*ForSequenceClassification` model
+(`head='score'`).
 """
 
 from __future__ import annotations
