@@ -358,6 +358,15 @@ def test_runs_take_the_architecture_and_tokenizer_from_the_import(hf_dirs, tmp_p
   later = config_lib.base_config()
   hf_import.adopt_init_settings(later, str(tmp_path / 'run'))
   assert later.model == direct.model and later.tokenizer == direct.tokenizer
+  # A record written before the families' switches were fields builds the same model.
+  path = tmp_path / 'run' / hf_import.WORKDIR_RECORD
+  record = json.loads(path.read_text())
+  before = hf_import.ARCH_FIELDS[:hf_import.ARCH_FIELDS.index('tie_embeddings') + 1]
+  record['model'] = {k: v for k, v in record['model'].items() if k in before}
+  path.write_text(json.dumps(record))
+  old = config_lib.base_config()
+  hf_import.adopt_init_settings(old, str(tmp_path / 'run'))
+  assert model_lib.ModelConfig.from_config(old) == model_lib.ModelConfig.from_config(direct)
 
   record = hf_import.import_checkpoint(hf_dir, str(tmp_path / 'ckpt'), vocab_multiple=128)
   assert record['n_params'] == model_lib.count_params(
