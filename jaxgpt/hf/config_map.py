@@ -341,7 +341,11 @@ def _decoder_json(c, model_type: str) -> dict[str, Any]:
       max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
       tie_word_embeddings=bool(c.tie_embeddings), rope_theta=c.rope_theta)
   layer_types = [_SLIDING if w else _FULL for w in windows or (0,) * c.n_layers]
+  if c.rope_scaling:  # transformers 4.x reads rope_scaling, 5.x rope_parameters
+    out['rope_scaling'] = {k: v for k, v in _rope_parameters(c).items() if k != 'rope_theta'}
   if model_type == 'gemma3_text':
+    if windows and c.window_pattern == 'S' * (len(c.window_pattern) - 1) + 'G':
+      out['sliding_window_pattern'] = len(c.window_pattern)  # what 4.x reads
     local = c.local_rope_theta or c.rope_theta
     out.update(
         hidden_activation=act, query_pre_attn_scalar=_int_if_whole(c.attn_scale_dim or c.head_dim),
