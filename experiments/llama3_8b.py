@@ -21,7 +21,7 @@ Fit first (compiles for the slice on any machine; figures in the README):
   python tools/aot.py --config experiments/llama3_8b.py --topology v5p-8 --stage sft \
       --steps train --search=false
   python tools/aot.py --config experiments/llama3_8b.py --topology v5p-8 --stage grpo \
-      --steps update --search=false
+      --steps update --search=false --prompt_len=1023   # 1023 + 1024 + 1 tokens a row
 """
 
 from jaxgpt.config import base_config
