@@ -16,7 +16,9 @@ way); the weights stream in one layer at a time. The 4B-27B checkpoints are mult
 (model_type 'gemma3') and are refused. Export back with tools/convert_hf.py export.
 
   python tools/aot.py --config experiments/gemma3_1b.py --topology v5e-8 --stage sft \
-      --steps train --search=false
+      --steps train --search=false                      # 7.0 GiB of 15.8 per chip
+  python tools/aot.py --config experiments/gemma3_1b.py --topology v5e-8 --stage grpo \
+      --steps update --search=false --prompt_len=1023   # 7.5 GiB
 """
 
 from jaxgpt.config import base_config
