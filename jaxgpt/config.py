@@ -16,7 +16,6 @@ import ml_collections
 from jaxgpt.stages import PIPELINE
 
 STAGES = PIPELINE + ('all',)
-FAMILIES = ('llama', 'gpt2')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'save_proj')
 ATTENTION_KERNELS = ('auto', 'xla', 'cudnn', 'splash')  # jaxgpt.model.attention_kernels
 DTYPES = ('float32', 'bfloat16')
@@ -111,6 +110,28 @@ def model_section() -> ml_collections.ConfigDict:
   m.tie_embeddings = False    # llama: the output head is the input embedding (gpt2 always ties)
   m.vocab_multiple = 1        # embedding/head rows padded to a multiple (e.g. 128, so 'tensor'
                               # divides them); padded logits are masked, export strips them
+  # Architecture switches (jaxgpt.model.families): unset ('' / None) takes the value of
+  # config.model.family's preset (llama, mistral, qwen2, qwen3, gemma3, gpt2); set wins.
+  unset = ml_collections.config_dict.placeholder
+  m.norm = ''                 # rmsnorm | layernorm (GPT-2)
+  m.norm_plus_one = unset(bool)  # RMSNorm scales by (1 + w) (Gemma)
+  m.post_norms = unset(bool)  # a norm after attention and after the MLP too (Gemma 3)
+  m.qk_norm = unset(bool)     # RMSNorm over each head's q and k (Qwen 3, Gemma 3)
+  m.positions = ''            # rope | learned (GPT-2)
+  m.bias = ''                 # none | qkv (Qwen 2) | all (GPT-2)
+  m.mlp = ''                  # gated | plain (GPT-2)
+  m.mlp_activation = ''       # silu | gelu_tanh (GPT-2, Gemma)
+  m.embed_scale = unset(bool)  # token embeddings times sqrt(d_model) (Gemma)
+  m.window_pattern = ''       # per layer, repeated: S sliding window, G global (Gemma 3: SSSSSG)
+  m.sliding_window = 0        # W: an S layer attends to its last W positions; 0: none
+  m.local_rope_theta = 0.0    # RoPE base of the S layers (Gemma 3: 1e4); 0: as the G layers
+  m.rope_scaling = ''         # '' | linear | llama3: RoPE scaling (of the G layers)
+  m.rope_factor = 1.0         # linear, llama3: the context extension factor
+  m.rope_low_freq_factor = 1.0   # llama3
+  m.rope_high_freq_factor = 4.0  # llama3
+  m.rope_original_max_len = 8192  # llama3: the context the model was pretrained at
+  m.attn_scale_dim = 0.0      # scores times attn_scale_dim ** -0.5; 0: head_dim (Gemma 3:
+                              # query_pre_attn_scalar)
   return m
 
 
@@ -441,8 +462,9 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
 
 
 def _validate_model(cfg) -> None:
+  from jaxgpt.model import families  # pylint: disable=import-outside-toplevel
   m = cfg.model
-  _choice(cfg, 'model.family', FAMILIES)
+  switches = families.validate(m)  # the family first: it decides the switches
   _choice(cfg, 'model.remat', REMAT_POLICIES)
   _choice(cfg, 'model.attention', ATTENTION_KERNELS)
   _choice(cfg, 'model.dtype', DTYPES)
@@ -451,10 +473,11 @@ def _validate_model(cfg) -> None:
     raise ConfigError(
         f'config.model.n_heads={m.n_heads} does not divide config.model.d_model={m.d_model}; '
         'change one of them or set config.model.head_dim.')
-  if m.family == 'llama':
-    if m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads:
-      raise ConfigError(
-          f'config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}.')
+  n_kv = switches['n_kv_heads']  # gpt2: n_heads, whatever n_kv_heads says
+  if n_kv < 1 or m.n_heads % n_kv:
+    raise ConfigError(
+        f'config.model.n_kv_heads={m.n_kv_heads} must divide config.model.n_heads={m.n_heads}.')
+  if switches['positions'] == 'rope':
     if head_dim(m) % 2:
       raise ConfigError(
           f'config.model.head_dim={head_dim(m)} must be even for RoPE'

@@ -150,3 +150,25 @@ def test_cudnn_equals_xla_on_a_gpu():
   for name, g, ref in zip('qkv', grads, ref_grads):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32),
                                rtol=5e-2, atol=5e-2, err_msg=f'd{name}')
+
+
+def test_splash_equals_xla_with_a_layer_window_and_scale():
+  """A layer's window arrives traced (as from the scan over layers): splash picks its local
+  or causal kernel with lax.cond, XLA masks; both with a score scale that is not 1/sqrt(h).
+  One compile each, run for a global layer (0) and a sliding-window one (24)."""
+  q, k, v, seg = qkv_and_segments(seed=3)
+
+  def fn(kind):
+    def attend(q, k, v, w):
+      return ak.attend(q, k, v, seg, attention=kind, window=w, scale=0.1, sliding_window=24)
+    loss = lambda q, k, v, w: jnp.sum(attend(q, k, v, w) ** 2)  # noqa: E731
+    return jax.jit(lambda q, k, v, w: (attend(q, k, v, w), jax.grad(loss, argnums=1)(q, k, v, w)))
+
+  splash_fn, xla_fn = fn('splash'), fn('xla')
+  outs = {}
+  for window in (0, 24):
+    (got, got_dk), (want, want_dk) = (f(q, k, v, jnp.int32(window)) for f in (splash_fn, xla_fn))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f'window {window}')
+    np.testing.assert_allclose(got_dk, want_dk, rtol=1e-4, atol=1e-5, err_msg=f'window {window}')
+    outs[window] = np.asarray(want)
+  assert np.abs(outs[24] - outs[0]).max() > 1e-2  # the window changed the result

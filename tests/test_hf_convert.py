@@ -66,11 +66,23 @@ def hf_model(kind, **changes):
         num_key_value_heads=4, head_dim=12, max_position_embeddings=256, rope_theta=5e5,
         tie_word_embeddings=kind == 'llama_tied', **common)
     cls = transformers.LlamaForCausalLM
-  elif kind == 'mistral':
+  elif kind == 'mistral':  # a window shorter than the test rows
     config = transformers.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, **common)
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=8, **common)
     cls = transformers.MistralForCausalLM
+  elif kind == 'qwen2':
+    config = transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    cls = transformers.Qwen2ForCausalLM
+  elif kind == 'gemma3':  # a sliding-window layer (window 8), then a global one
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=16, max_position_embeddings=256, sliding_window=8,
+        layer_types=['sliding_attention', 'full_attention'], query_pre_attn_scalar=16,
+        **common)
+    cls = transformers.Gemma3ForCausalLM
   else:
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=8, n_positions=256,
                                      **common)
@@ -98,9 +110,10 @@ def hf_logits(model, tokens):
 
 @pytest.fixture(scope='module')
 def hf_dirs(tmp_path_factory):
-  """{kind: (directory, torch model)} for llama (GQA), llama_tied, mistral, gpt2."""
+  """{kind: (directory, torch model)} for llama (GQA), llama_tied, mistral (a window),
+  qwen2 (q/k/v biases, tied), gemma3 (tied, windows, (1 + w) norms), gpt2."""
   out = {}
-  for kind in ('llama', 'llama_tied', 'mistral', 'gpt2'):
+  for kind in ('llama', 'llama_tied', 'mistral', 'qwen2', 'gemma3', 'gpt2'):
     model = hf_model(kind)
     out[kind] = (save_hf(model, tmp_path_factory.mktemp(kind)), model)
   return out
@@ -139,13 +152,15 @@ def forward(params, mcfg, tokens):
 @pytest.mark.parametrize('kind,mesh_shape', [
     pytest.param(kind, mesh, id=f'{kind}-{"x".join(map(str, mesh))}')
     for kind in ('llama', 'mistral', 'gpt2') for mesh in ((1, 1, 1), MESH)
-] + [pytest.param('llama_tied', (1, 1, 1), id='llama_tied-1x1x1')])
+] + [pytest.param(kind, (1, 1, 1), id=f'{kind}-1x1x1') for kind in ('llama_tied', 'qwen2')]
+   + [pytest.param('gemma3', MESH, id='gemma3-2x2x2')])
 def test_import_logits_equal_hf(hf_dirs, tokens, tmp_path, kind, mesh_shape):
   """On the (2,2,2) mesh the 262-token vocabulary is padded to 384 so 'tensor' splits it."""
   hf_dir, model = hf_dirs[kind]
   padded = mesh_shape == MESH
   cfg = imported_config(hf_dir, tmp_path / 'tok', mesh_shape, vocab_multiple=128 if padded else 1)
-  assert cfg.model.vocab_size == V + ADDED and cfg.model.tie_embeddings == (kind == 'llama_tied')
+  tied = kind in ('llama_tied', 'qwen2', 'gemma3', 'gpt2')
+  assert cfg.model.vocab_size == V + ADDED and cfg.model.tie_embeddings == tied
   mcfg = model_lib.ModelConfig.from_config(cfg)
   mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
   params = hf_import.load_params(hf_dir, mesh, mcfg)
@@ -156,7 +171,7 @@ def test_import_logits_equal_hf(hf_dirs, tokens, tmp_path, kind, mesh_shape):
   embed = np.asarray(params['embed'])
   np.testing.assert_allclose(embed[V:V + ADDED], np.broadcast_to(embed[:V].mean(0), (ADDED, 64)),
                              rtol=1e-6, atol=1e-7)  # added tokens start at the mean row
-  assert ('lm_head' in params) == (kind in ('llama', 'mistral'))
+  assert ('lm_head' in params) == (not tied)
 
 
 def test_sharded_checkpoint_with_index_equals_single_file(hf_dirs, tmp_path):
@@ -174,7 +189,7 @@ def test_sharded_checkpoint_with_index_equals_single_file(hf_dirs, tmp_path):
 # -- export ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('kind', ['llama', 'gpt2'])
+@pytest.mark.parametrize('kind', ['llama', 'gemma3', 'gpt2'])
 def test_import_then_export_loads_in_transformers(hf_dirs, tokens, tmp_path, kind):
   """The command line both ways: the exported model's logits (added tokens included) and
   tokenizer (text and chat template) are jaxgpt's; original tensors come back bit-exact."""
@@ -214,11 +229,13 @@ def test_import_then_export_loads_in_transformers(hf_dirs, tokens, tmp_path, kin
   assert generation['eos_token_id'] == [tok.end_of_turn_id, tok.eot_id]
 
 
-@pytest.mark.parametrize('kind,bias', [('llama', 0.0), ('gpt2', 0.7), ('llama', 0.7)])
+@pytest.mark.parametrize('kind,bias', [('llama', 0.0), ('gpt2', 0.7), ('llama', 0.7),
+                                       ('gemma3', 0.0)])
 def test_reward_model_exports_as_sequence_classifier(hf_dirs, tmp_path, kind, bias):
-  """The score at the readout (the last non-pad token) equals jaxgpt's. A nonzero bias of
-  the scalar head folds into GPT-2's final LayerNorm; LLaMA has no place for it (noted in
-  config.json, the scores differ by exactly it)."""
+  """The score at the readout (the last non-pad token) equals jaxgpt's (Gemma 3: as a
+  Gemma3TextForSequenceClassification). A nonzero bias of the scalar head folds into
+  GPT-2's final LayerNorm; LLaMA has no place for it (noted in config.json, the scores
+  differ by exactly it)."""
   cfg = imported_config(hf_dirs[kind][0], tmp_path / 'tok', (1, 1, 1))
   tok = hf_tokenizer.load(str(tmp_path / 'tok'))
   mcfg = model_lib.ModelConfig.from_config(cfg, scalar_head=True, lm_head=False)
@@ -252,10 +269,11 @@ def test_reward_model_exports_as_sequence_classifier(hf_dirs, tmp_path, kind, bi
 
 
 @pytest.mark.parametrize('kind,change,match', [
-    ('mistral', dict(sliding_window=128), 'sliding_window=128 is smaller than the context'),
     ('gpt2', dict(tie_word_embeddings=False), 'tie_word_embeddings=False'),
-    ('llama', dict(model_type='qwen2'), "model_type='qwen2'"),
-    ('llama', dict(rope_scaling={'rope_type': 'linear', 'factor': 2.0}), "rope type 'linear'"),
+    ('llama', dict(model_type='qwen2_moe'), r"model_type='qwen2_moe' \(mixture-of-experts"),
+    ('llama', dict(rope_scaling={'rope_type': 'dynamic', 'factor': 2.0}), "rope_type='dynamic'"),
+    ('llama', dict(rope_scaling={'rope_type': 'llama3', 'factor': 8.0}),
+     'rope_parameters.low_freq_factor=None'),
 ])
 def test_unsupported_configs_fail_naming_the_setting(hf_dirs, kind, change, match):
   config = json.load(open(os.path.join(hf_dirs[kind][0], 'config.json'), encoding='utf-8'))
@@ -340,6 +358,15 @@ def test_runs_take_the_architecture_and_tokenizer_from_the_import(hf_dirs, tmp_p
   later = config_lib.base_config()
   hf_import.adopt_init_settings(later, str(tmp_path / 'run'))
   assert later.model == direct.model and later.tokenizer == direct.tokenizer
+  # A record written before the families' switches were fields builds the same model.
+  path = tmp_path / 'run' / hf_import.WORKDIR_RECORD
+  record = json.loads(path.read_text())
+  before = hf_import.ARCH_FIELDS[:hf_import.ARCH_FIELDS.index('tie_embeddings') + 1]
+  record['model'] = {k: v for k, v in record['model'].items() if k in before}
+  path.write_text(json.dumps(record))
+  old = config_lib.base_config()
+  hf_import.adopt_init_settings(old, str(tmp_path / 'run'))
+  assert model_lib.ModelConfig.from_config(old) == model_lib.ModelConfig.from_config(direct)
 
   record = hf_import.import_checkpoint(hf_dir, str(tmp_path / 'ckpt'), vocab_multiple=128)
   assert record['n_params'] == model_lib.count_params(

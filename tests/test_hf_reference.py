@@ -167,8 +167,11 @@ def test_config_from_hf():
     (dict(model_type='bert'), "model_type='bert'"),
     (dict(attention_bias=True), 'attention_bias'),
     (dict(hidden_act='gelu'), 'hidden_act'),
-    (dict(rope_parameters={'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}),
-     "rope type 'linear'"),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 2.0, 'rope_theta': 1e4}),
+     "rope_type='yarn'"),
+    (dict(rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                           'partial_rotary_factor': 0.5}), 'partial_rotary_factor=0.5'),
+    (dict(num_local_experts=8), 'num_local_experts=8'),
 ])
 def test_config_from_hf_rejects_unsupported_llama(change, match):
   with pytest.raises(hf.ConversionError, match=match):

@@ -1,5 +1,6 @@
 """The decoder: KV-cache decoding, document masking, learning, the 7B shape, scalar head."""
 
+import dataclasses
 import functools
 import pathlib
 
@@ -13,6 +14,7 @@ import helpers
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
+from jaxgpt.model import families
 from jaxgpt.train import optim, trainer
 
 MESH = (2, 2, 2)
@@ -23,6 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def setup(family, scan=True, mesh_shape=MESH, scalar_head=False):
   """(cfg, mcfg, mesh, graphdef, params placed on the mesh) with random weights."""
   cfg = helpers.tiny_config(family, mesh=mesh_shape, scan=scan, batch_size=4)
+  if family == 'gemma3':  # a sliding-window layer (4 positions, its own RoPE base), a global one
+    m = cfg.model
+    m.sliding_window, m.window_pattern, m.rope_theta, m.local_rope_theta = 4, 'SG', 1e6, 1e4
   mcfg = model_lib.ModelConfig.from_config(cfg, scalar_head=scalar_head)
   mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
   graphdef, _, _ = model_lib.abstract_model(mcfg)
@@ -65,7 +70,7 @@ def full_and_cached(graphdef, mcfg, params, tokens_bt, lens_b):
 
 
 @pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
-@pytest.mark.parametrize('family', ['llama', 'gpt2'])
+@pytest.mark.parametrize('family', ['llama', 'gpt2', 'gemma3'])
 def test_kv_cache_decoding_matches_full_forward(family, scan):
   cfg, mcfg, mesh, graphdef, params = setup(family, scan)
   tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (4, SEQ)).astype(np.int32)
@@ -81,6 +86,26 @@ def test_kv_cache_decoding_matches_full_forward(family, scan):
     n_steps = SEQ - n
     np.testing.assert_allclose(steps[:n_steps, r], full[r, n:], rtol=1e-5, atol=1e-5,
                                err_msg=f'decode steps row {r}')
+
+
+# -- families -----------------------------------------------------------------------------
+
+def test_a_family_is_only_its_switches():
+  """family='gemma3' is LLaMA with Gemma 3's switches set: the same model config, the same
+  parameter tree; a switch set in the config wins over the family's (Qwen 3 without its
+  q/k norms has LLaMA's tree)."""
+  gemma = helpers.tiny_config('gemma3')
+  gemma.model.sliding_window = 4
+  llama = helpers.tiny_config('llama')
+  llama.model.update(families.preset('gemma3'), sliding_window=4, n_kv_heads=8)
+  as_gemma = dataclasses.replace(model_lib.ModelConfig.from_config(llama), family='gemma3')
+  assert as_gemma == model_lib.ModelConfig.from_config(gemma)
+  qwen3 = helpers.tiny_config('llama')
+  qwen3.model.family, qwen3.model.qk_norm = 'qwen3', False
+  trees = [jax.tree.structure(model_lib.abstract_model(model_lib.ModelConfig.from_config(c))[1])
+           for c in (qwen3, helpers.tiny_config('llama'), gemma)]
+  assert trees[0] == trees[1] != trees[2]
+  assert model_lib.ModelConfig.from_config(gemma).layer_windows == (4, 4)  # 'SSSSSG', 2 layers
 
 
 # -- segment ids --------------------------------------------------------------------------
@@ -175,6 +200,15 @@ def test_llama_7b_abstract_state_has_6_7b_params_and_allocates_nothing():
 
   live_after = sum(a.nbytes for a in jax.live_arrays())
   assert live_after - live_before < 1e6  # nothing of the model's size was allocated
+
+
+@pytest.mark.parametrize('name,count', [('llama3_8b', 8_030_261_248), ('qwen3_8b', 8_190_735_360),
+                                        ('gemma3_1b', 999_885_952)])
+def test_family_experiments_have_the_published_parameter_counts(name, count):
+  """The experiment files' architectures have exactly the published models' parameters
+  (Llama 3.1 8B, Qwen3 8B, Gemma 3 1B), counted abstractly."""
+  mcfg = model_lib.ModelConfig.from_config(_experiment(name))
+  assert model_lib.count_params(model_lib.abstract_model(mcfg)[1]) == count
 
 
 # -- scalar head --------------------------------------------------------------------------

@@ -168,6 +168,15 @@ SAMPLE = ('-m', 'jaxgpt.cli.sample')
 PREPARE = ('tools/prepare_corpus.py', '--name=corpus', '--tfds_dir={d}/tfds')
 GGUF_IMPORT = ('tools/convert_hf.py', 'import', '--gguf', '{d}/m.gguf', '--out', '{d}/ckpt')
 NOISE = random.Random(0).randbytes(4000)
+# A published model's config.json with a setting jaxgpt does not implement.
+HF_IMPORT = ('tools/convert_hf.py', 'import', '--hf={d}/hf', '--out={d}/out')
+_DECODER = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                rms_norm_eps=1e-6)
+
+
+def hf_config_json(**fields):
+  return write({'hf/config.json': json.dumps(dict(_DECODER, **fields))})
 
 CASES = [
     # config: command line and experiment files
@@ -291,6 +300,14 @@ CASES = [
     Case('gguf-unknown-quant-type', GGUF_IMPORT,
          ('{d}/m.gguf', "tensor 'blk.0.attn_norm.weight' has ggml type 77", 'Q4_K'),
          gguf_file('type')),
+    Case('hf-import-experts', HF_IMPORT, ("model_type='qwen3_moe'", 'mixture-of-experts'),
+         hf_config_json(model_type='qwen3_moe', num_experts=8)),
+    Case('hf-import-softcapping', HF_IMPORT, ('final_logit_softcapping=30.0', 'soft-capping'),
+         hf_config_json(model_type='gemma3_text', final_logit_softcapping=30.0)),
+    Case('hf-init-from-rope-yarn', (*MAIN, WD, '--config.checkpoint.init_from=hf:{d}/hf'),
+         ("rope_parameters.rope_type='yarn'", "'default', 'linear', 'llama3'"),
+         hf_config_json(model_type='llama', rope_parameters={'rope_type': 'yarn', 'factor': 4.0,
+                                                             'rope_theta': 1e4})),
     Case('bench-typo', ('tools/bench_decode.py', '--config=experiments/tiny.py:smoke',
                         '--config.model.d_modle=3'), ("unknown field 'model.d_modle'",)),
 ]

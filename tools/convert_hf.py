@@ -8,8 +8,9 @@
     python tools/convert_hf.py export --checkpoint CKPT_DIR --out HF_DIR
 
 import: DIR holds config.json, model.safetensors (or shards and
-model.safetensors.index.json) and the tokenizer files (LLaMA, Mistral without a sliding
-window, GPT-2). CKPT_DIR becomes a checkpoint any stage starts from with
+model.safetensors.index.json) and the tokenizer files of a Llama 1-3, Mistral, Qwen 2 / 2.5,
+Qwen 3, Gemma 3 (Gemma3ForCausalLM) or GPT-2 model (jaxgpt.hf.config_map lists what is
+refused). CKPT_DIR becomes a checkpoint any stage starts from with
 --config.checkpoint.init_from=CKPT_DIR (the architecture and tokenizer come with it);
 --config.checkpoint.init_from=hf:DIR does the same without this step.
 --gguf: a llama.cpp GGUF file (LLaMA architecture; F32, F16, BF16, Q8_0, Q4/Q5_0/1 and the

@@ -5,10 +5,11 @@
 writes safetensors (one file, or shards of at most `max_shard_bytes` with their index),
 config.json, generation_config.json and the tokenizer files, so that
 `AutoModelForCausalLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)`
-need nothing else. A language model (pretrain, sft, PPO's policy) becomes
-`LlamaForCausalLM` / `GPT2LMHeadModel`; the reward model becomes
-`LlamaForSequenceClassification` / `GPT2ForSequenceClassification` with one label, whose
-score at the last non-pad token (end the input with `<|reward|>`) is the jaxgpt score.
+need nothing else. A language model (pretrain, sft, PPO's policy) becomes its family's
+`*ForCausalLM` (`LlamaForCausalLM`, `Qwen3ForCausalLM`, `Gemma3ForCausalLM`, ...,
+`GPT2LMHeadModel`); the reward model becomes the `*ForSequenceClassification` with one
+label, whose score at the last non-pad token (end the input with `<|reward|>`) is the
+jaxgpt score.
 
 Tensors leave the devices one layer at a time and are written a file at a time, so a host
 holds at most one output file's worth. With the chat tokens in the tokenizer, the tokenizer
@@ -60,11 +61,11 @@ def _fold_score_bias(tensors: dict, params, mcfg) -> float:
   """The scalar head's bias, which `*ForSequenceClassification`'s bias-free `score` cannot
   hold: GPT-2 takes it into the final LayerNorm's bias (w . (beta + b w / |w|^2) =
   w . beta + b; that model has no LM head the change could disturb). Returns what is left
-  over (LLaMA's RMSNorm has no bias: the exported scores are ours minus it)."""
+  over (an RMSNorm has no bias: the exported scores are ours minus it)."""
   b = float(np.asarray(jax.device_get(params['scalar_head']['bias'])))
   if b == 0.0:
     return 0.0
-  if mcfg.family == 'gpt2':
+  if mcfg.norm == 'layernorm':
     w = tensors['score.weight'][0].astype(np.float64)
     key = 'transformer.ln_f.bias'
     tensors[key] = (tensors[key].astype(np.float64) + b * w / (w @ w)).astype(tensors[key].dtype)

@@ -45,15 +45,19 @@ from jaxgpt.data.tokenizer import hf_tokenizer
 from jaxgpt.hf import gguf as gguf_lib
 from jaxgpt.hf import registry
 from jaxgpt.hf import weights as hf
+from jaxgpt.model import families
 from jaxgpt.train import checkpoint as ckpt_lib
 
 HF_PREFIX = 'hf:'
 GGUF_PREFIX = 'gguf:'
 IMPORT_RECORD = 'hf_import.json'   # in an imported checkpoint's directory
 WORKDIR_RECORD = 'hf_model.json'   # in a run's workdir started from one
-# config.model fields a published model decides; the rest (dtypes, scan, remat) are the run's.
-ARCH_FIELDS = ('family', 'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
-               'head_dim', 'd_ff', 'max_seq_len', 'rope_theta', 'norm_eps', 'tie_embeddings')
+# config.model fields a published model decides (its family's switches made explicit);
+# the rest (dtypes, scan, remat) are the run's.
+ARCH_FIELDS = hf.ARCH_FIELDS
+# What every record has; records written before the families were switches lack the rest,
+# which then keep the defaults those models were built with.
+_RECORD_FIELDS = ARCH_FIELDS[:ARCH_FIELDS.index('tie_embeddings') + 1]
 
 
 def read_config_json(hf_dir: str) -> dict:
@@ -161,7 +165,9 @@ def _grown_vocab(fields: dict, hf_dir: str, tokenizer_size: int, added: list[str
 
 
 def _apply(cfg, fields: dict, tokenizer_path: str, tokenizer_size: int, source: str) -> None:
-  changed = [f'{k}={v!r}' for k, v in fields.items() if cfg.model[k] != v]
+  # A switch the config left to its family is no change the user would want named.
+  changed = [f'{k}={v!r}' for k, v in fields.items() if cfg.model[k] != v
+             and not (k in families.BASE and cfg.model[k] in (None, ''))]
   for k, v in fields.items():
     cfg.model[k] = v
   cfg.tokenizer.path = tokenizer_path
@@ -216,7 +222,8 @@ def _read_record(path: str) -> dict:
   try:
     with open(path, encoding='utf-8') as f:
       record = json.load(f)
-    record['model'] = {k: record['model'][k] for k in ARCH_FIELDS}
+    record['model'] = {k: record['model'][k] for k in ARCH_FIELDS
+                       if k in _RECORD_FIELDS or k in record['model']}
     return record
   except (ValueError, KeyError, TypeError) as e:
     raise config_lib.ConfigError(f'{path}: not a jaxgpt record of an imported model ({e}).') \

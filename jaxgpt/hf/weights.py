@@ -1,4 +1,6 @@
-"""Hugging Face <-> jaxgpt weights for LLaMA / Mistral and GPT-2, in memory, one layer at a time.
+"""Hugging Face <-> jaxgpt weights, in memory, one layer at a time: LLaMA 1-3, Mistral,
+Qwen 2 / 3, Gemma 3 (one LLaMA-like layout whose optional tensors follow the model's
+switches) and GPT-2.
 
 Everything here is numpy. The mapping is written per layer (`layer_from_hf`, `layer_to_hf`)
 plus the tensors outside the layers (`globals_from_hf`, `globals_to_hf`), so a converter
@@ -14,16 +16,23 @@ Layouts. Hugging Face `nn.Linear` weights are (out, in); jaxgpt kernels are eins
 (in, ...out) with the layers stacked on a leading axis: q (L, d, n, h), k/v (L, d, k, h),
 o (L, n, h, d), gate/up (L, d, f), down (L, f, d). GPT-2's `Conv1D` weights are already
 (in, out) and `c_attn` packs q, k and v along its output. RoPE is the rotate-half layout
-in both projects, so LLaMA q/k weights map without a permutation.
+in both projects, so q/k weights map without a permutation. Norm weights map as stored
+(Gemma's (1 + w) norms keep w). Optional tensors come with the switches: q/k/v biases
+(`bias='qkv'`, Qwen 2), `self_attn.q_norm` / `k_norm` (`qk_norm`), and with `post_norms`
+(Gemma 3) four norms a layer, where `post_attention_layernorm` norms the attention output
+(without, it is the norm before the MLP).
+
+The config side (config.json <-> config.model) is `jaxgpt.hf.config_map`.
 
 Vocabulary. jaxgpt's table has `padded_vocab_size` rows: the Hugging Face rows, then the
 rows of tokens added to the tokenizer (`vocab_size` > the checkpoint's rows; initialised
 to the mean of the existing rows), then zero padding up to `vocab_multiple` (masked out
 of the logits). `to_hf` keeps the first `vocab_size` rows.
 
-Heads. A tied LLaMA (`tie_word_embeddings`) and GPT-2 read logits from the embedding and
-have no 'lm_head' entry. The scalar head of a reward model exports as the `score` of a
-`*ForSequenceClassification` model (`head='score'`).
+Heads. A tied model (`tie_word_embeddings`: GPT-2 always, Gemma 3 and small Llama 3.2 /
+Qwen models) reads logits from the embedding and has no 'lm_head' entry. The scalar head
+of a reward model exports as the `score` of a `*ForSequenceClassification` model
+(`head='score'`).
 """
 
 from __future__ import annotations
@@ -32,139 +41,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-FAMILIES = ('llama', 'gpt2')
-# model_type in config.json -> jaxgpt family. Mistral is LLaMA without a sliding window.
-MODEL_TYPES = {'llama': 'llama', 'mistral': 'llama', 'gpt2': 'gpt2'}
+from jaxgpt.hf.config_map import (ARCH_FIELDS, ConversionError, HF_MODEL_TYPE,  # noqa: F401
+                                  MODEL_TYPES, hf_class_name, hf_config_from_model,
+                                  model_config, model_config_from_hf)
+
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq')
-# GPT-2 activations that are the tanh approximation of GELU (what jaxgpt computes).
-_TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh')
-
-
-class ConversionError(ValueError):
-  """A state dict or config does not match the jaxgpt model; the message names the key."""
-
-
-# -- config ------------------------------------------------------------------------------
-
-def _get(hf_config, name, default=None):
-  if isinstance(hf_config, Mapping):
-    return hf_config.get(name, default)
-  return getattr(hf_config, name, default)
-
-
-def model_config_from_hf(hf_config) -> dict[str, Any]:
-  """config.model fields for a Hugging Face LLaMA / Mistral / GPT-2 config (object or dict).
-
-  Use as `cfg.model.update(model_config_from_hf(hf.config))`. Fails, naming the
-  setting, on what jaxgpt does not implement (biases, rope scaling, a sliding window
-  shorter than the context, an untied GPT-2 head, other architectures).
-  """
-  model_type = _get(hf_config, 'model_type')
-  if model_type not in MODEL_TYPES:
-    raise ConversionError(f"hf config model_type='{model_type}': supported are "
-                          f"{', '.join(repr(t) for t in MODEL_TYPES)}.")
-  if MODEL_TYPES[model_type] == 'llama':
-    return _llama_config(hf_config, model_type)
-  return _gpt2_config(hf_config)
-
-
-def _llama_config(hf_config, model_type):
-  d, n = int(_get(hf_config, 'hidden_size')), int(_get(hf_config, 'num_attention_heads'))
-  n_kv = _get(hf_config, 'num_key_value_heads') or n
-  head_dim = _get(hf_config, 'head_dim') or d // n
-  context = int(_get(hf_config, 'max_position_embeddings'))
-  for flag in ('attention_bias', 'mlp_bias'):
-    if _get(hf_config, flag, False):
-      raise ConversionError(f'hf config {flag}=True: jaxgpt LLaMA has no projection biases.')
-  act = _get(hf_config, 'hidden_act', 'silu')
-  if act != 'silu':
-    raise ConversionError(f"hf config hidden_act='{act}': jaxgpt LLaMA uses SwiGLU ('silu').")
-  window = _get(hf_config, 'sliding_window')
-  if model_type == 'mistral' and window is not None and int(window) < context:
-    raise ConversionError(
-        f'hf config sliding_window={window} is smaller than the context '
-        f'(max_position_embeddings={context}): jaxgpt attends to the whole context and has '
-        'no sliding window, so the model would compute something else.')
-  # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
-  rope = _get(hf_config, 'rope_parameters') or {}
-  scaling = _get(hf_config, 'rope_scaling') or {}
-  rope_type = rope.get('rope_type') or scaling.get('rope_type') or scaling.get('type')
-  if rope_type not in (None, 'default'):
-    raise ConversionError(
-        f"hf config rope type '{rope_type}': jaxgpt implements only default RoPE.")
-  theta = rope.get('rope_theta') or _get(hf_config, 'rope_theta') or 10000.0
-  return dict(
-      family='llama', vocab_size=int(_get(hf_config, 'vocab_size')), d_model=d,
-      n_layers=int(_get(hf_config, 'num_hidden_layers')), n_heads=n, n_kv_heads=int(n_kv),
-      head_dim=0 if head_dim * n == d else int(head_dim),
-      d_ff=int(_get(hf_config, 'intermediate_size')), max_seq_len=context,
-      rope_theta=float(theta), norm_eps=float(_get(hf_config, 'rms_norm_eps')),
-      tie_embeddings=bool(_get(hf_config, 'tie_word_embeddings', False)))
-
-
-def _gpt2_config(hf_config):
-  act = _get(hf_config, 'activation_function', 'gelu_new')
-  if act not in _TANH_GELUS:
-    raise ConversionError(
-        f"hf config activation_function='{act}': jaxgpt GPT-2 uses tanh GELU {_TANH_GELUS}.")
-  if not _get(hf_config, 'scale_attn_weights', True) or _get(
-      hf_config, 'scale_attn_by_inverse_layer_idx', False):
-    raise ConversionError('hf config: jaxgpt GPT-2 scales attention by 1/sqrt(head_dim) only '
-                          '(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False).')
-  if not _get(hf_config, 'tie_word_embeddings', True):
-    raise ConversionError('hf config tie_word_embeddings=False: jaxgpt GPT-2 always ties its '
-                          'output head to the token embedding.')
-  d, n = int(_get(hf_config, 'n_embd')), int(_get(hf_config, 'n_head'))
-  return dict(
-      family='gpt2', vocab_size=int(_get(hf_config, 'vocab_size')), d_model=d,
-      n_layers=int(_get(hf_config, 'n_layer')), n_heads=n, n_kv_heads=n, head_dim=0,
-      d_ff=int(_get(hf_config, 'n_inner') or 4 * d),
-      max_seq_len=int(_get(hf_config, 'n_positions')),
-      norm_eps=float(_get(hf_config, 'layer_norm_epsilon')), tie_embeddings=False)
-
-
-def hf_config_from_model(mcfg, *, head: str = 'lm', special_ids: Mapping[str, Any] = (),
-                         dtype: str = 'float32') -> dict[str, Any]:
-  """config.json of the exported model: `head='lm'` a `*ForCausalLM`, 'score' a
-  `*ForSequenceClassification` with one label (the reward model).
-
-  `special_ids` holds bos/eos/pad token ids (Hugging Face names, e.g. 'eos_token_id').
-  """
-  c = _model_config(mcfg)
-  kind = 'ForCausalLM' if head == 'lm' else 'ForSequenceClassification'
-  out: dict[str, Any] = {'vocab_size': c.vocab_size, 'dtype': dtype}
-  if c.family == 'llama':
-    out.update(
-        model_type='llama', architectures=['Llama' + kind], hidden_size=c.d_model,
-        intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta},
-        rope_theta=c.rope_theta, hidden_act='silu', attention_bias=False, mlp_bias=False,
-        tie_word_embeddings=bool(c.tie_embeddings))
-  else:
-    out.update(
-        model_type='gpt2', architectures=['GPT2' + ('LMHeadModel' if head == 'lm' else kind)],
-        n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
-        n_positions=c.max_seq_len, layer_norm_epsilon=c.norm_eps,
-        activation_function='gelu_new', tie_word_embeddings=True)
-  if head == 'score':
-    out.update(num_labels=1, id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
-  out.update({k: v for k, v in dict(special_ids).items() if v is not None})
-  return out
-
-
-# -- helpers -----------------------------------------------------------------------------
-
-def _model_config(mcfg):
-  """A `ModelConfig`, from itself or from a full experiment ConfigDict."""
-  if hasattr(mcfg, 'model') and not hasattr(mcfg, 'family'):
-    from jaxgpt.model.transformer import ModelConfig
-    return ModelConfig.from_config(mcfg)
-  if mcfg.family not in FAMILIES:
-    raise ConversionError(f"family '{mcfg.family}' must be one of {FAMILIES}.")
-  return mcfg
+_model_config = model_config
 
 
 def to_numpy(x) -> np.ndarray:
@@ -223,18 +106,18 @@ def check_all_used(keys, used, what) -> None:
                           + (f' (+{len(left) - 8} more)' if len(left) > 8 else ''))
 
 
-def hf_class_name(mcfg, head: str = 'lm') -> str:
-  if mcfg.family == 'gpt2':
-    return 'GPT2LMHeadModel' if head == 'lm' else 'GPT2ForSequenceClassification'
-  return 'LlamaForCausalLM' if head == 'lm' else 'LlamaForSequenceClassification'
+def _gpt2_layout(c) -> bool:
+  """GPT-2's tensor layout (fused Conv1D q/k/v under 'transformer.'); every other model
+  type has the LLaMA-like one under 'model.'."""
+  return HF_MODEL_TYPE[c.family] == 'gpt2'
 
 
 def _prefix(c) -> str:
-  return 'model.' if c.family == 'llama' else 'transformer.'
+  return 'transformer.' if _gpt2_layout(c) else 'model.'
 
 
 def embed_key(c) -> str:
-  return 'model.embed_tokens.weight' if c.family == 'llama' else 'transformer.wte.weight'
+  return 'transformer.wte.weight' if _gpt2_layout(c) else 'model.embed_tokens.weight'
 
 
 # -- vocabulary rows ----------------------------------------------------------------------
@@ -259,7 +142,10 @@ def grow_vocab(x_vd: np.ndarray, c, key: str) -> np.ndarray:
 def layer_from_hf(read: Read, mcfg, i: int) -> dict[tuple[str, ...], np.ndarray]:
   """Layer i's jaxgpt arrays (paths under 'blocks', without the layer axis)."""
   c = _model_config(mcfg)
-  return _llama_layer(read, c, i) if c.family == 'llama' else _gpt2_layer(read, c, i)
+  if _gpt2_layout(c):
+    return _gpt2_layer(read, c, i)
+  return {path: (read(key, hf_shape).T if matrix else read(key, hf_shape)).reshape(shape)
+          for path, key, hf_shape, shape, matrix in _layer_tensors(c, i)}
 
 
 def globals_from_hf(read: Read, mcfg, *, has_key=None):
@@ -269,7 +155,7 @@ def globals_from_hf(read: Read, mcfg, *, has_key=None):
   c = _model_config(mcfg)
   d = c.d_model
   p = _prefix(c)
-  if c.family == 'gpt2':
+  if _gpt2_layout(c):
     yield ('pos_embed',), read(p + 'wpe.weight', (c.max_seq_len, d))
     yield ('final_norm', 'scale'), read(p + 'ln_f.weight', (d,))
     yield ('final_norm', 'bias'), read(p + 'ln_f.bias', (d,))
@@ -281,7 +167,7 @@ def globals_from_hf(read: Read, mcfg, *, has_key=None):
       if not np.array_equal(head, read(embed_key(c), (None, d))):
         raise ConversionError(
             f"'lm_head.weight' differs from '{embed_key(c)}' but the model ties them "
-            + ('(GPT-2 always does).' if c.family == 'gpt2' else
+            + ('(GPT-2 always does).' if _gpt2_layout(c) else
                '(config.json tie_word_embeddings=true -> config.model.tie_embeddings).'))
       del head
   elif c.lm_head:
@@ -295,20 +181,34 @@ def globals_from_hf(read: Read, mcfg, *, has_key=None):
   yield ('embed',), grow_vocab(read(embed_key(c), (None, d)), c, embed_key(c))
 
 
-def _llama_layer(read, c, i):
+def _layer_tensors(c, i):
+  """(jaxgpt path, Hugging Face key, its shape, the jaxgpt shape, is a matrix) of layer i's
+  tensors in the LLaMA-like layout. A matrix is the Hugging Face (out, in) weight
+  transposed, then reshaped; a vector (bias, norm) is only reshaped."""
   d, n, k, h, f = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
   p = f'model.layers.{i}.'
-  return {
-      ('attn', 'q', 'kernel'): read(p + 'self_attn.q_proj.weight', (n * h, d)).T.reshape(d, n, h),
-      ('attn', 'k', 'kernel'): read(p + 'self_attn.k_proj.weight', (k * h, d)).T.reshape(d, k, h),
-      ('attn', 'v', 'kernel'): read(p + 'self_attn.v_proj.weight', (k * h, d)).T.reshape(d, k, h),
-      ('attn', 'o', 'kernel'): read(p + 'self_attn.o_proj.weight', (d, n * h)).T.reshape(n, h, d),
-      ('mlp', 'gate', 'kernel'): read(p + 'mlp.gate_proj.weight', (f, d)).T,
-      ('mlp', 'up', 'kernel'): read(p + 'mlp.up_proj.weight', (f, d)).T,
-      ('mlp', 'down', 'kernel'): read(p + 'mlp.down_proj.weight', (d, f)).T,
-      ('attn_norm', 'scale'): read(p + 'input_layernorm.weight', (d,)),
-      ('mlp_norm', 'scale'): read(p + 'post_attention_layernorm.weight', (d,)),
-  }
+  a = p + 'self_attn.'
+  out = [
+      (('attn', 'q', 'kernel'), a + 'q_proj.weight', (n * h, d), (d, n, h), True),
+      (('attn', 'k', 'kernel'), a + 'k_proj.weight', (k * h, d), (d, k, h), True),
+      (('attn', 'v', 'kernel'), a + 'v_proj.weight', (k * h, d), (d, k, h), True),
+      (('attn', 'o', 'kernel'), a + 'o_proj.weight', (d, n * h), (n, h, d), True),
+      (('mlp', 'gate', 'kernel'), p + 'mlp.gate_proj.weight', (f, d), (d, f), True),
+      (('mlp', 'up', 'kernel'), p + 'mlp.up_proj.weight', (f, d), (d, f), True),
+      (('mlp', 'down', 'kernel'), p + 'mlp.down_proj.weight', (d, f), (f, d), True),
+  ]
+  if c.bias == 'qkv':
+    out += [(('attn', name, 'bias'), a + f'{name}_proj.bias', (heads * h,), (heads, h), False)
+            for name, heads in (('q', n), ('k', k), ('v', k))]
+  if c.qk_norm:
+    out += [(('attn', f'{name}_norm', 'scale'), a + f'{name}_norm.weight', (h,), (h,), False)
+            for name in 'qk']
+  norms = ((('attn_norm', 'input_layernorm'), ('attn_post_norm', 'post_attention_layernorm'),
+            ('mlp_norm', 'pre_feedforward_layernorm'),
+            ('mlp_post_norm', 'post_feedforward_layernorm')) if c.post_norms else
+           (('attn_norm', 'input_layernorm'), ('mlp_norm', 'post_attention_layernorm')))
+  out += [((ours, 'scale'), p + f'{theirs}.weight', (d,), (d,), False) for ours, theirs in norms]
+  return out
 
 
 def _gpt2_layer(read, c, i):
@@ -373,20 +273,10 @@ def layer_to_hf(get: Get, mcfg, i: int) -> dict[str, np.ndarray]:
   """Layer i's Hugging Face tensors; `get(path)` returns layer i's slice of
   params['blocks'][path]."""
   c = _model_config(mcfg)
-  d, n, k, h = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-  if c.family == 'llama':
-    p = f'model.layers.{i}.'
-    return {
-        p + 'self_attn.q_proj.weight': get(('attn', 'q', 'kernel')).reshape(d, n * h).T,
-        p + 'self_attn.k_proj.weight': get(('attn', 'k', 'kernel')).reshape(d, k * h).T,
-        p + 'self_attn.v_proj.weight': get(('attn', 'v', 'kernel')).reshape(d, k * h).T,
-        p + 'self_attn.o_proj.weight': get(('attn', 'o', 'kernel')).reshape(n * h, d).T,
-        p + 'mlp.gate_proj.weight': get(('mlp', 'gate', 'kernel')).T,
-        p + 'mlp.up_proj.weight': get(('mlp', 'up', 'kernel')).T,
-        p + 'mlp.down_proj.weight': get(('mlp', 'down', 'kernel')).T,
-        p + 'input_layernorm.weight': get(('attn_norm', 'scale')),
-        p + 'post_attention_layernorm.weight': get(('mlp_norm', 'scale')),
-    }
+  d, n, h = c.d_model, c.n_heads, c.head_dim
+  if not _gpt2_layout(c):
+    return {key: (get(path).reshape(hf_shape[::-1]).T if matrix else get(path).reshape(hf_shape))
+            for path, key, hf_shape, _, matrix in _layer_tensors(c, i)}
   p = f'transformer.h.{i}.'
   return {
       p + 'ln_1.weight': get(('attn_norm', 'scale')),
@@ -416,7 +306,7 @@ def globals_to_hf(get: Get, mcfg, *, head: str = 'lm',
   v, p = c.vocab_size, _prefix(c)
   embed = get(('embed',))[:v]
   out = {embed_key(c): embed}
-  if c.family == 'gpt2':
+  if _gpt2_layout(c):
     out[p + 'wpe.weight'] = get(('pos_embed',))
     out[p + 'ln_f.weight'] = get(('final_norm', 'scale'))
     out[p + 'ln_f.bias'] = get(('final_norm', 'bias'))

@@ -17,11 +17,15 @@
 Queries and keys carry shapes in their names: b rows, t positions, n query heads, k
 key/value heads (GQA: query head j reads key/value head j // (n / k)), h head width.
 The KV-cache decode path (`jaxgpt.model.kv_cache`) keeps its own attention.
+
+Sliding windows. A layer's `window` (an int32 scalar, 0: global; traced inside a scan
+over layers) lets position i see positions i - window + 1 .. i only. xla and cudnn take it
+as a mask computed from the traced value; splash needs its mask at trace time, so it
+builds a causal and a local kernel (window `sliding_window`, the one window size a model
+has) and `lax.cond` picks one per layer.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -75,21 +79,30 @@ def _log_once(kernel: str, why: str, platform_name: str) -> None:
     logging.info('attention kernel: %s (%s; platform %s)', kernel, why, platform_name)
 
 
-def attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, attention: str, rules=()):
+def attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, attention: str, rules=(), scale=None,
+           window=None, sliding_window: int = 0):
   """Causal attention of every position over the earlier ones of its own segment (all
-  of the row when `segment_ids_bt` is None); scale 1/sqrt(h). Returns y_btnh."""
+  of the row when `segment_ids_bt` is None) and, where `window` > 0, fewer than `window`
+  positions back (`sliding_window`: the value it has there, for splash); scores times
+  `scale` (None: 1/sqrt(h)). Returns y_btnh."""
   where = platform()
   kernel, why = choose(attention, where, seq_len=q_btnh.shape[1], head_dim=q_btnh.shape[-1],
                        dtype=q_btnh.dtype)
   _log_once(kernel, why, where)
   if kernel == 'splash':
     return splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, rules=rules,
-                            interpret=where != 'tpu')
+                            interpret=where != 'tpu', scale=scale,
+                            window=None if window is None else (window, sliding_window))
   mask = None
   if segment_ids_bt is not None:
     mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None, :, :]
-  return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, is_causal=True,
-                                      implementation=kernel)
+  if window is not None:
+    i_t = jnp.arange(q_btnh.shape[1])
+    reach = jnp.where(window > 0, window, q_btnh.shape[1])
+    near_11tt = (i_t[:, None] - i_t[None, :] < reach)[None, None]
+    mask = near_11tt if mask is None else mask & near_11tt
+  return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask, scale=scale,
+                                      is_causal=True, implementation=kernel)
 
 
 # -- splash ---------------------------------------------------------------------------
@@ -99,51 +112,76 @@ def _block(t: int) -> int:
   return next(b for b in (512, 256, SPLASH_BLOCK) if t % b == 0)
 
 
-def _splash_kernel(n_heads: int, t: int, interpret: bool):
-  """The splash kernel for one row: q (n, t, h), k and v (k, t, h), causal mask. Built
-  at each trace (splash caches the mask's block tables; its arrays become constants of
-  the program being traced, whatever devices that is for)."""
+def _splash_kernel(n_heads: int, t: int, interpret: bool, window: int = 0):
+  """The splash kernel for one row: q (n, t, h), k and v (k, t, h), causal mask (with
+  `window` > 0: each position sees itself and the window - 1 before it). Built at each
+  trace (splash caches the mask's block tables; its arrays become constants of the
+  program being traced, whatever devices that is for)."""
   b = _block(t)
-  mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * n_heads)
+  one = (splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0) if window > 0
+         else splash.CausalMask((t, t)))
+  mask = splash.MultiHeadMask([one] * n_heads)
   sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                             block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
 
 
-def _splash_local(q_btnh, k_btkh, v_btkh, segment_ids_bt, interpret):
-  """Splash on the rows and heads this device holds (all of them without a mesh)."""
+def _splash_local(q_btnh, k_btkh, v_btkh, segment_ids_bt, window_and_size, interpret, scale):
+  """Splash on the rows and heads this device holds (all of them without a mesh);
+  `window_and_size` = (this layer's window (0: global), the model's window size) or None."""
   t, h = q_btnh.shape[1], q_btnh.shape[-1]
   # Pad the rows to whole blocks at the end: causal masking keeps every real query off
   # the padding, and the padded queries' outputs are cut off (so get no gradient).
   pad = -t % SPLASH_BLOCK
   widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
   # splash does not scale the logits; scale q as jax.nn.dot_product_attention does.
-  q_bnth = widen(q_btnh * jnp.asarray(h ** -0.5, q_btnh.dtype)).transpose(0, 2, 1, 3)
+  scale = h ** -0.5 if scale is None else scale
+  q_bnth = widen(q_btnh * jnp.asarray(scale, q_btnh.dtype)).transpose(0, 2, 1, 3)
   k_bkth = widen(k_btkh).transpose(0, 2, 1, 3)
   v_bkth = widen(v_btkh).transpose(0, 2, 1, 3)
-  kernel = _splash_kernel(q_bnth.shape[1], t + pad, interpret)
-
-  def one_row(q_nth, k_kth, v_kth, segment_ids_t):
-    ids = None if segment_ids_t is None else splash.SegmentIds(q=segment_ids_t, kv=segment_ids_t)
-    return kernel(q_nth, k_kth, v_kth, segment_ids=ids)
-
   seg_bt = None if segment_ids_bt is None else widen(segment_ids_bt.astype(jnp.int32))
-  y_bnth = jax.vmap(one_row)(q_bnth, k_bkth, v_bkth, seg_bt)
+
+  def rows(window):
+    kernel = _splash_kernel(q_bnth.shape[1], t + pad, interpret, window)
+
+    def one_row(q_nth, k_kth, v_kth, segment_ids_t):
+      ids = None if segment_ids_t is None else splash.SegmentIds(q=segment_ids_t,
+                                                                 kv=segment_ids_t)
+      return kernel(q_nth, k_kth, v_kth, segment_ids=ids)
+
+    return jax.vmap(one_row)(q_bnth, k_bkth, v_bkth, seg_bt)
+
+  if window_and_size is None:
+    y_bnth = rows(0)
+  else:
+    window, size = window_and_size
+    y_bnth = jax.lax.cond(window > 0, lambda: rows(size), lambda: rows(0))
   return y_bnth.transpose(0, 2, 1, 3)[:, :t]
 
 
-def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt=None, *, rules=(), interpret=False):
+def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt=None, *, rules=(), interpret=False,
+                     scale=None, window=None):
   """Splash attention; under a mesh, inside `jax.shard_map` (a Pallas kernel cannot be
   partitioned automatically): rows split as 'act_batch', heads as 'act_heads' /
-  'act_kv_heads', every position of a row on one device."""
-  local = functools.partial(_splash_local, interpret=interpret)
+  'act_kv_heads', every position of a row on one device. `window`: (this layer's window,
+  0: global, may be traced; the model's window size, static) or None."""
+  if window is None:
+    layer_window, size = None, 0
+  else:
+    layer_window, size = jnp.asarray(window[0], jnp.int32), int(window[1])
+
+  def local(q, k, v, seg, layer_window):
+    pair = None if layer_window is None else (layer_window, size)
+    return _splash_local(q, k, v, seg, pair, interpret, scale)
+
   if jax.sharding.get_abstract_mesh().empty:
-    return local(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    return local(q_btnh, k_btkh, v_btkh, segment_ids_bt, layer_window)
   spec = lambda *axes: sharding.logical_to_spec(axes, rules)  # noqa: E731
   q_spec = spec('act_batch', None, 'act_heads', None)
   kv_spec = spec('act_batch', None, 'act_kv_heads', None)
   seg_spec = P() if segment_ids_bt is None else spec('act_batch', None)
   # check_vma=False: pallas_call does not tell shard_map how its output varies.
-  return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                       check_vma=False)(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+  return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, P()),
+                       out_specs=q_spec, check_vma=False)(
+                           q_btnh, k_btkh, v_btkh, segment_ids_bt, layer_window)

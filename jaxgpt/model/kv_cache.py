@@ -21,6 +21,8 @@ before an in-place update of it). Slots need not be positions:
 
 Either way a row's t new tokens take consecutive slots, and positions (RoPE, learned
 position embeddings) come from `positions_bt`, so a key's slot never changes a score.
+A sliding-window layer (window W) sees only keys fewer than W positions before the query:
+a key's position is its slot, less the row's padding when the slot lies past it.
 
 Reads. The stacked cache is read in blocks of `BLOCK` slots up to the newest slot any
 query sees, with an online softmax (running max and sum in float32), so the cost follows
@@ -74,9 +76,11 @@ class LayerCache:
   slot: Any = None
   pad: Any = None
 
-  def write_and_attend(self, q_btnh, k_btkh, v_btkh, positions_bt):
+  def write_and_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, *, scale=None,
+                       window=None):
     """(y_btnh, updated view): the new keys and values stored, then the attention of the
-    new queries over the cache slots at or before their own."""
+    new queries over the cache slots at or before their own (and, with `window` > 0, fewer
+    than `window` positions back). `scale`: of the scores (None: 1 / sqrt(h))."""
     b, t = positions_bt.shape
     if self.slot is None:
       slots_bt = positions_bt.astype(jnp.int32)
@@ -84,7 +88,8 @@ class LayerCache:
       slots_bt = jnp.broadcast_to(self.slot + jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = KVCache(self._put(self.cache.k, k_btkh, slots_bt),
                     self._put(self.cache.v, v_btkh, slots_bt))
-    y_btnh = attention(q_btnh, cache, self.layer, slots_bt, self.pad)
+    near = None if window is None else (positions_bt, window)
+    y_btnh = attention(q_btnh, cache, self.layer, slots_bt, self.pad, scale=scale, near=near)
     return y_btnh, dataclasses.replace(self, cache=cache)
 
   def _put(self, c, x_btkh, slots_bt):
@@ -107,22 +112,33 @@ class LayerCache:
     return c.at[layer_index + (rows_x1, slots_xt)].set(x_xth)
 
 
-def _visible(keys_c, first_new, slots_bt, pad):
+def _visible(keys_c, first_new, slots_bt, pad, near=None):
   """(B, T, C) bool: key slots this block adds (>= first_new: a clamped last block counts
-  nothing twice), at or before the query's slot, outside the row's padding."""
+  nothing twice), at or before the query's slot, outside the row's padding, and with
+  `near = (positions_bt, window)` where the window is > 0, fewer than `window` positions
+  before the query."""
   keys_11c = keys_c[None, None, :]
   ok_btc = (keys_11c >= first_new) & (keys_11c <= slots_bt[:, :, None])
+  key_pos_b1c = keys_11c
   if pad is not None:
     pad_start_b, pad_stop = pad
     ok_btc &= (keys_11c < pad_start_b[:, None, None]) | (keys_11c >= pad_stop)
+    # Slots past the padding hold positions pad_start_b onwards.
+    key_pos_b1c = jnp.where(keys_11c >= pad_stop,
+                            keys_11c - pad_stop + pad_start_b[:, None, None], keys_11c)
+  if near is not None:
+    positions_bt, window = near
+    reach = jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max)
+    ok_btc &= positions_bt[:, :, None].astype(jnp.int32) - key_pos_b1c < reach
   return ok_btc
 
 
-def attention(q_btnh, cache: KVCache, layer, slots_bt, pad=None):
+def attention(q_btnh, cache: KVCache, layer, slots_bt, pad=None, *, scale=None, near=None):
   """Softmax attention of the queries at `slots_bt` over layer `layer` of the cache: the
-  slots at or before each query's own, outside the row's `pad`. Query heads are grouped
-  over the K key/value heads (GQA); scores, the running max / sum and the output sum
-  are float32."""
+  slots at or before each query's own, outside the row's `pad` (and inside the window of
+  `near`, see `_visible`), scores times `scale` (None: 1 / sqrt(h)). Query heads are
+  grouped over the K key/value heads (GQA); scores, the running max / sum and the output
+  sum are float32."""
   b, t, n, h = q_btnh.shape
   keys = cache.k[layer] if cache.per_layer else cache.k
   x, s = keys.shape[-3], keys.shape[-2]
@@ -132,7 +148,7 @@ def attention(q_btnh, cache: KVCache, layer, slots_bt, pad=None):
   # Queries grouped by (row, kv head): (B*K, G*T, H).
   q_xqh = jnp.transpose(q_btnh.reshape(b, t, k, g, h), (0, 2, 3, 1, 4)).reshape(x, g * t, h)
   q_xqh = q_xqh.astype(keys.dtype)
-  scale = h ** -0.5
+  scale = h ** -0.5 if scale is None else scale
 
   def read(start):
     if cache.per_layer:  # the layer's own buffers, whole: no slice to copy
@@ -147,7 +163,7 @@ def attention(q_btnh, cache: KVCache, layer, slots_bt, pad=None):
     start = jnp.minimum(i * c, s - c)  # dynamic_slice would clamp the same way
     k_xch, v_xch = read(start)
     s_xqc = jnp.einsum('xqh,xch->xqc', q_xqh, k_xch, preferred_element_type=jnp.float32) * scale
-    ok_btc = _visible(start + jnp.arange(c, dtype=jnp.int32), i * c, slots_bt, pad)
+    ok_btc = _visible(start + jnp.arange(c, dtype=jnp.int32), i * c, slots_bt, pad, near)
     ok_xqc = jnp.broadcast_to(ok_btc[:, None, None], (b, k, g, t, c)).reshape(x, g * t, c)
     s_xqc = jnp.where(ok_xqc, s_xqc, -jnp.inf)
     m_new_xq = jnp.maximum(m_xq, s_xqc.max(axis=-1))
@@ -159,7 +175,8 @@ def attention(q_btnh, cache: KVCache, layer, slots_bt, pad=None):
     return m_new_xq, l_xq, acc_xqh * correction_xq[..., None] + pv_xqh
 
   # A finite floor, not -inf, so that a block with nothing visible yet gives exp(0) = 1
-  # corrections instead of NaN; slot 0 is visible to every query, so l > 0 at the end.
+  # corrections instead of NaN. Slot 0 is visible to every query but a sliding-window
+  # one's; such a query in a row's prompt padding may see nothing (l = 0, see below).
   init = (jnp.full((x, g * t), jnp.finfo(jnp.float32).min, jnp.float32),
           jnp.zeros((x, g * t), jnp.float32), jnp.zeros((x, g * t, h), jnp.float32))
   if c == s:  # one block, no loop (a loop whose slice XLA hoists would copy the cache)
@@ -167,5 +184,8 @@ def attention(q_btnh, cache: KVCache, layer, slots_bt, pad=None):
   else:
     n_blocks = jnp.max(slots_bt) // c + 1
     _, l_xq, acc_xqh = jax.lax.fori_loop(0, n_blocks, block, init)
-  y_bkgth = (acc_xqh / l_xq[..., None]).reshape(b, k, g, t, h)
+  y_xqh = acc_xqh / l_xq[..., None]
+  if near is not None:  # a padding query that sees nothing: 0, not NaN (its keys and
+    y_xqh = jnp.where(l_xq[..., None] > 0, y_xqh, 0.0)  # values feed no real query)
+  y_bkgth = y_xqh.reshape(b, k, g, t, h)
   return jnp.transpose(y_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -1,4 +1,8 @@
-"""Building blocks of the decoder: projections, norms, RoPE, attention, MLP, block.
+"""Building blocks of the decoder: projections, norms, attention, MLP, block.
+
+What a block computes is decided by the switches of `ModelConfig` (see
+`jaxgpt.model.families`: norm kind and placement, q/k norms, biases, MLP gating and
+activation, attention scale, a per-layer attention window), never by the family's name.
 
 Every parameter carries logical axis names (`sharding_names`); `jaxgpt.sharding`
 maps them to mesh axes through the rules table in the config. Shapes are in the
@@ -16,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt import sharding
 from jaxgpt.model import attention_kernels
+from jaxgpt.model import rope
 
 # Parameters are created unsharded and placed by jit(out_shardings=...) in
 # jaxgpt.model.init, so flax must not try to shard them eagerly at creation.
@@ -59,42 +64,43 @@ class Proj(nnx.Module):
 
 
 class Norm(nnx.Module):
-  """RMSNorm (llama) or LayerNorm with bias (gpt2), computed in float32."""
+  """RMSNorm or LayerNorm with bias ('layernorm'), over the last axis, in float32.
 
-  def __init__(self, d, *, kind, eps, param_dtype, rngs):
-    self.kind, self.eps = kind, eps
-    self.scale = _param(rngs, (d,), ('norm',), 'ones', param_dtype)
+  `plus_one` (Gemma): the RMSNorm scales by (1 + w), w stored as published, starting at 0.
+  """
+
+  def __init__(self, d, *, kind, eps, param_dtype, rngs, plus_one=False):
+    self.kind, self.eps, self.plus_one = kind, eps, plus_one
+    self.scale = _param(rngs, (d,), ('norm',), 0.0 if plus_one else 'ones', param_dtype)
     self.bias = _param(rngs, (d,), ('norm',), 0.0, param_dtype) if kind == 'layernorm' else None
 
   def __call__(self, x_btd):
     x = x_btd.astype(jnp.float32)
     if self.kind == 'layernorm':
       x = x - x.mean(-1, keepdims=True)
-    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    scale = self.scale[...]
+    if self.plus_one:
+      scale = 1.0 + scale.astype(jnp.float32)
+    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * scale
     if self.bias is not None:
       y = y + self.bias[...]
     return y.astype(x_btd.dtype)
 
 
-def rope(x_btnh, positions_bt, theta):
-  """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
-  h = x_btnh.shape[-1]
-  inv_freq_h2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_bth2 = positions_bt[..., None].astype(jnp.float32) * inv_freq_h2
-  cos, sin = jnp.cos(angle_bth2)[:, :, None, :], jnp.sin(angle_bth2)[:, :, None, :]
-  x = x_btnh.astype(jnp.float32)
-  x1, x2 = x[..., : h // 2], x[..., h // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_btnh.dtype)
+def norm(cfg, d, rngs):
+  """The model's norm over `d` features (kind, epsilon and (1 + w) form from `cfg`)."""
+  return Norm(d, kind=cfg.norm, eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs,
+              plus_one=cfg.norm_plus_one)
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with grouped key/value heads and an optional KV cache."""
+  """Multi-head attention with grouped key/value heads and an optional KV cache; q/k/v
+  biases (`bias` 'qkv' or 'all'), an output bias ('all'), per-head q/k norms (`qk_norm`)."""
 
   def __init__(self, cfg, *, rngs):
     d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
     k = cfg.n_kv_heads
-    bias = cfg.family == 'gpt2'
+    bias = cfg.bias in ('qkv', 'all')
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.cfg = cfg
     self.q = Proj('btd,dnh->btnh', (d, n, h), ('embed', 'q_heads', 'head_dim'),
@@ -109,11 +115,15 @@ class Attention(nnx.Module):
     # 'N' (heads) sorts before 'h': jnp.einsum contracts its sorted letters in that order,
     # so the kernel is read as stored rather than transposed at every call.
     self.o = Proj('btNh,Nhd->btd', (n, h, d), ('q_heads', 'head_dim', 'embed'),
-                  bias_shape=(d,) if bias else None, bias_axes=('embed',),
+                  bias_shape=(d,) if cfg.bias == 'all' else None, bias_axes=('embed',),
                   std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
+    self.q_norm = norm(cfg, h, rngs) if cfg.qk_norm else None
+    self.k_norm = norm(cfg, h, rngs) if cfg.qk_norm else None
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
-    """Returns (y_btd, new_cache). `cache` is a `kv_cache.LayerCache` or None.
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None, window=None):
+    """Returns (y_btd, new_cache). `cache` is a `kv_cache.LayerCache` or None. `window`:
+    this layer's attention window (an int32 scalar, 0: global; may be traced), or None
+    when the model has no sliding-window layers.
 
     With a cache, the new keys/values are written into it in place and queries attend
     to the filled cache slots at or before their own (see `jaxgpt.model.kv_cache`).
@@ -125,63 +135,80 @@ class Attention(nnx.Module):
                                 ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
     v_btkh = sharding.constrain(checkpoint_name(self.v(x_btd), 'attn_v_proj'),
                                 ('act_batch', 'act_seq', 'act_kv_heads', None), rules)
-    if cfg.family == 'llama':
-      q_btnh = rope(q_btnh, positions_bt, cfg.rope_theta)
-      k_btkh = rope(k_btkh, positions_bt, cfg.rope_theta)
+    if self.q_norm is not None:
+      q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+    if cfg.positions == 'rope':
+      inv_freq_h2 = rope.layer_frequencies(cfg, window)
+      q_btnh = rope.rotate(q_btnh, positions_bt, inv_freq_h2)
+      k_btkh = rope.rotate(k_btkh, positions_bt, inv_freq_h2)
 
     if cache is not None:
-      y_btnh, cache = cache.write_and_attend(q_btnh, k_btkh, v_btkh, positions_bt)
+      y_btnh, cache = cache.write_and_attend(q_btnh, k_btkh, v_btkh, positions_bt,
+                                             scale=cfg.attn_scale, window=window)
       return self.o(y_btnh), cache
 
     y_btnh = attention_kernels.attend(q_btnh, k_btkh, v_btkh, segment_ids_bt,
-                                      attention=cfg.attention, rules=rules)
+                                      attention=cfg.attention, rules=rules,
+                                      scale=cfg.attn_scale, window=window,
+                                      sliding_window=cfg.sliding_window)
     return checkpoint_name(self.o(y_btnh), 'attn_out_proj'), None
 
 
+ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class MLP(nnx.Module):
-  """SwiGLU (llama) or GELU (gpt2) feed-forward."""
+  """Gated feed-forward, act(x W_gate) * (x W_up) (SwiGLU, GeGLU), or plain act(x W_up)
+  (`mlp='plain'`, GPT-2); biases on both projections with `bias='all'`."""
 
   def __init__(self, cfg, *, rngs):
     d, f = cfg.d_model, cfg.d_ff
-    gpt2 = cfg.family == 'gpt2'
+    bias = cfg.bias == 'all'
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.cfg = cfg
-    self.gate = None if gpt2 else Proj('btd,df->btf', (d, f), ('embed', 'mlp'),
-                                       std=cfg.init_std, **kw)
+    self.gate = Proj('btd,df->btf', (d, f), ('embed', 'mlp'), std=cfg.init_std,
+                     **kw) if cfg.mlp == 'gated' else None
     self.up = Proj('btd,df->btf', (d, f), ('embed', 'mlp'),
-                   bias_shape=(f,) if gpt2 else None, bias_axes=('mlp',), std=cfg.init_std, **kw)
+                   bias_shape=(f,) if bias else None, bias_axes=('mlp',), std=cfg.init_std, **kw)
     self.down = Proj('btf,fd->btd', (f, d), ('mlp', 'embed'),
-                     bias_shape=(d,) if gpt2 else None, bias_axes=('embed',),
+                     bias_shape=(d,) if bias else None, bias_axes=('embed',),
                      std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
 
   def __call__(self, x_btd):
     # Projection outputs are named for remat='save_proj'; the hidden h_btf is not (it is
     # one elementwise op away from them, so cheap to recompute and not worth its memory).
+    act = ACTIVATIONS[self.cfg.mlp_activation]
     up_btf = checkpoint_name(self.up(x_btd), 'mlp_up_proj')
     if self.gate is None:
-      h_btf = jax.nn.gelu(up_btf, approximate=True)
+      h_btf = act(up_btf)
     else:
-      h_btf = jax.nn.silu(checkpoint_name(self.gate(x_btd), 'mlp_gate_proj')) * up_btf
+      h_btf = act(checkpoint_name(self.gate(x_btd), 'mlp_gate_proj')) * up_btf
     h_btf = sharding.constrain(h_btf, ('act_batch', 'act_seq', 'act_mlp'), self.cfg.rules)
     return checkpoint_name(self.down(h_btf), 'mlp_down_proj')
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with
+  `post_norms` (Gemma 3) the attention and MLP outputs are normed too before they are added."""
 
   def __init__(self, cfg, *, rngs):
-    kind = 'layernorm' if cfg.family == 'gpt2' else 'rmsnorm'
     self.cfg = cfg
-    self.attn_norm = Norm(cfg.d_model, kind=kind, eps=cfg.norm_eps,
-                          param_dtype=cfg.param_dtype, rngs=rngs)
+    self.attn_norm = norm(cfg, cfg.d_model, rngs)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = Norm(cfg.d_model, kind=kind, eps=cfg.norm_eps,
-                         param_dtype=cfg.param_dtype, rngs=rngs)
+    self.mlp_norm = norm(cfg, cfg.d_model, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.attn_post_norm = norm(cfg, cfg.d_model, rngs) if cfg.post_norms else None
+    self.mlp_post_norm = norm(cfg, cfg.d_model, rngs) if cfg.post_norms else None
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
-    a_btd, new_cache = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, cache)
+  def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None, window=None):
+    a_btd, new_cache = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, cache,
+                                 window)
+    if self.attn_post_norm is not None:
+      a_btd = self.attn_post_norm(a_btd)
     x_btd = x_btd + a_btd
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+    m_btd = self.mlp(self.mlp_norm(x_btd))
+    if self.mlp_post_norm is not None:
+      m_btd = self.mlp_post_norm(m_btd)
+    x_btd = x_btd + m_btd
     x_btd = sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'), self.cfg.rules)
     return x_btd, new_cache

@@ -1,8 +1,13 @@
-"""The decoder-only transformer shared by every stage (GPT-2 and LLaMA families).
+"""The decoder-only transformer shared by every stage and every family (GPT-2, LLaMA 1-3,
+Mistral, Qwen 2 / 3, Gemma 3: presets of the switches in `ModelConfig`, see
+`jaxgpt.model.families`).
 
 Layers are stored stacked along a leading 'layers' axis whatever `scan_layers`
 says: the switch only picks `jax.lax.scan` (one compiled body) or an unrolled
-Python loop, so checkpoints and parameter trees are the same either way.
+Python loop, so checkpoints and parameter trees are the same either way. What differs
+between layers (a sliding-window or a global layer, and so its RoPE base) is not a
+parameter but data the loop carries: each layer's window, an int32 from the config,
+scanned along with the layer's parameters, so a scanned stack still compiles one body.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
-from jaxgpt.model import kv_cache
-from jaxgpt.model.layers import Block, Norm, PROJ_NAMES, Proj, _param
+from jaxgpt.model import families, kv_cache
+from jaxgpt.model.layers import Block, PROJ_NAMES, Proj, _param, norm
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -55,6 +61,26 @@ class ModelConfig:
   vocab_multiple: int = 1   # table rows padded to a multiple; ids >= vocab_size are padding
   decode_dtype: Any = None  # the sampler's weights, compute and KV cache; None: dtype
   decode_rules: tuple | None = None  # the sampler's rules table; None: rules
+  # Architecture switches, resolved from config.model.family's preset and the config
+  # (jaxgpt.model.families); the defaults are LLaMA's.
+  norm: str = 'rmsnorm'       # rmsnorm | layernorm
+  norm_plus_one: bool = False
+  post_norms: bool = False
+  qk_norm: bool = False
+  positions: str = 'rope'     # rope | learned
+  bias: str = 'none'          # none | qkv | all
+  mlp: str = 'gated'          # gated | plain
+  mlp_activation: str = 'silu'
+  embed_scale: bool = False
+  window_pattern: str = 'S'
+  sliding_window: int = 0
+  local_rope_theta: float = 0.0
+  rope_scaling: str = ''
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  attn_scale_dim: float = 0.0
 
   @property
   def padded_vocab_size(self) -> int:
@@ -63,7 +89,18 @@ class ModelConfig:
 
   @property
   def tied(self) -> bool:
-    return self.family == 'gpt2' or self.tie_embeddings
+    return self.tie_embeddings
+
+  @property
+  def attn_scale(self) -> float | None:
+    """The attention scores' scale; None: 1 / sqrt(head_dim)."""
+    return self.attn_scale_dim ** -0.5 if self.attn_scale_dim else None
+
+  @property
+  def layer_windows(self) -> tuple[int, ...] | None:
+    """Each layer's attention window (0: global); None when every layer is global."""
+    return families.layer_windows(self.n_layers, self.sliding_window, self.window_pattern,
+                                  self.max_seq_len)
 
   @classmethod
   def from_config(cls, cfg, *, scalar_head=False, lm_head=True) -> 'ModelConfig':
@@ -72,19 +109,23 @@ class ModelConfig:
     if m.vocab_multiple < 1:
       raise config_lib.ConfigError(
           f'config.model.vocab_multiple={m.vocab_multiple} must be >= 1 (1: no padding).')
+    switches = families.validate(m)
     return cls(
         family=m.family, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads if m.family == 'llama' else m.n_heads,
+        n_heads=m.n_heads, n_kv_heads=switches.pop('n_kv_heads'),
         head_dim=config_lib.head_dim(m), d_ff=m.d_ff, max_seq_len=m.max_seq_len,
         rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps),
         dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
         scan_layers=bool(m.scan_layers), remat=m.remat, init_std=float(m.init_std),
         attention=m.attention, rules=sharding.rules_tuple(cfg.mesh.rules),
-        scalar_head=scalar_head, lm_head=lm_head, tie_embeddings=bool(m.tie_embeddings),
-        vocab_multiple=int(m.vocab_multiple),
+        scalar_head=scalar_head, lm_head=lm_head, vocab_multiple=int(m.vocab_multiple),
         decode_dtype=jnp.dtype(m.decode_dtype) if m.decode_dtype else None,
-        decode_rules=_decode_rules(cfg))
+        decode_rules=_decode_rules(cfg), sliding_window=int(m.sliding_window),
+        local_rope_theta=float(m.local_rope_theta), rope_scaling=m.rope_scaling,
+        rope_factor=float(m.rope_factor), rope_low_freq_factor=float(m.rope_low_freq_factor),
+        rope_high_freq_factor=float(m.rope_high_freq_factor),
+        rope_original_max_len=int(m.rope_original_max_len),
+        attn_scale_dim=float(m.attn_scale_dim), **switches)
 
   @classmethod
   def for_stage(cls, cfg, stage: str) -> 'ModelConfig':
@@ -101,11 +142,11 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    gpt2 = cfg.family == 'gpt2'
     self.embed = _param(rngs, (cfg.padded_vocab_size, cfg.d_model), ('vocab', 'embed'),
                         cfg.init_std, cfg.param_dtype)
     self.pos_embed = (_param(rngs, (cfg.max_seq_len, cfg.d_model), ('positions', 'embed'),
-                             cfg.init_std / 2, cfg.param_dtype) if gpt2 else None)
+                             cfg.init_std / 2, cfg.param_dtype)
+                      if cfg.positions == 'learned' else None)
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
@@ -113,8 +154,7 @@ class Transformer(nnx.Module):
       return Block(cfg, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
-    self.final_norm = Norm(cfg.d_model, kind='layernorm' if gpt2 else 'rmsnorm',
-                           eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.final_norm = norm(cfg, cfg.d_model, rngs)
     # GPT-2 (and a tied LLaMA) reads logits from the input embedding; a reward model has none.
     self.lm_head = None if cfg.tied or not cfg.lm_head else Proj(
         'btd,dv->btv', (cfg.d_model, cfg.padded_vocab_size), ('embed', 'vocab'),
@@ -133,6 +173,8 @@ class Transformer(nnx.Module):
     table_vd = sharding.constrain(self.embed[...].astype(self.cfg.dtype), (None, None),
                                   self.cfg.rules)
     x_btd = jnp.take(table_vd, tokens_bt, axis=0)
+    if self.cfg.embed_scale:  # Gemma: sqrt(d) rounded to the compute dtype, as transformers
+      x_btd = x_btd * jnp.asarray(self.cfg.d_model ** 0.5, jnp.float32).astype(x_btd.dtype)
     if self.pos_embed is not None:
       x_btd = x_btd + jnp.take(self.pos_embed[...], positions_bt, axis=0).astype(self.cfg.dtype)
     return sharding.constrain(x_btd, ('act_batch', 'act_seq', 'act_embed'), self.cfg.rules)
@@ -165,27 +207,33 @@ class Transformer(nnx.Module):
     `layers` as in `decode`. Returns (x_btd, cache)."""
     cfg = self.cfg
     graphdef, layer_params = nnx.split(self.blocks)
+    windows = cfg.layer_windows
+    windows_l = None if windows is None else np.asarray(windows, np.int32)
 
-    def layer(carry, params_and_index):
+    def layer(carry, params_index_window):
       x_btd, cache = carry
-      params, index = params_and_index
+      params, index, window = params_index_window
       view = None if cache is None else kv_cache.LayerCache(cache, index, slot, pad)
-      y_btd, view = nnx.merge(graphdef, params)(x_btd, positions_bt, segment_ids_bt, view)
+      y_btd, view = nnx.merge(graphdef, params)(x_btd, positions_bt, segment_ids_bt, view,
+                                                window)
       return (y_btd, None if view is None else view.cache), None
+
+    def window_of(i):
+      return None if windows_l is None else windows_l[i]
 
     if cfg.remat != 'none' and cache is None:  # decoding takes no gradients
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat],
                              prevent_cse=not cfg.scan_layers)
     if layers is not None:
       for i, params_i in enumerate(layers):
-        (x_btd, cache), _ = layer((x_btd, cache), (params_i, i))
+        (x_btd, cache), _ = layer((x_btd, cache), (params_i, i, window_of(i)))
       return x_btd, cache
     if cfg.scan_layers:
       indices = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-      return jax.lax.scan(layer, (x_btd, cache), (layer_params, indices))[0]
+      return jax.lax.scan(layer, (x_btd, cache), (layer_params, indices, windows_l))[0]
     for i in range(cfg.n_layers):
       params_i = jax.tree.map(lambda a: a[i], layer_params)
-      (x_btd, cache), _ = layer((x_btd, cache), (params_i, i))
+      (x_btd, cache), _ = layer((x_btd, cache), (params_i, i, window_of(i)))
     return x_btd, cache
 
   def scalar_at(self, h_btd, index_b):

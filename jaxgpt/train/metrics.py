@@ -21,10 +21,13 @@ import numpy as np
 
 
 def flops_per_token(mcfg, seq_len: int, n_params: int) -> float:
-  """Training FLOPs per token: 6 N (non-embedding-lookup params) + attention."""
+  """Training FLOPs per token: 6 N (non-embedding-lookup params) + attention (over the
+  whole row, or over its window in a sliding-window layer)."""
   lookup = 0 if mcfg.tied else mcfg.padded_vocab_size * mcfg.d_model
   matmul_params = n_params - lookup  # a tied table is also the output matmul
-  attn = 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
+  windows = mcfg.layer_windows or (0,) * mcfg.n_layers
+  keys = sum(min(w, seq_len) if w else seq_len for w in windows)
+  attn = 12 * mcfg.n_heads * mcfg.head_dim * keys
   return 6 * matmul_params + attn
 
 
