@@ -1,6 +1,8 @@
 """The recipe's report on the smoke run: files, rows, ranges, the log-prob self-check and
 the PPO checkpoint layout (a policy sub-tree restored alone)."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import run as run_lib
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.data import tasks
@@ -54,9 +57,13 @@ def check_png(path):
 
 
 def check_row(r, n_new):
+  best_of = r['model'].startswith('best-of-')  # no greedy reply, no pass@k of its own
   for key in ('gold_greedy', 'gold_sampled', 'pass_sampled'):
+    if best_of and key != 'gold_sampled':
+      assert r[key] is None, (r['model'], key)
+      continue
     assert 0.0 <= r[key] <= 1.0, (r['model'], key, r[key])
-  assert r['gold_sampled'] <= r['pass_sampled'], r
+  assert best_of or r['gold_sampled'] <= r['pass_sampled'], r
   assert 1.0 <= r['distinct'] <= SAMPLES, r
   assert 1.0 <= r['length'] <= n_new, r
   assert 0.0 <= r['entropy'] <= np.log(512) + 1e-4, r
@@ -65,15 +72,22 @@ def check_row(r, n_new):
 
 @pytest.fixture(scope='module')
 def full_report(smoke_run, tmp_path_factory):
-  """The report on a copy of the smoke run (files written there, not in the shared run)."""
+  """The report on a copy of the smoke run (files written there, not in the shared run),
+  written by the same command again (every stage finished, so only the report runs), with
+  what it printed."""
   workdir = str(tmp_path_factory.mktemp('report') / 'run')
   shutil.copytree(smoke_run[0], workdir)
   cfg = report_config()
-  return cfg, workdir, report.write_report(cfg, workdir)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    run_lib.run(cfg, workdir, 'experiments/tiny.py')
+  with open(os.path.join(workdir, 'report.json'), encoding='utf-8') as f:
+    out = json.load(f)
+  return cfg, workdir, out, printed.getvalue()
 
 
 def test_report_rows_numbers_and_files(full_report):
-  cfg, workdir, out = full_report
+  cfg, workdir, out, _ = full_report
   present = {s for s in report.STAGES if os.path.isdir(ckpt_lib.checkpoints_dir(workdir, s))}
   assert {'pretrain', 'sft'} <= present, 'the smoke run has no pretrain or sft stage'
   best = f'best-of-{max(cfg.reward.best_of)}'
@@ -186,3 +200,52 @@ def test_summarise_pass_at_k_counts_prompts_with_any_right_sample():
   assert row['pass_sampled'] == pytest.approx(2 / 3)
   assert row['gold_sampled'] == pytest.approx(5 / 12)
   assert row['gold_greedy'] == 0.0
+
+
+def test_report_explains_itself(full_report):
+  """What a reader meets: the console names the report and the plots; report.md opens with a
+  relative title and a three-line summary, defines its columns before the tables, names the
+  population of every RM score, keeps one best-of-N figure, and quotes every chat model's
+  example answers; the plots are grids a person can read; no stage left an empty file."""
+  cfg, workdir, out, printed = full_report
+  lines = [l for l in printed.splitlines() if l.strip()]
+  assert lines[-1].startswith('[all] done. Read ') and 'report.md' in lines[-1]
+  assert any(l.startswith('[report] wrote ') and l.rstrip().endswith('report.json')
+             for l in lines[-4:])
+  assert any(l.startswith('[report] plots: ') for l in lines[-4:])
+  assert any(l.startswith('[report] SFT: gold accuracy greedy') for l in lines)
+
+  with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
+    md = f.read()
+  head = md.splitlines()
+  assert head[0] == '# Report: `experiments/tiny.py`, run `run`' and workdir not in md
+  assert [l.split('**')[1] for l in head[2:5]] == ['Model and data.', 'Time.', 'What held.']
+  assert 'parameter' in head[2] and 'M tokens' in head[2]
+  assert md.index('- **greedy**, **T=1**') < md.index('## Gold accuracy')
+  assert md.index('- **RM score**') < md.index('## Reward-model score')
+  assert 'over the greedy replies' in md and 'over the T=1 samples' in md
+  rows = {r['model']: r for r in out['rows']}
+  assert rows['SFT']['rm_score_greedy'] is not None
+  best = next(r for r in out['rows'] if r['model'].startswith('best-of-'))
+  n = max(cfg.reward.best_of)
+  curve = out['best_of_n_curve']
+  assert best['gold_sampled'] == pytest.approx(curve['gold'][curve['n'].index(n)])
+  assert best['rm_score'] == pytest.approx(curve['rm_score'][curve['n'].index(n)])
+  assert f'Of {curve["majority_of"]} SFT samples per prompt' in md
+  chats = [r for r in out['rows'] if r['stage'] not in ('pretrain', 'sft+reward')]
+  for r in chats:
+    assert len(r['examples']) == len(report.EXAMPLE_QUESTIONS)
+  assert '## Example answers' in md and report.EXAMPLE_QUESTIONS[1] in md
+  assert [row['prompt'] for row in out['pretrain_samples']['rows']] == list(
+      cfg.train.sample_prompts)
+  assert out['run']['stage_seconds'] and out['run']['report_seconds'] > 0
+
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  for p in out['plots']:
+    height, width = matplotlib.image.imread(os.path.join(workdir, p)).shape[:2]
+    assert width <= 1300 and width / height < 2.5, (p, width, height)
+
+  empty = [os.path.relpath(os.path.join(d, f), workdir) for d, _, files in os.walk(workdir)
+           for f in files if os.path.getsize(os.path.join(d, f)) == 0
+           and 'checkpoints' not in os.path.relpath(d, workdir).split(os.sep)]
+  assert not empty, empty
