@@ -72,6 +72,8 @@ def command_problems(line: str) -> list[str]:
   entry = gen_reference.entry_points()
   for match in re.finditer(r'python -m (jaxgpt[\w.]*)|python (tools/\w+\.py)', line):
     module, tool = match.groups()
+    if module and module.endswith('.'):
+      continue  # a pattern: python -m jaxgpt.cli.<name>, python -m jaxgpt...
     if module:
       if importlib.util.find_spec(module) is None:
         bad.append(f'no module {module}')

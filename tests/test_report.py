@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -17,7 +18,7 @@ from jaxgpt import run as run_lib
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.data import tasks
-from jaxgpt.evals import report
+from jaxgpt.evals import plots, report, report_markdown
 from jaxgpt.train import checkpoint as ckpt_lib
 
 SAMPLES = 3
@@ -249,3 +250,64 @@ def test_report_explains_itself(full_report):
            for f in files if os.path.getsize(os.path.join(d, f)) == 0
            and 'checkpoints' not in os.path.relpath(d, workdir).split(os.sep)]
   assert not empty, empty
+
+
+def documented_metric_keys() -> dict[str, set[str]]:
+  """{stage: metric keys docs/reference/outputs.md lists for it} (a `val_<key>` row lets
+  every documented key through with a val_ prefix, marked by the key 'val_<key>')."""
+  path = os.path.join(helpers.ROOT, 'docs', 'reference', 'outputs.md')
+  with open(path, encoding='utf-8') as f:
+    text = f.read().split('## Metric keys', 1)[1]
+  out = {s: set() for s in report.STAGES}
+  for section in text.split('\n### ')[1:]:
+    heading, body = section.split('\n', 1)
+    keys = {k for row in re.findall(r'^\| (`[^|]+)\|', body, flags=re.M)
+            for k in re.findall(r'`([^`]+)`', row)}
+    for stage in heading.split(', '):
+      out[stage.strip()] |= keys
+  return out
+
+
+def test_every_logged_metric_and_file_is_documented(full_report):
+  """docs/reference/outputs.md lists every key each stage of the smoke run logs, and every
+  file it writes."""
+  _, workdir, _, _ = full_report
+  documented = documented_metric_keys()
+  for stage in report.STAGES:
+    logged = set()
+    for row in plots.read_metrics(os.path.join(workdir, stage, 'metrics.jsonl')):
+      logged |= set(row)
+    assert logged, stage
+    docs = documented[stage]
+    missing = {k for k in logged if k not in docs and not (
+        k.startswith('val_') and 'val_<key>' in docs and k[4:] in docs)}
+    assert not missing, f'{stage} logs {sorted(missing)}: add them to docs/reference/outputs.md'
+  with open(os.path.join(helpers.ROOT, 'docs', 'reference', 'outputs.md'),
+            encoding='utf-8') as f:
+    files = f.read().split('## Metric keys')[0]
+  for d, _, names in os.walk(workdir):
+    rel = os.path.relpath(d, workdir).split(os.sep)
+    if 'checkpoints' in rel or 'plots' in rel:
+      continue
+    for name in names:
+      shown = 'events.out.tfevents.*' if name.startswith('events.out.tfevents.') else name
+      assert f'{shown}`' in files or f'/{shown}' in files, (
+          f'{os.path.join(*rel, name)} is not in docs/reference/outputs.md')
+
+
+def test_sync_readme_copies_the_reports_tables(full_report, tmp_path):
+  """tools/sync_readme.py fills a document's marked blocks with exactly what report.md shows."""
+  _, workdir, out, _ = full_report
+  sync = helpers.load_tool('sync_readme')
+  doc = ('intro\n<!-- report:results -->\nold\n<!-- /report:results -->\nmiddle\n'
+         '<!-- report:examples -->\n<!-- /report:examples -->\nend\n')
+  new = sync.synced(doc, out, 'README.md')
+  with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
+    md = f.read()
+  table = '\n'.join(report_markdown.headline_table(out))
+  assert table in new and 'old' not in new and new.startswith('intro\n')
+  assert '\n'.join(report_markdown.examples_table(out)) in new
+  assert '\n'.join(report_markdown.examples_table(out)) in md
+  assert sync.synced(new, out, 'README.md') == new  # idempotent
+  with pytest.raises(ValueError, match='unknown block'):
+    sync.synced('<!-- report:nope -->\n<!-- /report:nope -->', out, 'README.md')

@@ -24,6 +24,8 @@ import collections
 import json
 import math
 import os
+import platform
+import subprocess
 import time
 
 import jax
@@ -248,7 +250,32 @@ def run_summary(cfg, rows, times: dict) -> dict:
           'sft_data': cfg.sft.data, 'reward_data': cfg.reward.data,
           'stage_seconds': {s: float(times[s]) for s in PIPELINE if s in times},
           'devices': f'{jax.device_count()} × {jax.devices()[0].device_kind}',
-          'models': [r['model'] for r in rows]}
+          'machine': machine(), 'date': time.strftime('%Y-%m-%d', time.gmtime()),
+          'commit': commit(), 'models': [r['model'] for r in rows]}
+
+
+def machine() -> str:
+  """The host's CPU model and core count, e.g. 'AMD EPYC 9B14, 2 cores'."""
+  name = ''
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      name = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '')
+  except OSError:
+    pass
+  return f'{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+
+
+def commit() -> str | None:
+  """The jaxgpt checkout's commit (short hash, '+changes' when its files differ), if any."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    head = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ('+changes' if dirty else '')
 
 
 def rl_rows(cfg) -> list[tuple[str, str]]:

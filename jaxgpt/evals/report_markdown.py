@@ -73,8 +73,9 @@ def summary_lines(report: dict) -> list[str]:
   if run.get('report_seconds') is not None:
     spent.append(f'report {duration(run["report_seconds"])}')
   total = sum(times.values()) + (run.get('report_seconds') or 0)
-  time_line = (f'{duration(total)} on {run["devices"]}: ' + ', '.join(spent) if spent
-               else f'on {run["devices"]} (no WORKDIR/times.json: stage times unknown)')
+  where = f'{run["machine"]} ({run["devices"]})' if run.get('machine') else run['devices']
+  time_line = (f'{duration(total)} on {where}: ' + ', '.join(spent) if spent
+               else f'on {where} (no WORKDIR/times.json: stage times unknown)')
   tested = [c for c in report['claims'] if c['verdict'] != 'not tested']
   held = [c['short'] for c in tested if c['verdict'] == 'holds']
   failed = [c['short'] for c in tested if c['verdict'] != 'holds']
@@ -84,6 +85,15 @@ def summary_lines(report: dict) -> list[str]:
   return [f'- **Model and data.** {model}, {_data_line(run)}.',
           f'- **Time.** {time_line}.',
           f'- **What held.** {verdict}']
+
+
+def source_line(report: dict) -> list[str]:
+  """Where the figures come from: the run, its date, commit and machine."""
+  run = report.get('run') or {}
+  bits = [f'run {report.get("title", "")}'.strip(), run.get('date'),
+          run.get('commit') and f'commit {run["commit"]}', run.get('machine')]
+  return [f'*Generated from `report.json` of {", ".join(b for b in bits if b)} by '
+          '`tools/sync_readme.py`.*']
 
 
 ACCURACY_COLUMNS = (
