@@ -221,7 +221,7 @@ def test_report_explains_itself(full_report):
   head = md.splitlines()
   assert head[0] == '# Report: `experiments/tiny.py`, run `run`' and workdir not in md
   assert [l.split('**')[1] for l in head[2:5]] == ['Model and data.', 'Time.', 'What held.']
-  assert 'parameter' in head[2] and 'M tokens' in head[2]
+  assert 'parameter' in head[2] and ' tokens of the embedded corpus' in head[2]
   assert md.index('- **greedy**, **T=1**') < md.index('## Gold accuracy')
   assert md.index('- **RM score**') < md.index('## Reward-model score')
   assert 'over the greedy replies' in md and 'over the T=1 samples' in md

@@ -255,8 +255,9 @@ def _absl_flag(source, name_node, args, keywords, names) -> dict | None:
   kw = {k.arg: k.value for k in keywords}
   default = kw.get('default', args[0] if args else None)
   help_node = kw.get('help', args[-1] if len(args) >= 2 else None)
-  return {'flag': f'--{name_node.value}', 'default': _literal(source, default) if not (
-      isinstance(default, ast.Constant) and isinstance(default.value, str)) else repr(default.value),
+  quoted = isinstance(default, ast.Constant) and isinstance(default.value, str)
+  return {'flag': f'--{name_node.value}',
+          'default': repr(default.value) if quoted else _literal(source, default),
           'help': _literal(source, help_node, names)}
 
 

@@ -206,8 +206,9 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
     with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
       f.write(report_markdown.markdown(report))
     tested = [c for c in report['claims'] if c['verdict'] != 'not tested']
-    say(f'wrote {os.path.join(workdir, "report.md")} ({sum(c["verdict"] == "holds" for c in tested)} '
-        f'of {len(tested)} testable claims hold) and {os.path.join(workdir, "report.json")}')
+    held = sum(c['verdict'] == 'holds' for c in tested)
+    say(f'wrote {os.path.join(workdir, "report.md")} ({held} of {len(tested)} testable claims '
+        f'hold) and {os.path.join(workdir, "report.json")}')
     say('plots: ' + ', '.join(os.path.join(workdir, p) for p in report['plots']))
   return report
 
@@ -288,9 +289,9 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
   """From one draw of max(CURVE_N, N * k) SFT samples per prompt at T=1: the best-of-N
   table row (N = max(config.reward.best_of); its accuracy and RM score the expectation over
   every N-subset, its entropy, length, diversity and win rate from k picks per prompt, each
-  the best of its own N) and the best-of-n curve: for n = 1, 2, 4, ..., CURVE_N the expected gold accuracy and
-  RM score of the pick over every n-subset of all the samples, against the KL bound
-  log n - (n-1)/n (Gao et al. 2022)."""
+  the best of its own N) and the best-of-n curve: for n = 1, 2, 4, ..., CURVE_N the expected
+  gold accuracy and RM score of the pick over every n-subset of all the samples, against
+  the KL bound log n - (n-1)/n (Gao et al. 2022)."""
   n = max(int(x) for x in cfg.reward.best_of)
   got = best_of_n_lib.sample_scored(sft, rm, tok, eval_set, max(CURVE_N, n * k), n_new=n_new,
                                     seed=cfg.seed + 15, rm_len=rm_len)
@@ -368,7 +369,8 @@ def win_rates(rows, eval_set) -> dict:
 # (claim, row, compared with, column, the row should be higher, short name for the summary)
 CLAIMS = (
     ('A base model completes documents; a few-shot prompt gets answers out of it',
-     'base few-shot', 'base zero-shot', 'gold_greedy', True, 'few-shot prompting helps a base model'),
+     'base few-shot', 'base zero-shot', 'gold_greedy', True,
+     'few-shot prompting helps a base model'),
     ('SFT turns the base model into an assistant that answers', 'SFT', 'base zero-shot',
      'gold_greedy', True, 'SFT makes an assistant'),
     ('The reward model is useful: best-of-N beats plain SFT samples', 'best-of', 'SFT',

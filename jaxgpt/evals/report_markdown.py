@@ -65,7 +65,8 @@ def tokens(n: int) -> str:
 def summary_lines(report: dict) -> list[str]:
   """Three bullet lines: model and data, time, what held."""
   run = report['run']
-  model = (f'A {run["n_params"]:,}-parameter {run["family"].upper() if run["family"] == "gpt2" else "LLaMA-style"} '
+  family = 'GPT-2-style' if run['family'] == 'gpt2' else 'LLaMA-style'
+  model = (f'A {run["n_params"]:,}-parameter {family} '
            f'decoder ({run["n_layers"]} layers, width {run["d_model"]}, {run["n_heads"]} heads, '
            f'vocabulary {run["vocab_size"]:,})')
   times = run.get('stage_seconds') or {}
