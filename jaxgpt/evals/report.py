@@ -2,16 +2,20 @@
 task prompts.
 
 `write_report(cfg, workdir)` evaluates every model the workdir holds on
-`tasks.heldout_eval_set(cfg.ppo.eval_per_task)` and writes WORKDIR/report.md (the table,
-the talk's claims checked against it, sample answers), WORKDIR/report.json (the same
-numbers) and WORKDIR/plots/*.png (loss curves of every stage, PPO's per-iteration
-statistics). Missing stages are skipped and named. Columns: gold accuracy (task checkers)
-of the greedy answer and of `cfg.ppo.report_samples` samples at T=1; the reward model's
-mean score of those samples; KL to SFT (summed log p_model - log p_SFT over the reply,
-from full forwards of the chat-format sequence; best-of-N: the bound log N - (N-1)/N);
-entropy of the model's next-token distribution per reply token; distinct replies per
-prompt; reply length. The sampler is the project's (`sampling.sample`); log-probs come
-from a separate full forward, so their agreement with the sampler's is a self-check.
+`tasks.heldout_eval_set(cfg.ppo.eval_per_task)` and writes WORKDIR/report.json (every
+number), WORKDIR/report.md (`report_markdown`: a three-line summary, the tables with their
+columns defined first, the talk's claims checked, example answers of every model) and
+WORKDIR/plots/*.png (`plots`). Missing stages are skipped and named. It says on the console
+what it is evaluating, model by model, and ends by naming the files it wrote.
+
+Per model: gold accuracy (task checkers) of the greedy answer and of `cfg.ppo.report_samples`
+samples at T=1, pass@k of those samples; the reward model's raw score of the greedy replies
+and of the samples; KL to SFT (summed log p_model - log p_SFT over the reply, from full
+forwards of the chat-format sequence); entropy of the model's next-token distribution per
+reply token; distinct replies per prompt; reply length. Best-of-N has one figure, the
+expectation over every N-subset of one draw of SFT samples (the same number as the best-of-n
+curve's at N). The sampler is the project's (`sampling.sample`); log-probs come from a
+separate full forward, so their agreement with the sampler's is a self-check.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import collections
 import json
 import math
 import os
+import platform
+import subprocess
+import time
 
 import jax
 import numpy as np
@@ -29,22 +36,34 @@ from jaxgpt import model as model_lib
 from jaxgpt.data import tasks
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.evals import best_of_n as best_of_n_lib
+from jaxgpt.evals import plots
+from jaxgpt.evals import report_markdown
 from jaxgpt.evals import samples as samples_lib
 from jaxgpt.evals import win_rate as win_rate_lib
 from jaxgpt.inference import sampling, scoring
 from jaxgpt.stages import PIPELINE, common
 
 STAGES = PIPELINE
-PPO_KEYS = ('scores', 'gold', 'kl', 'entropy', 'response_length')  # per RL iteration
-RL_STAGES = ('ppo', 'ppo_checker', 'grpo')
-LOSS_KEYS = ('loss', 'val_loss', 'policy_loss', 'value_loss')  # PPO logs the last two
 SAMPLE_PROMPTS = 6
 CURVE_N = 64  # best-of-n for n = 1, 2, ..., 64
-# What the table lacks without a stage.
-LOST = {'pretrain': 'no base rows', 'sft': 'no SFT or best-of-N row, no KL to SFT',
-        'reward': 'no best-of-N row or curve, no RM scores', 'dpo': 'no DPO row',
-        'ppo': 'no PPO row',
-        'ppo_checker': 'no row for PPO with the checker reward', 'grpo': 'no GRPO row'}
+# Asked of every chat model, greedy, for the report's (and the README's) example answers.
+EXAMPLE_QUESTIONS = ('Which number is greater, 17 or 71?', 'What is 12 + 34?',
+                     "Is 'level' a palindrome?", "How many letters are in 'banana'?",
+                     "Spell 'cat' backwards.", 'Hi, how are you?')
+TIMES_FILE = 'times.json'  # WORKDIR/times.json: wall seconds per stage (jaxgpt.run writes it)
+def say(line: str) -> None:
+  """A console line of the report (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f'[report] {line}', flush=True)
+
+
+def read_times(workdir: str) -> dict:
+  """{stage: wall seconds} from WORKDIR/times.json ({} without it)."""
+  path = os.path.join(workdir, TIMES_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 def _mean(xs):
@@ -79,14 +98,19 @@ def summarise(name, eval_set, greedy, samples, k, *, scores=None, kl=None, kl_no
           'logprob_gap': logprob_gap, 'greedy_answers': list(greedy)}
 
 
-def write_report(cfg, workdir: str) -> dict:
-  """Evaluates every model present in `workdir`; writes report.md, report.json, plots/."""
+def write_report(cfg, workdir: str, config_file: str = '') -> dict:
+  """Evaluates every model present in `workdir`; writes report.md, report.json, plots/.
+  `config_file` (the experiment's path) only goes into the report's title."""
   jax.config.update('jax_threefry_partitionable', True)
+  started = time.monotonic()
   mesh = sharding.make_mesh(cfg)
   eval_set = tasks.heldout_eval_set(cfg.ppo.eval_per_task, seed=cfg.seed)
   n_new, k = int(cfg.sft.eval_tokens), int(cfg.ppo.report_samples)
   lm_cfg = model_lib.ModelConfig.from_config(cfg)
   missing, rows, state = {}, [], {'tok': None}
+  say(f'evaluating every model of {workdir} on {len(eval_set)} held-out task prompts (greedy '
+      f'and {k} samples each at T=1), then best-of-n from SFT samples, then writing '
+      'report.md and plots/')
 
   def load(stage, mcfg, key_path=('params',)):
     got = samples_lib.load_stage(workdir, stage, mcfg, mesh, key_path)
@@ -109,7 +133,7 @@ def write_report(cfg, workdir: str) -> dict:
                                  seq_len=rm_len).tolist()
 
   def evaluate(name, stage, m, mode, seed):
-    tok = state['tok']
+    clock, tok = time.monotonic(), state['tok']
     prompts = evaluation.prompts_for(mode, tok, eval_set, shots=cfg.sft.few_shot, seed=cfg.seed)
     greedy = sampling.generate(m.graphdef, m.params, m.mcfg, tok, prompts,
                                max_new_tokens=n_new)
@@ -123,24 +147,36 @@ def write_report(cfg, workdir: str) -> dict:
     if mode == 'chat' and sft is not None:
       ref = own if m is sft else samples_lib.response_logprobs(sft, rep, [ids for ids, _ in drawn])
       kl, note = _mean([float(np.sum(a - b)) for (a, _), (b, _) in zip(own, ref)]), 'exact'
-    row = summarise(name, eval_set, [evaluation.answer_text(mode, g) for g, _ in greedy],
+    greedy_answers = [evaluation.answer_text(mode, g) for g, _ in greedy]
+    row = summarise(name, eval_set, greedy_answers,
                     [(a, t, len(ids)) for a, t, (ids, _) in zip(answers, texts, drawn)], k,
                     scores=rm_scores(answers, finished, k), kl=kl, kl_note=note,
                     entropies=[e for _, e in own], logprob_gap=gap, stage=stage, step=m.step)
+    greedy_scores = rm_scores(greedy_answers, [f for _, f in greedy], 1)
+    row['rm_score_greedy'] = None if greedy_scores is None else _mean(greedy_scores)
     row['greedy_finished'] = [f for _, f in greedy]
+    if mode == 'chat':
+      row['examples'] = example_answers(m, tok, n_new)
+    say(f'{name}: gold accuracy greedy {row["gold_greedy"]:.1%}, T=1 {row["gold_sampled"]:.1%} '
+        f'({time.monotonic() - clock:.0f} s)')
     return row
 
   base = load('pretrain', lm_cfg)
+  pretrain_samples = None
   if base is not None:
     rows.append(evaluate('base zero-shot', 'pretrain', base, 'zero_shot', cfg.seed + 11))
     rows.append(evaluate('base few-shot', 'pretrain', base, 'few_shot', cfg.seed + 12))
+    pretrain_samples = document_samples(cfg, base, state['tok'])
   del base
   curve = None
   if sft is not None:
     rows.append(evaluate('SFT', 'sft', sft, 'chat', cfg.seed + 13))
     if rm is not None:
+      clock = time.monotonic()
       row, curve = best_of_n(cfg, sft, rm, state['tok'], eval_set, n_new, k, rm_len)
       rows.append(row)
+      say(f'{row["model"]} and the best-of-n curve from {curve["majority_of"]} SFT samples a '
+          f'prompt: gold accuracy {row["gold_sampled"]:.1%} ({time.monotonic() - clock:.0f} s)')
   dpo = load('dpo', lm_cfg)
   if dpo is not None:
     rows.append(evaluate('DPO', 'dpo', dpo, 'chat', cfg.seed + 14 + PIPELINE.index('dpo')))
@@ -150,22 +186,97 @@ def write_report(cfg, workdir: str) -> dict:
     if m is not None:
       rows.append(evaluate(name, stage, m, 'chat', cfg.seed + 14 + PIPELINE.index(stage)))
     del m
-  report = {'workdir': os.path.abspath(workdir), 'n_prompts': len(eval_set),
-            'per_task': int(cfg.ppo.eval_per_task), 'samples_per_prompt': k,
-            'max_new_tokens': n_new, 'rows': rows, 'missing': missing,
+  report = {'workdir': os.path.abspath(workdir), 'title': report_title(workdir, config_file),
+            'n_prompts': len(eval_set), 'per_task': int(cfg.ppo.eval_per_task),
+            'samples_per_prompt': k, 'max_new_tokens': n_new, 'rows': rows, 'missing': missing,
             'win_rates': win_rates(rows, eval_set), 'best_of_n_curve': curve,
             'heldout_pairs': heldout_pairs(workdir),
-            'claims': claims(rows, cfg, len(eval_set))}
+            'claims': claims(rows, cfg, len(eval_set)),
+            'example_questions': list(EXAMPLE_QUESTIONS), 'pretrain_samples': pretrain_samples,
+            'run': run_summary(cfg, rows, read_times(workdir))}
   pick = sorted({int(i) for i in np.linspace(0, len(eval_set) - 1, SAMPLE_PROMPTS)})
   report['samples'] = [{'prompt': eval_set[i].prompt, 'gold': eval_set[i].answer,
                         **{r['model']: r['greedy_answers'][i] for r in rows}} for i in pick]
   if jax.process_index() == 0:
-    report['plots'], report['not_plotted'] = write_plots(workdir, curve)
+    say('drawing the plots and writing report.md')
+    report['plots'], report['not_plotted'] = plots.write_plots(workdir, curve)
+    report['run']['report_seconds'] = round(time.monotonic() - started, 1)
     with open(os.path.join(workdir, 'report.json'), 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=1)
     with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
-      f.write(markdown(report))
+      f.write(report_markdown.markdown(report))
+    tested = [c for c in report['claims'] if c['verdict'] != 'not tested']
+    held = sum(c['verdict'] == 'holds' for c in tested)
+    say(f'wrote {os.path.join(workdir, "report.md")} ({held} of {len(tested)} testable claims '
+        f'hold) and {os.path.join(workdir, "report.json")}')
+    say('plots: ' + ', '.join(os.path.join(workdir, p) for p in report['plots']))
   return report
+
+
+def report_title(workdir: str, config_file: str) -> str:
+  """The report's title: the experiment file and the workdir's name, never an absolute path."""
+  name = os.path.basename(os.path.normpath(workdir))
+  what = f'`{config_file}`' if config_file else 'the recipe'
+  return f'{what}, run `{name}`'
+
+
+def example_answers(m, tok, n_new: int) -> list[str]:
+  """Greedy replies of a chat model to EXAMPLE_QUESTIONS."""
+  prompts = [chat.render_prompt([{'role': 'user', 'content': q}], tok) for q in EXAMPLE_QUESTIONS]
+  return sampling.generate_text(m.graphdef, m.params, m.mcfg, tok, prompts, max_new_tokens=n_new)
+
+
+def document_samples(cfg, base, tok) -> dict:
+  """The base model's continuations of config.train.sample_prompts, drawn as the pretraining
+  stage draws its samples (a document start, T=0.8, top-k 40)."""
+  from jaxgpt.stages import pretrain  # pylint: disable=import-outside-toplevel
+  sample = pretrain.text_sampler(tok, base.mcfg, list(cfg.train.sample_prompts),
+                                 int(cfg.train.sample_tokens))
+  return {'step': base.step, 'temperature': 0.8, 'top_k': 40,
+          'rows': [{'prompt': p, 'completion': c} for p, c in sample(base.graphdef, base.params)]}
+
+
+def run_summary(cfg, rows, times: dict) -> dict:
+  """What the report's first lines say: the model, the data, the time, the devices."""
+  m, t = cfg.model, cfg.train
+  n_params = model_lib.count_params(
+      model_lib.abstract_model(model_lib.ModelConfig.from_config(cfg))[1])
+  seq = int(cfg.data.seq_len)
+  return {'n_params': int(n_params), 'family': m.family, 'n_layers': int(m.n_layers),
+          'd_model': int(m.d_model), 'n_heads': int(m.n_heads),
+          'vocab_size': int(m.vocab_size),
+          'pretrain_tokens': int(t.steps) * int(t.batch_size) * seq,
+          'sft_tokens': int(cfg.sft.steps) * int(t.batch_size) * seq,
+          'data_source': cfg.data.source, 'qa_share': float(cfg.data.qa_share),
+          'sft_data': cfg.sft.data, 'reward_data': cfg.reward.data,
+          'stage_seconds': {s: float(times[s]) for s in PIPELINE if s in times},
+          'devices': f'{jax.device_count()} × {jax.devices()[0].device_kind}',
+          'machine': machine(), 'date': time.strftime('%Y-%m-%d', time.gmtime()),
+          'commit': commit(), 'models': [r['model'] for r in rows]}
+
+
+def machine() -> str:
+  """The host's CPU model and core count, e.g. 'AMD EPYC 9B14, 2 cores'."""
+  name = ''
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      name = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '')
+  except OSError:
+    pass
+  return f'{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+
+
+def commit() -> str | None:
+  """The jaxgpt checkout's commit (short hash, '+changes' when its files differ), if any."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    head = subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ('+changes' if dirty else '')
 
 
 def rl_rows(cfg) -> list[tuple[str, str]]:
@@ -176,10 +287,11 @@ def rl_rows(cfg) -> list[tuple[str, str]]:
 
 def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict]:
   """From one draw of max(CURVE_N, N * k) SFT samples per prompt at T=1: the best-of-N
-  table row (N = max(config.reward.best_of), k picks per prompt, each the best of its own
-  N) and the best-of-n curve: for n = 1, 2, 4, ..., CURVE_N the expected gold accuracy and
-  RM score of the pick over every n-subset of all the samples, against the KL bound
-  log n - (n-1)/n (Gao et al. 2022)."""
+  table row (N = max(config.reward.best_of); its accuracy and RM score the expectation over
+  every N-subset, its entropy, length, diversity and win rate from k picks per prompt, each
+  the best of its own N) and the best-of-n curve: for n = 1, 2, 4, ..., CURVE_N the expected
+  gold accuracy and RM score of the pick over every n-subset of all the samples, against
+  the KL bound log n - (n-1)/n (Gao et al. 2022)."""
   n = max(int(x) for x in cfg.reward.best_of)
   got = best_of_n_lib.sample_scored(sft, rm, tok, eval_set, max(CURVE_N, n * k), n_new=n_new,
                                     seed=cfg.seed + 15, rm_len=rm_len)
@@ -193,6 +305,12 @@ def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict
                   kl=best_of_n_lib.kl_bound(n), kl_note='analytic bound log N - (N-1)/N',
                   entropies=[e for _, e in own], stage='sft+reward')
   row['greedy_finished'] = [got.finished[flat[j * k]] for j in range(len(eval_set))]
+  # One best-of-N figure: the expectation over every N-subset of the draw (the curve's value
+  # at N), not the k picks' noisier mean; no greedy answer and no pass@k of its own.
+  row['gold_sampled'] = float(best_of_n_lib.expected_best_of(got.gold_pn, got.scores_pn, n).mean())
+  row['rm_score'] = float(best_of_n_lib.expected_best_of(got.scores_pn, got.scores_pn, n).mean())
+  row['gold_greedy_pick'], row['gold_greedy'], row['pass_sampled'] = row['gold_greedy'], None, None
+  row['population'] = f'{got.gold_pn.shape[1]} SFT samples a prompt'
   curve = {'n': [], 'kl_bound': [], 'gold': [], 'rm_score': [], 'pass': []}
   m = 1
   while m <= CURVE_N:
@@ -248,25 +366,31 @@ def win_rates(rows, eval_set) -> dict:
 
 # -- the talk's claims --------------------------------------------------------------------------
 
-# (claim, row, compared with, column, the row should be higher)
+# (claim, row, compared with, column, the row should be higher, short name for the summary)
 CLAIMS = (
     ('A base model completes documents; a few-shot prompt gets answers out of it',
-     'base few-shot', 'base zero-shot', 'gold_greedy', True),
+     'base few-shot', 'base zero-shot', 'gold_greedy', True,
+     'few-shot prompting helps a base model'),
     ('SFT turns the base model into an assistant that answers', 'SFT', 'base zero-shot',
-     'gold_greedy', True),
+     'gold_greedy', True, 'SFT makes an assistant'),
     ('The reward model is useful: best-of-N beats plain SFT samples', 'best-of', 'SFT',
-     'gold_sampled', True),
-    ('PPO beats SFT on gold accuracy (greedy)', 'PPO', 'SFT', 'gold_greedy', True),
-    ('PPO beats SFT on gold accuracy (samples at T=1)', 'PPO', 'SFT', 'gold_sampled', True),
-    ('PPO raises the reward-model score', 'PPO', 'SFT', 'rm_score', True),
-    ('RLHF lowers the entropy of the model', 'PPO', 'SFT', 'entropy', False),
-    ('RLHF makes replies less diverse (fewer distinct samples)', 'PPO', 'SFT', 'distinct', False),
+     'gold_sampled', True, 'best-of-N beats SFT samples'),
+    ('PPO beats SFT on gold accuracy (greedy)', 'PPO', 'SFT', 'gold_greedy', True,
+     'PPO beats SFT (greedy)'),
+    ('PPO beats SFT on gold accuracy (samples at T=1)', 'PPO', 'SFT', 'gold_sampled', True,
+     'PPO beats SFT (T=1)'),
+    ('PPO raises the reward-model score', 'PPO', 'SFT', 'rm_score', True,
+     'PPO raises the RM score'),
+    ('RLHF lowers the entropy of the model', 'PPO', 'SFT', 'entropy', False,
+     'RLHF lowers entropy'),
+    ('RLHF makes replies less diverse (fewer distinct samples)', 'PPO', 'SFT', 'distinct', False,
+     'RLHF lowers diversity'),
     ('A checkable reward helps: PPO with the checker beats SFT (greedy)', 'PPO (checker)', 'SFT',
-     'gold_greedy', True),
+     'gold_greedy', True, 'PPO on the checker beats SFT'),
     ('GRPO with the checker beats SFT on gold accuracy (greedy)', 'GRPO', 'SFT', 'gold_greedy',
-     True),
+     True, 'GRPO beats SFT'),
     ('DPO on the same comparisons beats SFT on gold accuracy (greedy)', 'DPO', 'SFT',
-     'gold_greedy', True),
+     'gold_greedy', True, 'DPO beats SFT'),
 )
 
 
@@ -277,11 +401,12 @@ def claims(rows, cfg, n_prompts: int) -> list[dict]:
     return next((r[key] for r in rows if r['model'].startswith(name)), None)
 
   out = []
-  for text, a, b, key, higher in CLAIMS:
+  for text, a, b, key, higher, short in CLAIMS:
     va, vb = get(a, key), get(b, key)
     if va is None or vb is None:
-      out.append({'claim': text, 'verdict': 'not tested', 'evidence': f'needs the {a} and {b} '
-                  'rows' + (' and a reward model' if key == 'rm_score' else '')})
+      out.append({'claim': text, 'short': short, 'verdict': 'not tested',
+                  'evidence': f'needs the {a} and {b} rows'
+                  + (' and a reward model' if key == 'rm_score' else '')})
       continue
     show = '{:.1%}' if key.startswith('gold') else '{:.3f}'
     evidence = f'{key}: {a} {show.format(va)}, {b} {show.format(vb)}'
@@ -290,7 +415,7 @@ def claims(rows, cfg, n_prompts: int) -> list[dict]:
       if 0 < abs(va - vb) <= noise:
         evidence += f', within noise (±{noise:.1%} at {n_prompts} prompts)'
     verdict = 'holds' if (va > vb if higher else va < vb) else 'does not hold'
-    out.append({'claim': text, 'verdict': verdict,
+    out.append({'claim': text, 'short': short, 'verdict': verdict,
                 'evidence': evidence + (', equal' if va == vb else '')})
   kl, target = get('PPO', 'kl_to_sft'), float(cfg.ppo.kl_target)
   verdict = 'not tested' if kl is None or target <= 0 else (
@@ -298,208 +423,9 @@ def claims(rows, cfg, n_prompts: int) -> list[dict]:
   evidence = ('needs the PPO and SFT rows' if kl is None else
               f'KL(PPO || SFT) {kl:.3f} nats per reply, '
               + (f'controller target {target:g}' if target > 0 else 'no target (fixed beta)'))
-  out.append({'claim': 'The KL penalty keeps the PPO policy close to SFT', 'verdict': verdict,
+  out.append({'claim': 'The KL penalty keeps the PPO policy close to SFT',
+              'short': 'the KL penalty holds PPO near SFT', 'verdict': verdict,
               'evidence': evidence})
   return out
 
 
-def _cell(text, width: int = 48) -> str:
-  text = str(text).replace('\n', ' ⏎ ')
-  text = text if len(text) <= width else text[:width - 1] + '…'
-  return (text.replace('&', '&amp;').replace('<', '&lt;').replace('|', '\\|')
-          or '*(empty)*')
-
-
-def markdown(report: dict) -> str:
-  k, rows = report['samples_per_prompt'], report['rows']
-  columns = (('gold_greedy', 'gold acc. greedy', '{:.1%}'),
-             ('gold_sampled', 'gold acc. T=1', '{:.1%}'),
-             ('pass_sampled', f'pass@{k} T=1', '{:.1%}'), ('rm_score', 'RM score', '{:.3f}'),
-             ('kl_to_sft', 'KL to SFT (nats)', '{:.3f}'),
-             ('entropy', 'entropy (nats/token)', '{:.3f}'),
-             ('distinct', f'distinct / {k}', '{:.2f}'), ('length', 'length (tokens)', '{:.1f}'))
-  lines = [f'# State of GPT, reproduced: `{report["workdir"]}`', '',
-           f'{report["n_prompts"]} held-out task prompts ({report["per_task"]} per task, none '
-           f'seen in training); greedy answers and {k} samples per prompt at temperature 1, '
-           f'up to {report["max_new_tokens"]} new tokens.', '',
-           '| model | checkpoint | ' + ' | '.join(c[1] for c in columns) + ' |',
-           '|---|---|' + '---:|' * len(columns)]
-  for r in rows:
-    cells = ['n/a' if r[key] is None else fmt.format(r[key]) for key, _, fmt in columns]
-    where = f'{r["stage"]} @ {r["step"]}' if r['step'] is not None else r['stage']
-    lines.append(f'| {r["model"]} | {where} | ' + ' | '.join(cells) + ' |')
-  gaps = [r['logprob_gap'] for r in rows if r['logprob_gap'] is not None]
-  lines += ['', '- Gold accuracy: task checkers on the answer (base rows: the first line of '
-            'the completion, less an `A:` label, which is also what the RM scores). KL to SFT: '
-            'mean over samples of the summed log p_model - log p_SFT over the reply, from full '
-            'forwards of the chat-format sequence; base rows n/a (asked as documents); '
-            'best-of-N: the analytic bound log N - (N-1)/N. Entropy: per reply token, of the '
-            "model's own next-token distribution (best-of-N: the SFT model's, along the picks)."
-            ' Length counts the stop token. pass@k: a prompt counts when any of its k samples '
-            'is right; RL that only sharpens the SFT model raises T=1 accuracy and lowers pass@k.'
-            ' best-of-N keeps, of N SFT samples at T=1, the one '
-            'the RM scores highest; its greedy column is one such pick per prompt.']
-  if gaps:
-    lines.append(f'- Self-check: the sampler\'s log-probs and the full forward\'s agree within '
-                 f'{max(gaps):.1e} nats per token.')
-  for stage in (s for s in STAGES if s in report['missing']):
-    lines.append(f'- **Not in this report**: {stage} ({report["missing"][stage]}): '
-                 f'{LOST[stage]}.')
-  lines += win_rate_lines(report.get('win_rates') or {})
-  lines += pair_lines(report.get('heldout_pairs') or {})
-  lines += curve_lines(report.get('best_of_n_curve'))
-  tested = [c for c in report['claims'] if c['verdict'] != 'not tested']
-  lines += ['', "## The talk's claims, checked", '',
-            f'{sum(c["verdict"] == "holds" for c in tested)} of {len(tested)} testable claims '
-            'hold on these numbers (point estimates; accuracy differences within two standard '
-            'errors are marked as noise).', '']
-  lines += [f'- {c["claim"]}: **{c["verdict"]}** ({c["evidence"]}).' for c in report['claims']]
-  if rows:
-    names = [r['model'] for r in rows]
-    lines += ['', '## Sample answers (greedy)', '',
-              '| prompt | gold | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 2) + '|']
-    for s in report['samples']:
-      lines.append('| ' + ' | '.join(_cell(s[c]) for c in ['prompt', 'gold'] + names) + ' |')
-  lines += ['', '## Plots', '']
-  lines += [f'![{p}]({p})' for p in report.get('plots', [])]
-  lines += [f'- {why}.' for why in report.get('not_plotted', [])]
-  return '\n'.join(lines) + '\n'
-
-
-def win_rate_lines(rates: dict) -> list[str]:
-  """The labeler's win rate against SFT per model, split by the key that decided."""
-  if not rates:
-    return []
-  keys = win_rate_lib.DECIDING_KEYS
-  lines = ['', "## The labeler's verdict against SFT (greedy replies)", '',
-           'Each held-out prompt\'s greedy reply against SFT\'s, judged by the simulated '
-           'labeler: right first, then finished, then free of repetition, then shorter; '
-           'ties count half. A win "by shorter" is a win between two equally right (or wrong) '
-           'replies.', '',
-           '| model | win rate | wins | losses | ties | ' +
-           ' | '.join(f'wins / losses by {k}' for k in keys) + ' |',
-           '|---|---:|---:|---:|---:|' + '---:|' * len(keys)]
-  for name, r in rates.items():
-    split = ' | '.join(f'{r["wins_by"][k]} / {r["losses_by"][k]}' for k in keys)
-    lines.append(f'| {name} | {r["win_rate"]:.1%} | {r["wins"]} | {r["losses"]} | {r["ties"]} | '
-                 f'{split} |')
-  return lines
-
-
-def pair_lines(held: dict) -> list[str]:
-  """The held-out comparison pairs ranked by the reward model and by DPO's implicit reward."""
-  if not held:
-    return []
-  tasks_ = sorted({t for v in held.values() for t in v['per_task']})
-  lines = ['', '## Held-out comparison pairs', '',
-           'The share of held-out pairs (labeler-ranked SFT samples of unseen task instances) '
-           'each learner ranks as the labeler did: the reward model by its score, DPO by its '
-           'implicit reward beta (log pi - log pi_ref).', '',
-           '| ranked by | pairs | accuracy | ' + ' | '.join(tasks_) + ' |',
-           '|---|---:|---:|' + '---:|' * len(tasks_)]
-  for name, v in held.items():
-    cells = ' | '.join('n/a' if v['per_task'].get(t) is None else f'{v["per_task"][t]:.1%}'
-                       for t in tasks_)
-    lines.append(f'| {name} | {v["pairs"]} | {v["pairwise_accuracy"]:.1%} | {cells} |')
-  return lines
-
-
-def curve_lines(curve) -> list[str]:
-  if not curve:
-    return []
-  lines = ['', '## Best-of-n with the reward model', '',
-           f'Of {curve["n"][-1]} SFT samples per prompt at T=1, the one the RM scores highest, '
-           'averaged over every n-subset (unbiased); KL is the bound log n - (n-1)/n. Where '
-           'the RM score keeps rising and gold accuracy does not, the RM is being '
-           'over-optimised (Gao et al. 2022). pass@n: the task checker picks instead, the '
-           'ceiling of any reranking of these samples (and of RL that only sharpens them). '
-           'Plot: plots/best_of_n.png.', '',
-           '| n | KL bound (nats) | RM score | gold accuracy | pass@n |',
-           '|---:|---:|---:|---:|---:|']
-  passes = curve.get('pass') or [None] * len(curve['n'])
-  for n, kl, s, g, p in zip(curve['n'], curve['kl_bound'], curve['rm_score'], curve['gold'],
-                            passes):
-    lines.append(f'| {n} | {kl:.3f} | {s:.3f} | {g:.1%} | '
-                 f'{"n/a" if p is None else format(p, ".1%")} |')
-  for key, what in (('pass_per_task', f'pass@{curve["n"][-1]}'),
-                    ('majority_per_task', f'maj@{curve.get("majority_of")} (the most frequent '
-                                          f'of all {curve.get("majority_of")} replies)')):
-    if curve.get(key):
-      by_task = curve[key]
-      lines += ['', f'{what}: {np.mean(list(by_task.values())):.1%}; per task ' + ', '.join(
-          f'{t} {v:.1%}' for t, v in by_task.items()) + '.']
-  return lines
-
-
-def read_metrics(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl ([] if absent), less a last line cut short by a crash."""
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8') as f:
-    lines = [l for l in f if l.strip()]
-  return [json.loads(l) for l in lines if l.rstrip().endswith('}')]
-
-
-def _series(rows, key):
-  """(steps, values) of `key`, the last value logged at each step (a resumed run repeats)."""
-  last = {int(r['step']): float(r[key]) for r in rows if key in r and 'step' in r}
-  return sorted(last), [last[s] for s in sorted(last)]
-
-
-def write_plots(workdir: str, curve=None) -> tuple[list[str], list[str]]:
-  """plots/losses.png (a panel per stage), plots/<rl stage>.png (per iteration: RM score,
-  gold accuracy of the rollouts, KL, ...) and plots/best_of_n.png (gold and RM score of
-  best-of-n against its KL bound): (paths relative to workdir, what could not be plotted
-  and why)."""
-  # pylint: disable=import-outside-toplevel
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
-  metrics = {s: read_metrics(os.path.join(workdir, s, 'metrics.jsonl')) for s in STAGES}
-  written = []
-
-  def figure(name, panels):
-    if not panels:
-      return
-    fig = Figure(figsize=(4 * len(panels), 3.2))
-    FigureCanvasAgg(fig)
-    for ax, (title, rows, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-      for key in keys:
-        steps, values = _series(rows, key)
-        if steps:
-          ax.plot(steps, values, marker='.' if len(steps) < 30 else None, label=key)
-      ax.set(title=title, xlabel='step')
-      ax.xaxis.get_major_locator().set_params(integer=True)
-      ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, 'plots', name), dpi=90)
-    written.append(f'plots/{name}')
-
-  losses_of = [s for s in STAGES if any(_series(metrics[s], k)[0] for k in LOSS_KEYS)]
-  figure('losses.png', [(s, metrics[s], LOSS_KEYS) for s in losses_of])
-  skipped = [f'no loss curve for {s} (no {s}/metrics.jsonl rows with a loss)'
-             for s in STAGES if s not in losses_of]
-  for stage in RL_STAGES:  # per iteration: the proxy (RM score) beside gold accuracy
-    keys = [k for k in PPO_KEYS if _series(metrics[stage], k)[0]]
-    figure(f'{stage}.png', [(f'{stage}: {k}', metrics[stage], (k,)) for k in keys])
-    if not keys:
-      skipped.append(f'no {stage} statistics (none of {", ".join(PPO_KEYS)} in '
-                     f'{stage}/metrics.jsonl)')
-  if curve:
-    fig = Figure(figsize=(5, 3.4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot(curve['kl_bound'], curve['gold'], marker='o', color='tab:green', label='gold accuracy')
-    ax.set(xlabel='KL bound log n - (n-1)/n (nats)', ylabel='gold accuracy',
-           title='best-of-n (SFT samples, RM picks)')
-    for x, y, n in zip(curve['kl_bound'], curve['gold'], curve['n']):
-      ax.annotate(str(n), (x, y), textcoords='offset points', xytext=(2, 4), fontsize=7)
-    right = ax.twinx()
-    right.plot(curve['kl_bound'], curve['rm_score'], marker='s', color='tab:blue',
-               label='RM score')
-    right.set(ylabel='RM score')
-    fig.legend(loc='lower right', fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, 'plots', 'best_of_n.png'), dpi=90)
-    written.append('plots/best_of_n.png')
-  return written, skipped

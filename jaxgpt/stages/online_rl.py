@@ -165,8 +165,8 @@ def write_eval(cfg, workdir: str, name: str, run: Started) -> dict:
     line = (f'[{name}] held-out greedy accuracy: sft {report["sft"]["accuracy"]:.1%} -> {name} '
             f'{report[name]["accuracy"]:.1%}')
     if 'reward_score' in report[name]:
-      line += (f'; reward-model score: sft {report["sft"]["reward_score"]:+.3f} -> {name} '
-               f'{report[name]["reward_score"]:+.3f}')
+      sft, own = report['sft']['reward_score'], report[name]['reward_score']
+      line += f'; reward-model score of those replies: sft {sft:+.3f} -> {name} {own:+.3f}'
     return line + f'  ({path})'
   return common.write_eval(workdir, name, report, summary)
 

@@ -187,4 +187,7 @@ def format_table(report) -> str:
            f'  {"SFT sample (T=1), mean":<44} {report["sample_accuracy"]:.1%}']
   for n, v in report['best_of'].items():
     lines.append(f'  {"best-of-" + n + " by reward model":<44} {v["accuracy"]:.1%}')
+  if report['best_of']:  # the report draws more samples: say whose figure this is
+    lines.append(f'  (best-of-n over every n-subset of {max(map(int, report["best_of"]))} '
+                 'samples a prompt; report.md gives the figure from more)')
   return '\n'.join(lines)

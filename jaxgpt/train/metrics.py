@@ -104,6 +104,8 @@ class MetricsWriter:
     self.is_main = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
+    self._samples = None  # samples.jsonl, opened at the first sample (no empty files)
+    self._directory = directory
     if self.is_main:
       os.makedirs(directory, exist_ok=True)
       for name in ('metrics.jsonl', 'samples.jsonl'):
@@ -111,7 +113,6 @@ class MetricsWriter:
       self._jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(directory, purge_step=start_step + 1)
-      self._samples = open(os.path.join(directory, 'samples.jsonl'), 'a', encoding='utf-8')
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.is_main:
@@ -153,6 +154,8 @@ class MetricsWriter:
     """Sample completions: printed, and kept in samples.jsonl."""
     if not self.is_main:
       return
+    if self._samples is None:
+      self._samples = open(os.path.join(self._directory, 'samples.jsonl'), 'a', encoding='utf-8')
     for prompt, completion in pairs:
       print(f'  > {prompt!r} -> {completion!r}', flush=True)
       self._samples.write(json.dumps({'step': step, 'prompt': prompt,
@@ -163,6 +166,7 @@ class MetricsWriter:
   def close(self) -> None:
     if self.is_main:
       self._jsonl.close()
-      self._samples.close()
+      if self._samples is not None:
+        self._samples.close()
       self._tb.close()
     sys.stdout.flush()

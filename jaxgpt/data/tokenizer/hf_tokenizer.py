@@ -30,6 +30,7 @@ import shutil
 
 from sentencepiece import sentencepiece_model_pb2
 
+from jaxgpt.data.tokenizer import sentencepiece_json
 from jaxgpt.data.tokenizer.sentencepiece_tokenizer import Tokenizer
 from jaxgpt.data.tokenizer.special import SPECIAL_TOKENS, TokenizerBase
 
@@ -319,10 +320,6 @@ def with_chat_tokens(tok):
   return new, missing
 
 
-def has_chat_tokens(tok) -> bool:
-  return not missing_chat_tokens(tok)
-
-
 def save(tok, out_dir: str, *, source_dir: str | None = None) -> str:
   """Writes `tok` as a tokenizer directory that `transformers.AutoTokenizer` loads (and
   `load` reads back); returns out_dir. Files of `source_dir` (tokenizer_config.json,
@@ -339,10 +336,14 @@ def save(tok, out_dir: str, *, source_dir: str | None = None) -> str:
   else:
     proto = tok._proto  # pylint: disable=protected-access
     _write_bytes(os.path.join(out_dir, 'tokenizer.model'), proto)
+    # tokenizer.json beside it: transformers reads it as is (no protobuf, no conversion of
+    # its own), and the class that reads it adds no BOS of its own (LlamaTokenizer would
+    # add '<s>', which a jaxgpt vocabulary does not have)
+    _write_text(os.path.join(out_dir, 'tokenizer.json'),
+                sentencepiece_json.to_tokenizer_json(proto))
     model = sentencepiece_model_pb2.ModelProto.FromString(proto)
-    config.setdefault('tokenizer_class', 'LlamaTokenizer')
+    config.setdefault('tokenizer_class', 'PreTrainedTokenizerFast')
     config.setdefault('add_bos_token', False)
-    # transformers' conversion prepends a space unless told; a jaxgpt tokenizer has none
     config.setdefault('add_prefix_space', bool(model.normalizer_spec.add_dummy_prefix))
   special = _read_json(os.path.join(source_dir, 'special_tokens_map.json'))
   if special is not None and os.path.abspath(source_dir) != os.path.abspath(out_dir):
