@@ -213,7 +213,7 @@ def test_export_loads_in_transformers_without_protobuf_or_tiktoken(smoke_run, tm
   assert {'tokenizer.json', 'tokenizer.model'} <= set(os.listdir(out))
   loaded = loading.load(workdir, 'sft')
   messages = [{'role': 'user', 'content': 'What is 12 + 34?'}]
-  prompt = chat.render_prompt(messages, loaded.tokenizer)
+  prompt = loaded.tokenizer.chat.prompt(messages)
   n_new = 8
   (want, _), = sampling.generate(loaded.graphdef, loaded.params, loaded.mcfg, loaded.tokenizer,
                                  [prompt], max_new_tokens=n_new)

@@ -222,7 +222,7 @@ def report_title(workdir: str, config_file: str) -> str:
 
 def example_answers(m, tok, n_new: int) -> list[str]:
   """Greedy replies of a chat model to EXAMPLE_QUESTIONS."""
-  prompts = [chat.render_prompt([{'role': 'user', 'content': q}], tok) for q in EXAMPLE_QUESTIONS]
+  prompts = [tok.chat.prompt([{'role': 'user', 'content': q}]) for q in EXAMPLE_QUESTIONS]
   return sampling.generate_text(m.graphdef, m.params, m.mcfg, tok, prompts, max_new_tokens=n_new)
 
 
