@@ -61,7 +61,7 @@ def greedy(tok, max_new_tokens):
 
 
 def test_load_restores_the_checkpoint_params_config_and_tokenizer(workdir, sft):
-  graphdef, params, mcfg, tok, cfg = sft
+  graphdef, params, mcfg, tok, cfg = sft[:5]
   assert cfg.model.to_dict() == helpers.smoke_config().model.to_dict()
   assert mcfg.max_seq_len == cfg.model.max_seq_len and mcfg.rules == sft.mcfg.rules
   assert tok.path == os.path.join(workdir, 'tokenizer.model')
@@ -154,7 +154,7 @@ def test_sample_prompts_file_and_errors(workdir, tmp_path):
 
 
 def test_stream_yields_the_greedy_sample_tokens(sft):
-  graphdef, params, mcfg, tok, _ = sft
+  graphdef, params, mcfg, tok = sft[:4]
   # The trained smoke model, and random weights with peaked distributions (varied tokens).
   peaked = jax.device_put(helpers.random_params(mcfg, seed=3, std=0.5),
                           jax.tree.map(lambda x: x.sharding, params))

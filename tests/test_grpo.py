@@ -26,7 +26,8 @@ from jaxgpt.rl import rollout
 from jaxgpt.rl import roles as roles_lib
 from jaxgpt.train import trainer
 
-TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
+TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3,
+                            chat=types.SimpleNamespace(stop_ids=(1, 2)))
 P, N, K = 8, 8, 4
 
 

@@ -21,7 +21,8 @@ from jaxgpt.rl import ppo as ppo_algo
 from jaxgpt.rl import roles as roles_lib
 
 # Ids of a stand-in tokenizer: the stage reads only these from the real one.
-TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
+TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3,
+                            chat=types.SimpleNamespace(stop_ids=(1, 2)))
 P, N = 8, 8
 
 
