@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = dpo_section()
   c.ppo = ppo_section()
   c.grpo = grpo_section()
+  c.lora = lora_section()
   c.checkpoint = checkpoint_section()
   return c
 
@@ -342,6 +343,15 @@ def grpo_section() -> ml_collections.ConfigDict:
   return g
 
 
+def lora_section() -> ml_collections.ConfigDict:
+  lo = ml_collections.ConfigDict()
+  lo.rank = 0                 # LoRA adapters' rank in every stage that trains after pretraining
+                              # (sft, reward, dpo, ppo, grpo); 0: full fine-tuning
+  lo.alpha = 32.0             # adapter output scaled by alpha / rank; 0 -> alpha = rank
+  lo.targets = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # projections that get adapters
+  return lo
+
+
 def checkpoint_section() -> ml_collections.ConfigDict:
   ck = ml_collections.ConfigDict()
   ck.every_steps = 500        # save every this many steps (RL: iterations)
@@ -462,6 +472,8 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _validate_grpo(cfg, batch_shards)
   _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
   _choice(cfg, 'tokenizer.chat_template', ('model', 'jaxgpt'))
+  from jaxgpt.model import lora  # pylint: disable=import-outside-toplevel
+  lora.validate(cfg)
   return sizes
 
 

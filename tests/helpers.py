@@ -136,7 +136,8 @@ def one_train_step(cfg, mcfg, loss_fn, batch, seed=2):
   param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
   host = {'step': np.zeros((), np.int32), 'params': random_params(mcfg, seed=seed),
           'rng': jax.random.PRNGKey(0)}
-  host['opt_state'] = jax.device_get(opt.init(host['params']))
+  from jaxgpt.model import lora
+  host['opt_state'] = jax.device_get(opt.init(lora.trainable(host['params'])))
   shardings = trainer.state_shardings(host, param_sh, opt, mesh)
   state = jax.device_put(host, shardings)
   grad_fn = trainer.make_grad_fn(graphdef, loss_fn, micro_batches, mcfg.rules)
@@ -144,7 +145,7 @@ def one_train_step(cfg, mcfg, loss_fn, batch, seed=2):
   batch_sh = {k: sharding.batch_sharding(mesh, mcfg.rules) for k in batch}
   with jax.set_mesh(mesh):
     grads, _ = jax.jit(grad_fn, in_shardings=(param_sh, batch_sh),
-                       out_shardings=(param_sh, None))(state['params'], batch)
+                       out_shardings=(lora.trainable(param_sh), None))(state['params'], batch)
     new_state, metrics = trainer.jit_train_step(step, shardings, mesh, mcfg.rules,
                                                 batch.keys())(state, batch)
   return jax.device_get((metrics['loss'], grads, new_state['params']))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt import sharding
 from jaxgpt.model import attention_kernels
+from jaxgpt.model import lora as lora_lib
 from jaxgpt.model import rope
 
 # Parameters are created unsharded and placed by jit(out_shardings=...) in
@@ -43,24 +45,48 @@ def _param(rngs, shape, axes, std, dtype):
 
 
 class Proj(nnx.Module):
-  """A linear map written as one einsum, with an optional bias.
+  """A linear map written as one einsum, with an optional bias and an optional LoRA
+  adapter (`lora=(rank, alpha)`, see `jaxgpt.model.lora`).
 
   Parameters are kept in `param_dtype` and cast to the compute dtype at use.
   """
 
   def __init__(self, eqn, kernel_shape, kernel_axes, *, bias_shape=None, bias_axes=None,
-               std, dtype, param_dtype, rngs):
+               std, dtype, param_dtype, rngs, lora=None):
     self.eqn = eqn
     self.dtype = dtype
     self.kernel = _param(rngs, kernel_shape, kernel_axes, std, param_dtype)
     self.bias = (_param(rngs, bias_shape, bias_axes, 0.0, param_dtype)
                  if bias_shape is not None else None)
+    a = b = None
+    if lora is not None:
+      rank, alpha = lora
+      self.lora_eqns = lora_lib.einsums(eqn)
+      n_in = len(self.lora_eqns[0].split('->')[0].split(',')[1]) - 1
+      self.lora_scale = alpha / rank
+      a = _param(rngs, kernel_shape[:n_in] + (rank,), kernel_axes[:n_in] + (None,),
+                 float(np.prod(kernel_shape[:n_in])) ** -0.5, param_dtype)
+      b = _param(rngs, (rank,) + kernel_shape[n_in:], (None,) + kernel_axes[n_in:], 0.0,
+                 param_dtype)
+    self.lora_a, self.lora_b = a, b
 
   def __call__(self, x):
-    y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.einsum(self.eqn, x, self.kernel[...].astype(self.dtype))
+    if self.lora_a is not None:
+      a_eqn, b_eqn = self.lora_eqns
+      xa = jnp.einsum(a_eqn, x, self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.einsum(b_eqn, xa, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _lora(cfg, target: str) -> dict:
+  """Proj's `lora` argument for projection `target` of a model built from `cfg`."""
+  if cfg.lora_rank and target in cfg.lora_targets:
+    return {'lora': (cfg.lora_rank, cfg.lora_alpha)}
+  return {}
 
 
 class Norm(nnx.Module):
@@ -105,18 +131,18 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.q = Proj('btd,dnh->btnh', (d, n, h), ('embed', 'q_heads', 'head_dim'),
                   bias_shape=(n, h) if bias else None, bias_axes=('q_heads', 'head_dim'),
-                  std=cfg.init_std, **kw)
+                  std=cfg.init_std, **kw, **_lora(cfg, 'q'))
     self.k = Proj('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
                   bias_shape=(k, h) if bias else None, bias_axes=('kv_heads', 'head_dim'),
-                  std=cfg.init_std, **kw)
+                  std=cfg.init_std, **kw, **_lora(cfg, 'k'))
     self.v = Proj('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
                   bias_shape=(k, h) if bias else None, bias_axes=('kv_heads', 'head_dim'),
-                  std=cfg.init_std, **kw)
+                  std=cfg.init_std, **kw, **_lora(cfg, 'v'))
     # 'N' (heads) sorts before 'h': jnp.einsum contracts its sorted letters in that order,
     # so the kernel is read as stored rather than transposed at every call.
     self.o = Proj('btNh,Nhd->btd', (n, h, d), ('q_heads', 'head_dim', 'embed'),
                   bias_shape=(d,) if cfg.bias == 'all' else None, bias_axes=('embed',),
-                  std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
+                  std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw, **_lora(cfg, 'o'))
     self.q_norm = norm(cfg, h, rngs) if cfg.qk_norm else None
     self.k_norm = norm(cfg, h, rngs) if cfg.qk_norm else None
 
@@ -167,12 +193,13 @@ class MLP(nnx.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.cfg = cfg
     self.gate = Proj('btd,df->btf', (d, f), ('embed', 'mlp'), std=cfg.init_std,
-                     **kw) if cfg.mlp == 'gated' else None
+                     **kw, **_lora(cfg, 'gate')) if cfg.mlp == 'gated' else None
     self.up = Proj('btd,df->btf', (d, f), ('embed', 'mlp'),
-                   bias_shape=(f,) if bias else None, bias_axes=('mlp',), std=cfg.init_std, **kw)
+                   bias_shape=(f,) if bias else None, bias_axes=('mlp',), std=cfg.init_std, **kw,
+                   **_lora(cfg, 'up'))
     self.down = Proj('btf,fd->btd', (f, d), ('mlp', 'embed'),
                      bias_shape=(d,) if bias else None, bias_axes=('embed',),
-                     std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
+                     std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw, **_lora(cfg, 'down'))
 
   def __call__(self, x_btd):
     # Projection outputs are named for remat='save_proj'; the hidden h_btf is not (it is

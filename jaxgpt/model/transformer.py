@@ -81,6 +81,11 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   attn_scale_dim: float = 0.0
+  # LoRA adapters (jaxgpt.model.lora): rank 0 is none; set by a training stage from
+  # config.lora, never by a checkpoint reader (readers get merged weights).
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: tuple = ()
 
   @property
   def padded_vocab_size(self) -> int:

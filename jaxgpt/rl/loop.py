@@ -94,10 +94,8 @@ def make_update(graphdefs, optimizers, loss_fns, micro_batches, rules):
     finite = jnp.bool_(True)
     for role, grad_fn in grad_fns.items():
       opt, schedule = optimizers[role]
-      params = state[role]['params']
-      grads, sums = grad_fn(params, batch)
-      updates, opt_state = opt.update(grads, state[role]['opt_state'], params)
-      params = optax.apply_updates(params, updates)
+      grads, sums = grad_fn(state[role]['params'], batch)
+      params, opt_state = trainer.apply_gradients(opt, grads, state[role])
       state[role] = {'params': params, 'opt_state': opt_state}
       denom = jnp.maximum(sums['weight'], 1.0)
       metrics.update({k: v / denom for k, v in sums.items() if k != 'weight'})

@@ -19,6 +19,7 @@ import ml_collections
 
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
+from jaxgpt.model import lora
 from jaxgpt.train import optim, trainer
 
 
@@ -71,7 +72,8 @@ def abstract_state(roles: Roles, optimizers, mesh):
     graphdef, abstract_params, logical = model_lib.abstract_model(mcfg)
     param_sh = sharding.param_shardings(abstract_params, logical, mesh, mcfg.rules)
     opt = optimizers[role][0]
-    abstract = {'params': abstract_params, 'opt_state': jax.eval_shape(opt.init, abstract_params)}
+    abstract = {'params': abstract_params,
+                'opt_state': jax.eval_shape(opt.init, lora.trainable(abstract_params))}
     sh = trainer.state_shardings(abstract, param_sh, opt, mesh)
     graphdefs[role] = graphdef
     state[role] = abstract
@@ -102,5 +104,5 @@ def make_state(params, section, seed: int, optimizers, shardings, mesh):
     for role, p in params.items():
       opt = optimizers[role][0]
       state[role] = {'params': p, 'opt_state': jax.jit(
-          opt.init, out_shardings=shardings[role]['opt_state'])(p)}
+          opt.init, out_shardings=shardings[role]['opt_state'])(lora.trainable(p))}
   return jax.device_put(state, {k: shardings[k] for k in state})

@@ -18,15 +18,18 @@ import optax
 
 from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
+from jaxgpt.model import lora
 
 LossFn = Callable[..., tuple]
 
 
 def state_shardings(abstract_state, param_shardings, optimizer, mesh):
-  """Shardings for the whole train state: optimizer moments follow their parameters."""
+  """Shardings for the whole train state: optimizer moments follow their parameters (only
+  the trained ones have any: with LoRA, the adapters and a scalar head)."""
   repl = sharding.replicated(mesh)
   opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state['opt_state'],
-                              param_shardings, transform_non_params=lambda _: repl)
+                              lora.trainable(param_shardings),
+                              transform_non_params=lambda _: repl)
   return {'step': repl, 'params': param_shardings, 'opt_state': opt, 'rng': repl}
 
 
@@ -35,7 +38,8 @@ def _init_state_fn(mcfg, optimizer, seed: int):
     if params is None:
       params = model_lib.fresh_params(mcfg, seed)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': optimizer.init(params), 'rng': jax.random.PRNGKey(seed)}
+            'opt_state': optimizer.init(lora.trainable(params)),
+            'rng': jax.random.PRNGKey(seed)}
   return init
 
 
@@ -73,12 +77,16 @@ def _split_micro_batches(batch, n: int):
 
 
 def make_grad_fn(graphdef, loss_fn: LossFn, micro_batches: int, rules):
-  """(params, batch) -> (grads, sums): gradients of the step's normalised loss."""
+  """(params, batch) -> (grads, sums): gradients of the step's normalised loss with respect
+  to the trained parameters (`lora.trainable`: all of them, or the adapters and a scalar
+  head), a tree shaped like those."""
 
   def sum_grads(params, batch):
+    base = lora.frozen(params)
+
     def f(p):
-      return loss_fn(model_lib.merge(graphdef, p), batch)
-    (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return loss_fn(model_lib.merge(graphdef, lora.combine(base, p)), batch)
+    (_, sums), grads = jax.value_and_grad(f, has_aux=True)(lora.trainable(params))
     return grads, sums
 
   def grad_fn(params, batch):
@@ -107,6 +115,15 @@ def _summed_over_micro_batches(fn, params, batch, micro_batches: int, rules):
   return jax.lax.scan(body, zeros, micro)[0]
 
 
+def apply_gradients(optimizer, grads, state):
+  """(params, opt_state) after one optimizer step on the trained parameters; the frozen
+  ones (a LoRA base) pass through untouched."""
+  trained = lora.trainable(state['params'])
+  updates, opt_state = optimizer.update(grads, state['opt_state'], trained)
+  params = lora.combine(lora.frozen(state['params']), optax.apply_updates(trained, updates))
+  return params, opt_state
+
+
 def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, rules,
                     lr_schedule=None):
   """The pure step `(state, batch) -> (state, metrics)`; metrics are step means."""
@@ -114,8 +131,7 @@ def make_train_step(graphdef, optimizer, loss_fn: LossFn, micro_batches: int, ru
 
   def train_step(state, batch):
     grads, sums = grad_fn(state['params'], batch)
-    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    params, opt_state = apply_gradients(optimizer, grads, state)
     denom = jnp.maximum(sums['weight'], 1.0)
     metrics = {k: v / denom for k, v in sums.items() if k != 'weight'}
     metrics['weight'] = sums['weight']
