@@ -65,8 +65,10 @@ DECODE_RULES_FSDP_AS_TENSOR = (
 def base_config() -> ml_collections.ConfigDict:
   """Every field an experiment may set, with defaults for a tiny CPU run."""
   c = ml_collections.ConfigDict()
-  c.stage = 'pretrain'        # pretrain | sft | reward | dpo | ppo | ppo_checker | grpo, or all
-                              # (each in turn, a finished one skipped, then the report)
+  c.stage = 'pretrain'        # pretrain | sft | reward | dpo | ppo | ppo_checker | grpo |
+                              # grpo_base, or all (each stage of `recipe` in turn, a finished
+                              # one skipped, then the report)
+  c.recipe = ()               # the stages of stage=all, in order; () -> all but grpo_base
   c.seed = 0                  # parameter initialisation, sampling and evaluation draws
   c.preflight = True          # before allocating: stop a run whose parameters and optimizer
                               # state alone exceed a device's memory (jaxgpt.aot.preflight)
@@ -201,6 +203,9 @@ def train_section() -> ml_collections.ConfigDict:
   t.loss_chunk = 0            # pretrain / SFT loss over this many positions at a time, so the
                               # (batch, length, vocab) float32 logits never exist whole; 0: off
                               # (tools/aot.py shows the effect per chip)
+  t.loss_positions = 0        # SFT: the LM head runs on only this many positions a row, those
+                              # with loss weight (targets past them are dropped and their
+                              # share logged as dropped_targets); 0: every position
   t.log_every = 10            # steps between console lines and metrics.jsonl rows
   t.eval_every = 200          # steps between validation losses
   t.eval_batches = 8          # validation batches per evaluation
@@ -359,6 +364,9 @@ def checkpoint_section() -> ml_collections.ConfigDict:
   ck.max_to_keep = 2          # newest checkpoints kept per stage
   ck.init_from = ''           # a previous stage's checkpoint dir; '' -> WORKDIR/<previous stage>;
                               # 'hf:DIR', 'gguf:FILE' or 'gguf:NAME': a published model
+  ck.base = ''                # 'hf:DIR', 'gguf:FILE' or 'gguf:NAME': a published model in place
+                              # of pretraining (the pretrain stage then trains nothing; later
+                              # stages start from it as from WORKDIR/pretrain)
   ck.on_damaged = 'fallback'  # newest checkpoint unreadable at resume: 'fallback' (move it to
                               # <stage>/damaged_checkpoints/, resume from the newest good one)
                               # or 'stop' (report it and stop)
@@ -457,6 +465,10 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   check_known_fields(cfg)
   if cfg.stage not in STAGES:
     raise ConfigError(f"config.stage='{cfg.stage}' must be one of {STAGES}.")
+  unknown = [s for s in cfg.recipe if s not in PIPELINE]
+  if unknown:
+    raise ConfigError(f'config.recipe={tuple(cfg.recipe)!r}: {unknown} are not stages; name '
+                      f'stages of {PIPELINE} in the order to run them.')
   if not isinstance(cfg.preflight, bool):
     raise ConfigError(f'config.preflight={cfg.preflight!r} must be True or False.')
   _validate_model(cfg)
@@ -534,6 +546,9 @@ def _validate_train(cfg, batch_shards: 'BatchShards') -> None:
   if t.loss_chunk < 0:
     raise ConfigError(f'config.train.loss_chunk={t.loss_chunk} must be >= 0 (0: the whole '
                       'sequence at once).')
+  if t.loss_positions < 0:
+    raise ConfigError(f'config.train.loss_positions={t.loss_positions} must be >= 0 (0: every '
+                      'position).')
 
 
 def _validate_sft(cfg) -> None:

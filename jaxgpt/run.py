@@ -17,7 +17,7 @@ import jax
 
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
-from jaxgpt.stages import PIPELINE
+from jaxgpt.stages import RECIPE
 from jaxgpt import model as model_lib
 from jaxgpt.aot import preflight
 from jaxgpt.hf import importer as hf_import
@@ -45,7 +45,7 @@ def run(cfg, workdir: str, config_file: str = '') -> dict:
   # A model the mesh cannot split fails now (abstractly), not after the data and tokenizer.
   mesh = sharding.make_mesh(cfg)
   model_lib.abstract_sharded_params(model_lib.ModelConfig.from_config(cfg), mesh)
-  names = PIPELINE if cfg.stage == 'all' else (cfg.stage,)
+  names = recipe(cfg) if cfg.stage == 'all' else (cfg.stage,)
   # One that cannot hold its state, or names a missing tokenizer, fails before the workdir.
   preflight.check(cfg, names, mesh, config_file)
   os.makedirs(workdir, exist_ok=True)
@@ -65,6 +65,11 @@ def run(cfg, workdir: str, config_file: str = '') -> dict:
       print(f'[all] done. Read {os.path.join(workdir, "report.md")}; talk to a model: '
             f'python -m jaxgpt.cli.chat --workdir {workdir} --stage sft', flush=True)
   return results
+
+
+def recipe(cfg) -> tuple[str, ...]:
+  """The stages `stage=all` runs: config.recipe, or the default recipe."""
+  return tuple(cfg.recipe) or RECIPE
 
 
 def record_time(workdir: str, name: str, seconds: float, *, replace: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""The chunked cross-entropy (config.train.loss_chunk) equals the whole-sequence one."""
+"""The chunked cross-entropy (config.train.loss_chunk) and the one over weighted positions
+only (config.train.loss_positions) equal the whole-sequence one."""
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from jaxgpt import model as model_lib
 from jaxgpt.train import trainer
 
 
-def loss_and_grads(family, mesh_shape, loss_chunk):
+def loss_and_grads(family, mesh_shape, loss_chunk, loss_positions=0):
   """(sums, grads) of the LM loss (z-loss, packed segments) on a tiny model."""
   cfg = helpers.tiny_config(family, mesh=mesh_shape, seq_len=16)
   mesh = sharding.make_mesh(cfg, helpers.devices_for(mesh_shape))
@@ -19,7 +20,8 @@ def loss_and_grads(family, mesh_shape, loss_chunk):
   graphdef, abstract, logical = model_lib.abstract_model(mcfg)
   param_sh = sharding.param_shardings(abstract, logical, mesh, mcfg.rules)
   params = jax.device_put(helpers.random_params(mcfg, seed=0), param_sh)
-  loss_fn = trainer.lm_loss_fn(z_loss=1e-3, use_segment_ids=True, loss_chunk=loss_chunk)
+  loss_fn = trainer.lm_loss_fn(z_loss=1e-3, use_segment_ids=True, loss_chunk=loss_chunk,
+                               loss_positions=loss_positions)
   grad_fn = trainer.make_grad_fn(graphdef, loss_fn, 1, mcfg.rules)
   batch = helpers.random_batch(cfg, segments=True)
   batch_sh = {k: sharding.batch_sharding(mesh, mcfg.rules) for k in batch}
@@ -41,6 +43,19 @@ def test_chunked_loss_on_8_devices_equals_whole_loss_on_one(family):
                             jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_loss_at_weighted_positions_on_8_devices_equals_whole_loss_on_one():
+  """The LM head on the 16 - (zero-weight positions) weighted positions only: the same loss
+  and gradients; on fewer positions than a row has targets, the rest are counted."""
+  ref_sums, ref_grads = loss_and_grads('llama', (1, 1, 1), loss_chunk=0)
+  sums, grads = loss_and_grads('llama', (2, 2, 2), loss_chunk=0, loss_positions=16)
+  np.testing.assert_allclose(sums['loss'], ref_sums['loss'], rtol=1e-5)
+  assert sums['weight'] == ref_sums['weight'] and sums['dropped_targets'] == 0
+  for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+  few, _ = loss_and_grads('llama', (1, 1, 1), loss_chunk=0, loss_positions=4)
+  assert few['weight'] == 16 * 4 and few['dropped_targets'] == ref_sums['weight'] - 64
 
 
 def test_negative_loss_chunk_is_a_config_error():

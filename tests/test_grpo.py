@@ -24,6 +24,7 @@ from jaxgpt.rl import group
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import rollout
 from jaxgpt.rl import roles as roles_lib
+from jaxgpt.train import checkpoint as ckpt_lib
 from jaxgpt.train import trainer
 
 TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3,
@@ -173,15 +174,21 @@ def test_grpo_raises_a_toy_reward_of_a_user_function(smoke_run, tmp_path, monkey
   assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
 
 
-def test_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
-  """2 iterations, stop, re-run to 4 == 4 straight (policy, optimizer, rng, data position)."""
+def test_lora_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
+  """With LoRA adapters (PPO's resume test covers full fine-tuning): 2 iterations, stop,
+  re-run to 4 == 4 straight (policy, optimizer, rng, data position); the checkpoint holds
+  the adapters, not the base; resuming onto another base is one line naming both."""
   workdir = smoke_run[0]
   runs = {name: copy_sft(workdir, str(tmp_path / name)) for name in ('split', 'straight')}
   common = {'stage': 'grpo', 'train.min_lr_ratio': 1.0, 'checkpoint.every_steps': 100,
             'grpo.rollout_batch': 16, 'grpo.batch_size': 8, 'grpo.group_size': 4,
-            'grpo.epochs': 1, 'grpo.eval_per_task': 1,
+            'grpo.epochs': 1, 'grpo.eval_per_task': 1, 'lora.rank': 4,
             'tokenizer.path': os.path.join(workdir, 'tokenizer.model')}
   run_lib.run(helpers.smoke_config(**common, **{'grpo.steps': 2}), runs['split'])
+  saved = ckpt_lib.Checkpointer(os.path.join(runs['split'], 'grpo', 'checkpoints'))
+  meta = saved.read_meta(2)
+  saved.close()
+  assert meta['lora']['policy/params']['base'].endswith(os.path.join('sft', 'checkpoints'))
   resumed = run_lib.run(helpers.smoke_config(**common, **{'grpo.steps': 4}),
                         runs['split'])['grpo']
   straight = run_lib.run(helpers.smoke_config(**common, **{'grpo.steps': 4}),
@@ -191,6 +198,13 @@ def test_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
                   jax.tree.leaves(jax.device_get(straight.state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.exists(os.path.join(runs['straight'], 'grpo', 'eval.json'))
+  # The same adapters offered the pretrained model as their base: refused, both named.
+  other = os.path.join(workdir, 'pretrain', 'checkpoints')
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    run_lib.run(helpers.smoke_config(**common, **{'grpo.steps': 6, 'checkpoint.init_from':
+                                                  other}), runs['split'])
+  line = str(e.value)
+  assert '\n' not in line and os.path.join('sft', 'checkpoints') in line and other in line
 
 
 def test_informative_first_keeps_whole_groups_with_a_signal_first():

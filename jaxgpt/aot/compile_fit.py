@@ -29,7 +29,7 @@ from jaxgpt import config as config_lib
 from jaxgpt.aot import collectives
 from jaxgpt.aot import targets as targets_lib
 from jaxgpt.aot.plans import Plan, Step, plan
-from jaxgpt.stages import PIPELINE
+from jaxgpt.stages import RECIPE
 
 GIB = targets_lib.GIB
 
@@ -143,7 +143,7 @@ def largest_batch(p: Plan, step: Step, hbm_bytes: float, first: Measured,
 
 def stages_of(cfg, stage: str | None = None) -> tuple[str, ...]:
   stage = stage or cfg.stage
-  return PIPELINE if stage == 'all' else (stage,)
+  return (tuple(cfg.recipe) or RECIPE) if stage == 'all' else (stage,)
 
 
 def mesh_text(mesh) -> str:

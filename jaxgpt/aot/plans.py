@@ -39,7 +39,7 @@ from jaxgpt.stages import dpo as dpo_stage
 from jaxgpt.train import metrics, optim, trainer
 
 LM_KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
-SECTION_OF = {'ppo_checker': 'ppo'}  # a stage whose config section has another name
+SECTION_OF = {'ppo_checker': 'ppo', 'grpo_base': 'grpo'}  # stages whose config section has another name
 
 
 @dataclasses.dataclass
@@ -310,6 +310,6 @@ def plan(cfg, stage: str, mesh, decode_rows: int = 0, prompt_len: int = 0) -> Pl
     return lm_plan(cfg, stage, mesh, rows, prompt_len)
   if stage in ('reward', 'dpo'):
     return pair_plan(cfg, stage, mesh)
-  if stage in ('ppo', 'ppo_checker', 'grpo'):
+  if stage in ('ppo', 'ppo_checker', 'grpo', 'grpo_base'):
     return online_rl_plan(cfg, stage, mesh, prompt_len)
   raise config_lib.ConfigError(f'--stage={stage!r} must be one of {PIPELINE}.')

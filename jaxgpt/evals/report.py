@@ -113,7 +113,12 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
       'report.md and plots/')
 
   def load(stage, mcfg, key_path=('params',)):
-    got = samples_lib.load_stage(workdir, stage, mcfg, mesh, key_path)
+    if stage == 'pretrain' and cfg.checkpoint.base:  # a published model, not pretrained here
+      params, meta = common.params_from_checkpoint(cfg.checkpoint.base, mesh, mcfg,
+                                                   what='report: config.checkpoint.base')
+      got = samples_lib.StageModel(model_lib.abstract_model(mcfg)[0], params, mcfg, meta, 0)
+    else:
+      got = samples_lib.load_stage(workdir, stage, mcfg, mesh, key_path)
     if isinstance(got, str):
       missing[stage] = got
       return None
@@ -132,7 +137,9 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
     return scoring.score_replies(rm.graphdef, rm.params, rm.mcfg, state['tok'], items,
                                  seq_len=rm_len).tolist()
 
-  def evaluate(name, stage, m, mode, seed):
+  def evaluate(name, stage, m, mode, seed, start=None):
+    """A table row of model `m` asked the `mode` way; KL to `start` (default: SFT)."""
+    start = start or sft
     clock, tok = time.monotonic(), state['tok']
     prompts = evaluation.prompts_for(mode, tok, eval_set, shots=cfg.sft.few_shot, seed=cfg.seed)
     greedy = sampling.generate(m.graphdef, m.params, m.mcfg, tok, prompts,
@@ -144,9 +151,11 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
     texts, finished = zip(*[tok.chat.reply(ids) for ids, _ in drawn])
     answers = [evaluation.answer_text(mode, t) for t in texts]
     kl, note = None, 'n/a: asked as a document' if mode != 'chat' else 'n/a: no SFT model'
-    if mode == 'chat' and sft is not None:
-      ref = own if m is sft else samples_lib.response_logprobs(sft, rep, [ids for ids, _ in drawn])
-      kl, note = _mean([float(np.sum(a - b)) for (a, _), (b, _) in zip(own, ref)]), 'exact'
+    if mode == 'chat' and start is not None:
+      ref = own if m is start else samples_lib.response_logprobs(start, rep,
+                                                                 [ids for ids, _ in drawn])
+      kl = _mean([float(np.sum(a - b)) for (a, _), (b, _) in zip(own, ref)])
+      note = 'exact' if start is sft else 'exact, to the model as shipped'
     greedy_answers = [evaluation.answer_text(mode, g) for g, _ in greedy]
     row = summarise(name, eval_set, greedy_answers,
                     [(a, t, len(ids)) for a, t, (ids, _) in zip(answers, texts, drawn)], k,
@@ -163,11 +172,14 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
 
   base = load('pretrain', lm_cfg)
   pretrain_samples = None
-  if base is not None:
+  if base is not None and cfg.checkpoint.base:  # an instruct model: asked in its own template
+    rows.append(evaluate(SHIPPED, 'pretrain', base, 'chat', cfg.seed + 11, start=base))
+    rows.append(evaluate(f'{SHIPPED} few-shot', 'pretrain', base, 'chat_few_shot', cfg.seed + 12,
+                         start=base))
+  elif base is not None:
     rows.append(evaluate('base zero-shot', 'pretrain', base, 'zero_shot', cfg.seed + 11))
     rows.append(evaluate('base few-shot', 'pretrain', base, 'few_shot', cfg.seed + 12))
     pretrain_samples = document_samples(cfg, base, state['tok'])
-  del base
   curve = None
   if sft is not None:
     rows.append(evaluate('SFT', 'sft', sft, 'chat', cfg.seed + 13))
@@ -184,8 +196,10 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
   for stage, name in rl_rows(cfg):
     m = load(stage, model_lib.ModelConfig.for_stage(cfg, stage), key_path=('policy', 'params'))
     if m is not None:
-      rows.append(evaluate(name, stage, m, 'chat', cfg.seed + 14 + PIPELINE.index(stage)))
+      rows.append(evaluate(name, stage, m, 'chat', cfg.seed + 14 + PIPELINE.index(stage),
+                           start=base if stage == 'grpo_base' else None))
     del m
+  del base
   report = {'workdir': os.path.abspath(workdir), 'title': report_title(workdir, config_file),
             'n_prompts': len(eval_set), 'per_task': int(cfg.ppo.eval_per_task),
             'samples_per_prompt': k, 'max_new_tokens': n_new, 'rows': rows, 'missing': missing,
@@ -211,6 +225,9 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
         f'hold) and {os.path.join(workdir, "report.json")}')
     say('plots: ' + ', '.join(os.path.join(workdir, p) for p in report['plots']))
   return report
+
+
+SHIPPED = 'as shipped'  # the row of config.checkpoint.base's model, asked in its own template
 
 
 def report_title(workdir: str, config_file: str) -> str:
@@ -280,9 +297,14 @@ def commit() -> str | None:
 
 
 def rl_rows(cfg) -> list[tuple[str, str]]:
-  """(stage, table name) of the online-RL stages, the reward each was trained on in the name."""
-  return [('ppo', 'PPO' if cfg.ppo.reward == 'model' else f'PPO ({cfg.ppo.reward})'),
+  """(stage, table name) of the online-RL stages, the reward each was trained on in the name
+  (GRPO from the pretrained / shipped model only when the recipe has it)."""
+  rows = [('ppo', 'PPO' if cfg.ppo.reward == 'model' else f'PPO ({cfg.ppo.reward})'),
           ('ppo_checker', 'PPO (checker)'), ('grpo', f'GRPO ({cfg.grpo.reward})')]
+  if 'grpo_base' in cfg.recipe:
+    start = SHIPPED if cfg.checkpoint.base else 'base'
+    rows.append(('grpo_base', f'GRPO from {start} ({cfg.grpo.reward})'))
+  return rows
 
 
 def best_of_n(cfg, sft, rm, tok, eval_set, n_new, k, rm_len) -> tuple[dict, dict]:
@@ -354,14 +376,18 @@ def heldout_pairs(workdir: str) -> dict:
 def win_rates(rows, eval_set) -> dict:
   """Per chat model row (other than SFT): the simulated labeler's verdicts of its greedy
   replies against SFT's, split by the key that decided each (see evals/win_rate.py)."""
-  sft = next((r for r in rows if r['model'] == 'SFT'), None)
-  if sft is None:
-    return {}
+  def replies(row):
+    return list(zip(row['greedy_answers'], row.get('greedy_finished') or [True] * len(prompts)))
   prompts = [e.prompt for e in eval_set]
-  base = list(zip(sft['greedy_answers'], sft['greedy_finished']))
-  return {r['model']: win_rate_lib.win_rate(
-      prompts, list(zip(r['greedy_answers'], r.get('greedy_finished') or [True] * len(prompts))),
-      base) for r in rows if r['stage'] not in ('pretrain', 'sft')}
+  sft = next((r for r in rows if r['model'] == 'SFT'), None)
+  shipped = next((r for r in rows if r['model'] == SHIPPED), None)
+  out = {}
+  for r in rows:
+    start = shipped if r['stage'] == 'grpo_base' or (r['stage'] == 'sft' and shipped) else sft
+    if r['stage'] != 'pretrain' and start is not None and start is not r:
+      out[r['model']] = win_rate_lib.win_rate(prompts, replies(r), replies(start))
+      out[r['model']]['against'] = start['model']
+  return out
 
 
 # -- the talk's claims --------------------------------------------------------------------------

@@ -258,22 +258,24 @@ def heldout_sample_lines(report: dict) -> list[str]:
 
 
 def win_rate_lines(rates: dict) -> list[str]:
-  """The labeler's win rate against SFT per model, split by the key that decided."""
+  """The labeler's win rate of each model against the model it started from (SFT, or the
+  model as shipped), split by the key that decided."""
   if not rates:
     return []
   keys = win_rate_lib.DECIDING_KEYS
-  lines = ['', "## The labeler's verdict against SFT (greedy replies)", '',
-           'Each held-out prompt\'s greedy reply (best-of-N: one pick) against SFT\'s, judged by '
+  lines = ['', "## The labeler's verdict against each model's start (greedy replies)", '',
+           'Each held-out prompt\'s greedy reply (best-of-N: one pick) against the greedy reply '
+           'of the model it started from, judged by '
            'the simulated labeler: right first, then finished, then free of repetition, then '
            'shorter; ties count half. A win "by shorter" is a win between two equally right (or '
            'wrong) replies.', '',
-           '| model | win rate | wins | losses | ties | ' +
+           '| model | against | win rate | wins | losses | ties | ' +
            ' | '.join(f'wins / losses by {k}' for k in keys) + ' |',
-           '|---|---:|---:|---:|---:|' + '---:|' * len(keys)]
+           '|---|---|---:|---:|---:|---:|' + '---:|' * len(keys)]
   for name, r in rates.items():
     split = ' | '.join(f'{r["wins_by"][k]} / {r["losses_by"][k]}' for k in keys)
-    lines.append(f'| {name} | {r["win_rate"]:.1%} | {r["wins"]} | {r["losses"]} | {r["ties"]} | '
-                 f'{split} |')
+    lines.append(f'| {name} | {r.get("against", "SFT")} | {r["win_rate"]:.1%} | {r["wins"]} | '
+                 f'{r["losses"]} | {r["ties"]} | {split} |')
   return lines
 
 

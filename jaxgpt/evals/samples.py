@@ -21,6 +21,7 @@ from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
 from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.train import lora_checkpoint
 
 
 class StageModel(NamedTuple):
@@ -40,11 +41,17 @@ def load_stage(workdir, stage, mcfg, mesh, key_path=('params',)) -> StageModel |
   reader = ckpt_lib.Checkpointer(directory, async_save=False)
   try:
     step = reader.latest_step()
+    meta = {} if step is None else reader.read_meta(step)
   finally:
     reader.close()
   if step is None:
     return f'no finished checkpoint in {directory}'
   graphdef, target = model_lib.abstract_sharded_params(mcfg, mesh)
+  if '/'.join(key_path) in meta.get(lora_checkpoint.META_KEY, {}):  # a LoRA run: merged
+    from jaxgpt.stages import common  # pylint: disable=import-outside-toplevel
+    params = common.params_from_checkpoint(directory, mesh, mcfg, what=f'report: {stage}',
+                                           key_path=key_path)[0]
+    return StageModel(graphdef, params, mcfg, meta, step)
   params, meta, step = ckpt_lib.restore_latest_params(directory, target, what=f'report: {stage}',
                                                       key_path=key_path)
   return StageModel(graphdef, params, mcfg, meta, step)

@@ -197,7 +197,7 @@ def adopt_init_settings(cfg, workdir: str) -> None:
   and tokenizer come from there. They are
   recorded in WORKDIR/hf_model.json, so the later stages of the same run (no init_from)
   build the same model."""
-  src = cfg.checkpoint.init_from
+  src = cfg.checkpoint.init_from or cfg.checkpoint.base
   workdir_record = os.path.join(workdir, WORKDIR_RECORD)
   if is_published(src):
     adopt_hf_model(cfg, ModelSource.from_spec(src), os.path.join(workdir, 'hf_tokenizer'))

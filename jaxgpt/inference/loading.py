@@ -24,6 +24,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.data import tokenizer as tokenizer_lib
 from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.train import lora_checkpoint
 
 # Stages whose checkpoint holds a language model one can sample from.
 GENERATIVE_STAGES = ('pretrain', 'sft', 'dpo', 'ppo', 'ppo_checker', 'grpo')
@@ -216,8 +217,12 @@ def load(workdir: str | None = None, stage: str = 'sft', *, checkpoint: str | No
   except config_lib.ConfigError as e:
     raise InferenceError(f'inference mesh {dict(device_mesh.shape)}: {e}') from e
   try:
-    params = ckpt_lib.restore_subtree(directory, step, target,
-                                     params_key(stage))
+    if '/'.join(params_key(stage)) in meta.get(lora_checkpoint.META_KEY, {}):
+      from jaxgpt.stages import common  # pylint: disable=import-outside-toplevel
+      params = common.params_from_checkpoint(directory, device_mesh, mcfg, what='--checkpoint',
+                                             key_path=params_key(stage))[0]  # adapters merged
+    else:
+      params = ckpt_lib.restore_subtree(directory, step, target, params_key(stage))
   except ckpt_lib.DamagedCheckpointError as e:
     raise _damaged(e) from e
   tok = _tokenizer(workdir, meta, mcfg.vocab_size, cfg.tokenizer.chat_template)

@@ -48,7 +48,8 @@ def make_prepare(graphdefs, frozen_graphdefs, roles, section, tok, score_stats):
   def prepare(params, frozen, beta, r: rl_loop.Rollout, width=None, reply_width=None):
     policy = model_lib.merge(graphdefs['policy'], params['policy'])
     reference = (None if roles.reference is None
-                 else model_lib.merge(frozen_graphdefs['reference'], frozen['reference']))
+                 else model_lib.merge(frozen_graphdefs['reference'],
+                                 roles_lib.reference_params(frozen, params)))
     rm_score = None if score_fn is None else functools.partial(score_fn, frozen)
     s = rollout.score(r, policy, reference, rm_score, tok, g, model_weight=model_weight,
                       stats=score_stats, width=width, reply_width=reply_width)

@@ -22,6 +22,7 @@ one gather per minibatch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -35,8 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
+from jaxgpt.model import lora
 from jaxgpt.rl import roles as roles_lib
-from jaxgpt.train import loop, trainer
+from jaxgpt.train import lora_checkpoint, loop, trainer
 from jaxgpt.train import metrics as metrics_lib
 
 
@@ -219,6 +221,16 @@ class Iteration:
         max_new_tokens=s.response_tokens, temperature=s.temperature,
         stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
     self.oversample = int(s.get('oversample', 1))
+    # With LoRA the sampler runs the merged weights (W + scale A B, folded once an iteration)
+    # on the plain model: no low-rank terms in every decoding step.
+    policy = algo.roles.policy
+    self.sampler_mcfg = lora.plain(policy)
+    self.sampler_graphdef = algo.graphdefs['policy']
+    self.for_sampler = lambda p: p  # noqa: E731
+    if policy.lora_rank:
+      self.sampler_graphdef = model_lib.abstract_model(self.sampler_mcfg)[0]
+      self.for_sampler = jax.jit(functools.partial(
+          lora.merged, scale=policy.lora_alpha / policy.lora_rank))
 
   def host_rewards(self, local, out):
     """(host reward, checker verdict) of this process's rows, as global arrays."""
@@ -280,8 +292,9 @@ class Iteration:
     beta = float(jax.device_get(state['kl_coef']))
     state = dict(state, rng=rng)
     params = {r: state[r]['params'] for r in algo.roles.trained()}
-    out = sampling.sample(algo.graphdefs['policy'], params['policy'], algo.roles.policy,
-                          prompts['prompt'], prompts['length'], sample_key, self.settings)
+    out = sampling.sample(self.sampler_graphdef, self.for_sampler(params['policy']),
+                          self.sampler_mcfg, prompts['prompt'], prompts['length'], sample_key,
+                          self.settings)
     jax.block_until_ready(out.tokens)
     times['generate'] = time.perf_counter() - t0
 
@@ -368,11 +381,14 @@ def run(algo: Algorithm, inputs: Inputs, cfg, workdir: str) -> loop.Result:
   out_dir = loop.stage_dir(workdir, name)
   ckpt = loop.open_checkpointer(cfg, workdir, name)
   state, resumed_meta = loop.resume(name, ckpt, algo.abstract, algo.shardings, data.train_iter,
-                                    inputs.init_state)
+                                    inputs.init_state, inputs.meta)
+  lora_meta = lora_checkpoint.record(
+      state, {f'{r}/params': m for r, m in algo.roles.trained().items()},
+      lora_checkpoint.bases_of(inputs.meta))
   if data.ptx_iter is not None and resumed_meta.get('ptx_data'):
     data.ptx_iter.set_state(resumed_meta['ptx_data'])
   start = int(jax.device_get(state['step']))
-  n_params = {r: model_lib.count_params(algo.abstract[r]['params']) for r in algo.roles.trained()}
+  n_params = {r: loop.trained_count(algo.abstract[r]['params']) for r in algo.roles.trained()}
   frozen = ', '.join(algo.roles.frozen()) or 'none'
   print(f'[{name}] trained roles {n_params}, frozen: {frozen} ({s.frozen_dtype}); mesh '
         f'{dict(inputs.mesh.shape)}; iterations {start} -> {s.steps}', flush=True)
@@ -393,7 +409,8 @@ def run(algo: Algorithm, inputs: Inputs, cfg, workdir: str) -> loop.Result:
     metrics = last['metrics']
     loop.ensure_finite(name, step, metrics['policy_loss'], metrics['params_finite'], ckpt)
     extra = {'ptx_data': data.ptx_iter.get_state()} if data.ptx_iter is not None else {}
-    ckpt.save(step, state, data.train_iter, dict(inputs.meta, step=step, **extra))
+    loop.save(ckpt, step, state, data.train_iter,
+              dict(inputs.meta, step=step, **lora_meta, **extra))
 
   last = {}
   step = loop.drive(name, 'iteration', start, s.steps, one_step, ckpt, loop.Saver(save, start),

@@ -7,6 +7,8 @@ in `frozen_dtype`, and absent when the algorithm does not need them (no reward m
 the reward spec has no `model` term, no reference without a KL term).
 
 The state: {'step', 'kl_coef', 'rng', role: {'params', 'opt_state'} per trained role}.
+With config.lora the trained roles carry adapters (only they, and a value head, train) and
+the reference is the policy's base with the adapters off, read from the policy's state.
 """
 
 from __future__ import annotations
@@ -39,16 +41,30 @@ class Roles:
     frozen = jnp.dtype(section.frozen_dtype)
     policy = model_lib.ModelConfig.from_config(cfg, scalar_head=value_head == 'policy')
     rm = model_lib.ModelConfig.for_stage(cfg, 'reward')
-    return cls(policy=policy, value=rm if value_head == 'reward' else None,
+    return cls(policy=lora.adapted(policy, cfg.lora),
+               value=lora.adapted(rm, cfg.lora) if value_head == 'reward' else None,
                reference=(dataclasses.replace(policy, scalar_head=False, param_dtype=frozen)
                           if reference else None),
                reward=dataclasses.replace(rm, param_dtype=frozen) if reward else None)
+
+  @property
+  def reference_is_policy_base(self) -> bool:
+    """With LoRA the reference is the policy with its adapters off: the policy's own base
+    arrays, never a second copy (`reference_params`)."""
+    return self.reference is not None and bool(self.policy.lora_rank)
 
   def trained(self) -> dict:
     return {'policy': self.policy, **({'value': self.value} if self.value else {})}
 
   def frozen(self) -> dict:
     return {r: m for r, m in (('reference', self.reference), ('reward', self.reward)) if m}
+
+
+def reference_params(frozen: dict, params: dict):
+  """The reference's parameters: its own frozen copy, or (LoRA) the policy's base."""
+  if 'reference' in frozen:
+    return frozen['reference']
+  return lora.base_of(params['policy'])
 
 
 def role_optimizers(cfg, section, roles: Roles, updates_per_iteration: int) -> dict:

@@ -88,9 +88,10 @@ def run(cfg, workdir: str) -> loop.Result:
 
   t = config_lib.stage_train_config(cfg, NAME)
   n_params = model_lib.count_params(abstract_params)
+  mcfg, start = common.with_adapters(cfg, mesh, mcfg, sft_params)  # config.lora
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh, loss_fn=loss_fn(cfg), data=data,
-      init_params=lambda: sft_params,
+      init_params=lambda: start,
       meta={'tokenizer': tok.path, 'init_from': init_dir, 'source_stats': source_stats,
             'config': cfg.to_json_best_effort()},
       count_tokens=lambda b: int(np.count_nonzero(b['segment_ids'])),

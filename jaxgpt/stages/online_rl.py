@@ -24,6 +24,7 @@ from jaxgpt.data.pretrain import make_pretrain_data
 from jaxgpt.data.prompts import make_prompt_data
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.inference import sampling, scoring
+from jaxgpt.model import lora
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import rewards as rewards_lib
 from jaxgpt.rl import roles as roles_lib
@@ -42,12 +43,14 @@ class Started:
   inputs: rl_loop.Inputs
   policy_dir: str
   reward_dir: str
+  policy_from: str = POLICY_FROM
 
 
 def run(cfg, workdir: str, name: str, build: Callable, initial_params: Callable,
-        section_name: str = '') -> Started:
+        section_name: str = '', policy_from: str = POLICY_FROM) -> Started:
   """Runs stage `name` (in WORKDIR/<name>, with config section `section_name`, default
-  `name`) with the algorithm `build(cfg, tok, mesh, score_stats)` gives;
+  `name`; the policy starts from stage `policy_from`'s model) with the algorithm
+  `build(cfg, tok, mesh, score_stats)` gives;
   `initial_params(algo, mesh, policy_dir, reward_dir, score_stats)` -> the trained roles'
   parameters of a fresh run."""
   section = cfg[section_name or name]
@@ -55,7 +58,7 @@ def run(cfg, workdir: str, name: str, build: Callable, initial_params: Callable,
   mesh = sharding.make_mesh(cfg)
   os.makedirs(loop.stage_dir(workdir, name), exist_ok=True)
   host_rewards = rewards_lib.HostRewards(section.reward, field)  # a user's module: fail now
-  policy_dir = common.init_dir(cfg, workdir, POLICY_FROM)
+  policy_dir = common.init_dir(cfg, workdir, policy_from)
   reward_dir = ckpt_lib.checkpoints_dir(workdir, REWARD_FROM)
   tok = common.recorded_tokenizer(cfg, workdir, common.checkpoint_meta(policy_dir), name)
   score_stats = None
@@ -68,7 +71,7 @@ def run(cfg, workdir: str, name: str, build: Callable, initial_params: Callable,
             flush=True)
   algo = dataclasses.replace(build(cfg, tok, mesh, score_stats), name=name)
   frozen = {}
-  if algo.roles.reference is not None:
+  if algo.roles.reference is not None and not algo.roles.reference_is_policy_base:
     frozen['reference'] = common.params_from_checkpoint(
         policy_dir, mesh, algo.roles.reference, what=f'{name}: the reference (SFT) model')[0]
   if algo.roles.reward is not None:
@@ -90,15 +93,25 @@ def run(cfg, workdir: str, name: str, build: Callable, initial_params: Callable,
     meta['reward_from'] = reward_dir
   inputs = rl_loop.Inputs(data, tok, frozen, host_rewards, mesh, cfg.seed, init_state, meta)
   result = rl_loop.run(algo, inputs, cfg, workdir)
-  return Started(result, algo, inputs, policy_dir, reward_dir)
+  return Started(result, algo, inputs, policy_dir, reward_dir, policy_from)
 
 
 def policy_params(algo, mesh, policy_dir, seed, name) -> dict:
-  """The policy's starting weights: the SFT model (a fresh value head if it carries one)."""
-  head = ('scalar_head',) if algo.roles.policy.scalar_head else ()
-  return common.params_from_checkpoint(policy_dir, mesh, algo.roles.policy,
-                                       what=f'{name}: the policy (SFT model)', fresh=head,
-                                       seed=seed)[0]
+  """The policy's starting weights: the SFT model (a fresh value head if it carries one),
+  with fresh adapters under config.lora."""
+  return start_params(algo.roles.policy, mesh, policy_dir, seed, f'{name}: the policy (SFT model)',
+                      fresh=('scalar_head',) if algo.roles.policy.scalar_head else ())
+
+
+def start_params(mcfg, mesh, directory, seed, what, fresh=()) -> dict:
+  """A trained role's starting weights read from `directory` as the plain model, then (when
+  `mcfg` has adapters) fresh adapters beside its kernels."""
+  params = common.params_from_checkpoint(directory, mesh, lora.plain(mcfg), what=what,
+                                         fresh=fresh, seed=seed)[0]
+  if not mcfg.lora_rank:
+    return params
+  adapters = common.fresh_adapters(mcfg, mesh, seed)
+  return lora.combine(params, adapters)
 
 
 def ppo_initial_params(cfg, name: str):
@@ -108,8 +121,8 @@ def ppo_initial_params(cfg, name: str):
   def init(algo, mesh, policy_dir, reward_dir, score_stats):
     params = {'policy': policy_params(algo, mesh, policy_dir, cfg.seed, name)}
     if algo.roles.value is not None:
-      value = common.params_from_checkpoint(reward_dir, mesh, algo.roles.value,
-                                            what=f'{name}: the value model (reward model)')[0]
+      value = start_params(algo.roles.value, mesh, reward_dir, cfg.seed,
+                           f'{name}: the value model (reward model)')
       if cfg.ppo.normalize_scores:
         stats = score_stats or common.checkpoint_meta(reward_dir).get('score_stats')
         value = value_on_reward_scale(value, stats)
@@ -133,22 +146,25 @@ def value_on_reward_scale(params: dict, score_stats) -> dict:
 
 def write_eval(cfg, workdir: str, name: str, run: Started) -> dict:
   """WORKDIR/<name>/eval.json: held-out greedy gold accuracy (per task) of the policy and of
-  the SFT model it started from, and their mean reward-model score when the stage holds one."""
+  the model it started from (keyed 'sft', or 'base' for a start from the pretrained or
+  published model), and their mean reward-model score when the stage holds one."""
   section, algo, inputs = run.algo.section, run.algo, run.inputs
   finished = int(jax.device_get(run.result.state['step'])) == section.steps
   if not finished or common.evaluated_before(run.result, workdir, name):
     return {}
+  start = 'sft' if run.policy_from == 'sft' else 'base'
   sft_mcfg = model_lib.ModelConfig.from_config(cfg)
   sft_params = inputs.frozen.get('reference') or common.params_from_checkpoint(
-      run.policy_dir, inputs.mesh, sft_mcfg, what=f'{name}: the SFT model')[0]
+      run.policy_dir, inputs.mesh, sft_mcfg, what=f'{name}: the model it started from')[0]
   eval_set = tasks.heldout_eval_set(section.eval_per_task, seed=cfg.seed)
   prompts = evaluation.prompts_for('chat', inputs.tok, eval_set)
   questions = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
   report = {}
+  policy_mcfg, policy_gd, policy = common.merged_model(algo.roles.policy,
+                                                       run.result.state['policy']['params'])
   for model, (gd, params, mcfg) in {
-      'sft': (model_lib.abstract_model(sft_mcfg)[0], sft_params, sft_mcfg),
-      name: (algo.graphdefs['policy'], run.result.state['policy']['params'],
-             algo.roles.policy)}.items():
+      start: (model_lib.abstract_model(sft_mcfg)[0], sft_params, sft_mcfg),
+      name: (policy_gd, policy, policy_mcfg)}.items():
     replies = sampling.generate(gd, params, mcfg, inputs.tok, prompts,
                                 max_new_tokens=cfg.sft.eval_tokens)
     report[model] = evaluation.accuracy_of('chat', eval_set, [t for t, _ in replies])
@@ -162,11 +178,11 @@ def write_eval(cfg, workdir: str, name: str, run: Started) -> dict:
   report['reward'] = section.reward
 
   def summary(path):
-    line = (f'[{name}] held-out greedy accuracy: sft {report["sft"]["accuracy"]:.1%} -> {name} '
-            f'{report[name]["accuracy"]:.1%}')
+    line = (f'[{name}] held-out greedy accuracy: {start} {report[start]["accuracy"]:.1%} -> '
+            f'{name} {report[name]["accuracy"]:.1%}')
     if 'reward_score' in report[name]:
-      sft, own = report['sft']['reward_score'], report[name]['reward_score']
-      line += f'; reward-model score of those replies: sft {sft:+.3f} -> {name} {own:+.3f}'
+      sft, own = report[start]['reward_score'], report[name]['reward_score']
+      line += f'; reward-model score of those replies: {start} {sft:+.3f} -> {name} {own:+.3f}'
     return line + f'  ({path})'
   return common.write_eval(workdir, name, report, summary)
 

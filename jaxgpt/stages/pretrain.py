@@ -2,6 +2,8 @@
 
 With config.checkpoint.init_from (a checkpoint, or 'hf:DIR' / 'gguf:FILE' for a published
 model) it is continued pretraining from those weights; otherwise the model starts random.
+With config.checkpoint.base (a published model) there is nothing to pretrain: the later
+stages start from that model, and this stage only says so.
 """
 
 from __future__ import annotations
@@ -46,4 +48,8 @@ def build(cfg, workdir: str) -> loop.Stage:
 
 
 def run(cfg, workdir: str) -> loop.Result:
+  if cfg.checkpoint.base and not cfg.checkpoint.init_from:
+    print(f'[{NAME}] config.checkpoint.base={cfg.checkpoint.base}: the later stages start from '
+          'that model; nothing to pretrain.', flush=True)
+    return loop.Result(None, None, None, {}, steps_run=0)
   return loop.train(build(cfg, workdir), workdir)

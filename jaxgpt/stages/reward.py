@@ -89,11 +89,12 @@ def run(cfg, workdir: str) -> loop.Result:
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
 
   t = config_lib.stage_train_config(cfg, NAME)
-  n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
   # The SFT trunk (its arrays, not a second read of the checkpoint) and a fresh head.
   trunk = {k: v for k, v in sft_params.items() if k != 'lm_head'}
   trunk.update(common.fresh_entries(mesh, mcfg, ('scalar_head',), cfg.seed))
   del sft_params  # the LM head is not needed from here on
+  mcfg, trunk = common.with_adapters(cfg, mesh, mcfg, trunk)  # config.lora: trunk frozen
+  n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
       loss_fn=trainer.reward_loss_fn(cfg.reward.center), data=data, init_params=lambda: trunk,

@@ -36,20 +36,23 @@ def run(cfg, workdir: str) -> loop.Result:
   init_dir = common.init_dir(cfg, workdir, PREVIOUS)
   params0, tok = common.start_from(cfg, workdir, NAME, init_dir, mesh, mcfg,
                                    what=f'{NAME} initial weights')
+  train_mcfg, start = common.with_adapters(cfg, mesh, mcfg, params0)
   data = make_sft_data(cfg, tok, **common.process_info())
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
   t = config_lib.stage_train_config(cfg, NAME)
   stage = loop.Stage(
-      name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
+      name=NAME, cfg=cfg, train_cfg=t, mcfg=train_mcfg, mesh=mesh,
       loss_fn=trainer.lm_loss_fn(t.z_loss, use_segment_ids=bool(cfg.sft.packing),
-                                 loss_chunk=t.loss_chunk), data=data,
-      init_params=lambda: params0, sample_fn=chat_sampler(tok, mcfg, cfg.sft.eval_tokens),
+                                 loss_chunk=t.loss_chunk, loss_positions=t.loss_positions),
+      data=data,
+      init_params=lambda: start, sample_fn=chat_sampler(tok, train_mcfg, cfg.sft.eval_tokens),
       meta={'tokenizer': tok.path, 'init_from': init_dir,
             'config': cfg.to_json_best_effort()})
   result = loop.train(stage, workdir)
   if common.evaluated_before(result, workdir, NAME):
     return result
-  write_eval(cfg, workdir, tok, mcfg, result.graphdef, params0, result.state['params'])
+  eval_mcfg, graphdef, sft = common.merged_model(train_mcfg, result.state['params'])
+  write_eval(cfg, workdir, tok, eval_mcfg, graphdef, params0, sft)
   return result
 
 

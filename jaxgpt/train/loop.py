@@ -28,8 +28,10 @@ import numpy as np
 
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
+from jaxgpt.model import lora
 from jaxgpt.train import optim, trainer
 from jaxgpt.train import checkpoint as ckpt_lib
+from jaxgpt.train import lora_checkpoint
 from jaxgpt.train import metrics as metrics_lib
 
 
@@ -104,17 +106,28 @@ def open_checkpointer(cfg, workdir: str, name: str) -> ckpt_lib.Checkpointer:
       on_damaged=cfg.checkpoint.on_damaged)
 
 
-def resume(name: str, ckpt, abstract_state, shardings, data_iter, init_fn):
+def resume(name: str, ckpt, abstract_state, shardings, data_iter, init_fn, meta=None):
   """(state, meta) of the newest checkpoint (the data iterator moved to its position),
   or (init_fn(), {}) for a fresh run. A damaged newest checkpoint is handled by
-  config.checkpoint.on_damaged (see `Checkpointer.restore_newest`)."""
-  target = sharding.abstract_with_shardings(abstract_state, shardings)
-  latest, state, meta = ckpt.restore_newest(
+  config.checkpoint.on_damaged (see `Checkpointer.restore_newest`). A LoRA state's
+  checkpoint holds its adapters only: they go back onto the base of `init_fn()`, which
+  must be the one the run's `meta` names and the checkpoint records (`lora_checkpoint`)."""
+  view = lora_checkpoint.checkpoint_view
+  target = sharding.abstract_with_shardings(view(abstract_state), view(shardings))
+  latest, state, saved_meta = ckpt.restore_newest(
       target, data_iter, log=lambda line: print(f'[{name}] {line}', flush=True))
   if latest is None:
     return init_fn(), {}
+  if lora_checkpoint.has_adapters(abstract_state):
+    state = lora_checkpoint.on_base(state, init_fn(), saved_meta, ckpt.step_dir(latest),
+                                    lora_checkpoint.bases_of(meta or {}))
   print(f'[{name}] resumed from {ckpt.directory}/{latest}', flush=True)
-  return state, meta
+  return state, saved_meta
+
+
+def save(ckpt, step: int, state, data_iter, meta: dict) -> None:
+  """One checkpoint of `state` (of a LoRA state, its trained part: `lora_checkpoint`)."""
+  ckpt.save(step, lora_checkpoint.checkpoint_view(state), data_iter, meta)
 
 
 def ensure_finite(name: str, step: int, loss, params_ok, ckpt) -> None:
@@ -192,6 +205,15 @@ def finish(name: str, out_dir: str, start: int, steps: int, final_metrics: dict,
       json.dump({k: float(v) for k, v in final_metrics.items()}, f, indent=1)
 
 
+def trained_count(params) -> str:
+  """'N parameters', or with LoRA 'n of N parameters trained (LoRA adapters)'."""
+  total = model_lib.count_params(params)
+  if not lora_checkpoint.has_adapters({'params': params}):
+    return f'{total:,} parameters'
+  return (f'{model_lib.count_params(lora.trainable(params)):,} of {total:,} parameters trained '
+          '(LoRA)')
+
+
 def evaluate(eval_step, params, batches, mesh, rules, perplexity=True) -> dict[str, float]:
   """Mean validation loss (and perplexity) over the given batches."""
   total: dict[str, float] = {}
@@ -220,9 +242,13 @@ def train(stage: Stage, workdir: str) -> Result:
     params = stage.init_params() if stage.init_params is not None else None
     return trainer.create_train_state(stage.mcfg, mesh, optimizer, cfg.seed, params)[1]
 
-  state, _ = resume(stage.name, ckpt, abstract_state, shardings, stage.data.train_iter, init)
+  meta = dict(stage.meta, stage=stage.name, n_params=n_params)
+  state, _ = resume(stage.name, ckpt, abstract_state, shardings, stage.data.train_iter, init,
+                    meta)
+  meta.update(lora_checkpoint.record(state, {'params': stage.mcfg},
+                                     lora_checkpoint.bases_of(meta)))
   start = int(jax.device_get(state['step']))
-  print(f'[{stage.name}] {n_params:,} parameters; mesh {dict(mesh.shape)}; '
+  print(f'[{stage.name}] {trained_count(abstract_state["params"])}; mesh {dict(mesh.shape)}; '
         f'steps {start} -> {t.steps}', flush=True)
 
   step_fn = trainer.make_train_step(graphdef, optimizer, stage.loss_fn, t.micro_batches, rules,
@@ -239,7 +265,6 @@ def train(stage: Stage, workdir: str) -> Result:
   step_flops = stage.flops_per_token or metrics_lib.flops_per_token(stage.mcfg, cfg.data.seq_len,
                                                                     n_params)
   count_tokens = stage.count_tokens or (lambda b: int(b['inputs'].size))
-  meta = dict(stage.meta, stage=stage.name, n_params=n_params)
 
   def check_finite(step, metrics):
     ensure_finite(stage.name, step, metrics['loss'], metrics['params_finite'], ckpt)
@@ -286,12 +311,12 @@ def train(stage: Stage, workdir: str) -> Result:
       # Evaluation and sampling are not training: restart the throughput clock.
       clock.update(start=time.perf_counter(), step=step, tokens=0)
 
-  def save(step):
+  def save_step(step):
     check_finite(step, last['metrics'])  # never save a diverged state
-    ckpt.save(step, state, stage.data.train_iter, dict(meta, step=step))
+    save(ckpt, step, state, stage.data.train_iter, dict(meta, step=step))
 
   last = {}
-  step = drive(stage.name, 'step', start, t.steps, one_step, ckpt, Saver(save, start), writer,
+  step = drive(stage.name, 'step', start, t.steps, one_step, ckpt, Saver(save_step, start), writer,
                mesh, last, after_save)
   finish(stage.name, out_dir, start, t.steps, final_metrics,
          'config.train.steps' if stage.name == 'pretrain' else f'config.{stage.name}.steps')

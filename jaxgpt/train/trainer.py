@@ -164,12 +164,16 @@ def make_eval_step(graphdef, loss_fn: LossFn, param_shardings, mesh, rules, batc
 
 
 def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False,
-               loss_chunk: int = 0) -> LossFn:
+               loss_chunk: int = 0, loss_positions: int = 0) -> LossFn:
   """Masked next-token cross-entropy over batch['weights'] (pretraining and SFT);
-  `loss_chunk` > 0 computes it that many positions at a time (config.train.loss_chunk)."""
+  `loss_chunk` > 0 computes it that many positions at a time (config.train.loss_chunk);
+  `loss_positions` > 0 runs the LM head on only the first that many weighted positions
+  of each row (config.train.loss_positions)."""
 
   def loss_fn(model, batch):
     segment_ids = batch['segment_ids'] if use_segment_ids else None
+    if loss_positions:
+      return _loss_at_targets(model, batch, segment_ids, loss_positions, z_loss)
     if loss_chunk:
       h_btd = model.hidden(batch['inputs'], batch['positions'], segment_ids)
       loss_sum, nll_sum = losses.chunked_lm_loss_sum(h_btd, model.logits, batch['targets'],
@@ -181,6 +185,25 @@ def lm_loss_fn(z_loss: float = 0.0, use_segment_ids: bool = False,
     return loss_sum, {'loss': nll_sum, 'weight': batch['weights'].sum()}
 
   return loss_fn
+
+
+def _loss_at_targets(model, batch, segment_ids, k: int, z_loss: float):
+  """The LM loss with the head and its softmax over the vocabulary on k positions a row
+  (those with weight first, in order) instead of all t: SFT rows hold a few reply tokens
+  among many prompt tokens. Weighted positions past k are left out; their share is
+  the 'dropped_targets' metric."""
+  h_btd = model.hidden(batch['inputs'], batch['positions'], segment_ids)
+  weights_bt = batch['weights']
+  k = min(k, weights_bt.shape[1])
+  idx_bk = jnp.argsort(-(weights_bt > 0).astype(jnp.int32), axis=1, stable=True)[:, :k]
+  h_bkd = jnp.take_along_axis(h_btd, idx_bk[..., None], axis=1)
+  weights_bk = jnp.take_along_axis(weights_bt, idx_bk, axis=1)
+  targets_bk = jnp.take_along_axis(batch['targets'], idx_bk, axis=1)
+  loss_sum, nll_sum = losses.masked_lm_loss_sum(model.logits(h_bkd), targets_bk, weights_bk,
+                                                z_loss)
+  kept = weights_bk.sum()
+  return loss_sum, {'loss': nll_sum, 'weight': kept,
+                    'dropped_targets': weights_bt.sum() - kept}
 
 
 def pair_scores_bt2(model, batch):

@@ -1,0 +1,25 @@
+"""GRPO straight from the pretrained model (WORKDIR/pretrain, or config.checkpoint.base: a
+published instruct model as shipped), skipping SFT: what RL alone makes of a model.
+
+The same algorithm and config section as `grpo` (config.grpo), in WORKDIR/grpo_base; its
+eval.json compares the policy with the model it started from ('base').
+"""
+
+from __future__ import annotations
+
+from jaxgpt.rl import grpo as grpo_algo
+from jaxgpt.stages import online_rl
+from jaxgpt.train import loop
+
+NAME = 'grpo_base'
+
+
+def run(cfg, workdir: str) -> loop.Result:
+  def init(algo, mesh, policy_dir, reward_dir, score_stats):
+    del reward_dir, score_stats
+    return {'policy': online_rl.policy_params(algo, mesh, policy_dir, cfg.seed, NAME)}
+
+  started = online_rl.run(cfg, workdir, NAME, grpo_algo.build, init, section_name='grpo',
+                          policy_from='pretrain')
+  online_rl.write_eval(cfg, workdir, NAME, started)
+  return started.result
