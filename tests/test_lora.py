@@ -119,3 +119,49 @@ def test_adapters_shard_like_their_kernels():
   kernel, a, b = q['kernel'].spec, q['lora_a'].spec, q['lora_b'].spec
   assert tuple(a) == tuple(kernel[:2]) + (None,)        # (layers, embed | rank)
   assert tuple(b) == (kernel[0], None) + tuple(kernel[2:])  # (layers, rank | heads, head_dim)
+
+
+def dir_bytes(path):
+  import os
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+             for f in files)
+
+
+@pytest.mark.slow
+def test_lora_sft_reward_dpo_save_adapters_and_read_back_merged(smoke_run, tmp_path):
+  """SFT, the reward model and DPO with config.lora on the smoke run's models: each
+  checkpoint holds adapters (and the reward model's head), not the base; a reader gets
+  the base with the adapters merged, equal to the trained adapted model's outputs."""
+  import os
+  import shutil
+  from jaxgpt import run as run_lib
+  from jaxgpt.inference import loading
+  from jaxgpt.train import checkpoint as ckpt_lib
+  workdir = smoke_run[0]
+  wd = str(tmp_path / 'lora')
+  shutil.copytree(os.path.join(workdir, 'pretrain'), os.path.join(wd, 'pretrain'))
+  common = {'lora.rank': 4, 'tokenizer.path': os.path.join(workdir, 'tokenizer.model'),
+            'sft.steps': 2, 'reward.steps': 2, 'dpo.steps': 2}
+  for stage in ('sft', 'reward', 'dpo'):
+    result = run_lib.run(helpers.smoke_config(stage=stage, **common), wd)[stage]
+    directory = ckpt_lib.checkpoints_dir(wd, stage)
+    saved = ckpt_lib.Checkpointer(directory, async_save=False)
+    step = saved.latest_step()
+    meta = saved.read_meta(step)
+    saved.close()
+    assert meta['lora']['params']['rank'] == 4
+    # The saved state is the adapters (and head) with their optimizer moments: a fraction of
+    # the base's bytes, which the pretraining checkpoint holds with its moments.
+    assert dir_bytes(os.path.join(directory, str(step))) < 0.5 * dir_bytes(
+        os.path.join(wd, 'pretrain', 'checkpoints'))
+    trained = lora.trainable(result.state['params'])
+    expected_heads = {'scalar_head'} if stage == 'reward' else set()
+    assert {k for k in trained if k != 'blocks'} == expected_heads
+    if stage == 'reward':
+      continue
+    loaded = loading.load(wd, stage)
+    assert not lora.has_adapters(loaded.params)
+    adapted_mcfg = lora.adapted(loaded.mcfg, helpers.smoke_config(**common).lora)
+    got = logits(loaded.mcfg, jax.device_get(loaded.params), TOKENS[:, :8] % 500)
+    want = logits(adapted_mcfg, jax.device_get(result.state['params']), TOKENS[:, :8] % 500)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -61,11 +61,11 @@ def write_eval(cfg, workdir, tok, mcfg, graphdef, base, sft) -> dict:
   s = cfg.sft
   eval_set = tasks.heldout_eval_set(s.eval_per_task, seed=cfg.seed)
   kw = dict(max_new_tokens=s.eval_tokens, shots=s.few_shot, seed=cfg.seed)
+  # A published instruct model (config.checkpoint.base) is asked in its chat template.
+  zero, few = ('chat', 'chat_few_shot') if cfg.checkpoint.base else ('zero_shot', 'few_shot')
   report = {
-      'base_zero_shot': evaluation.task_accuracy(graphdef, base, mcfg, tok, 'zero_shot',
-                                                 eval_set, **kw),
-      'base_few_shot': evaluation.task_accuracy(graphdef, base, mcfg, tok, 'few_shot',
-                                                eval_set, **kw),
+      'base_zero_shot': evaluation.task_accuracy(graphdef, base, mcfg, tok, zero, eval_set, **kw),
+      'base_few_shot': evaluation.task_accuracy(graphdef, base, mcfg, tok, few, eval_set, **kw),
       'sft': evaluation.task_accuracy(graphdef, sft, mcfg, tok, 'chat', eval_set, **kw),
   }
   report['n_prompts'] = len(eval_set)
