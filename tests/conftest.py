@@ -9,6 +9,21 @@ os.environ['XLA_FLAGS'] = (
     ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+# One persistent compilation cache for the whole session: both xdist workers and every
+# command line a test launches inherit these variables, so a program compiled once (the
+# smoke run's, which each worker and many subprocesses repeat) is read back afterwards.
+# Only compile time changes: a cached program is the same HLO compiled the same way. The
+# size limit turns on jax's file lock, so two processes never read a half-written entry.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxgpt-tests-jit-')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
+  # Removed by the process that made it (the xdist controller exits after its workers).
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+
 import jax  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
