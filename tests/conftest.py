@@ -2,11 +2,10 @@
 
 import os
 
-# LLVM optimisation level 0 compiles the tiny test programs 3-4x faster; they are too
-# small for run time to matter.
-os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-    ' --xla_backend_optimization_level=0').strip()
+import xla_test_flags
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
+                           xla_test_flags.flags(devices=8)).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # One persistent compilation cache for the whole session: both xdist workers and every

@@ -38,6 +38,7 @@ import pytest
 
 import gguf_files
 import helpers
+import xla_test_flags
 from jaxgpt import errors
 from jaxgpt import config as config_lib
 from jaxgpt import run as run_lib
@@ -339,8 +340,7 @@ class Outcome:
 
 def _env(case: Case, d) -> dict[str, str]:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
-                      '--xla_backend_optimization_level=0'}
+         'XLA_FLAGS': xla_test_flags.flags(devices=8)}
   if case.own_cache:
     env['JAXGPT_CACHE'] = str(d / 'cache')
   return env
@@ -486,7 +486,7 @@ def test_kill_9_then_resume_logs_each_step_once(smoke_run, tmp_path):
          '--config.train.log_every=1', '--config.train.eval_every=1000',
          '--config.train.sample_every=1000', '--config.checkpoint.every_steps=2',
          '--config.checkpoint.max_to_keep=5', '--config.train.peak_flops=1e12']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_backend_optimization_level=0'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_test_flags.flags()}
   proc = subprocess.Popen(cmd + ['--config.train.steps=1000'], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   for line in proc.stdout:
