@@ -31,6 +31,15 @@ jax.config.update('jax_threefry_partitionable', True)
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(items):
+  """Every test that needs `smoke_run` joins one xdist group, so one worker computes the
+  run and the other spends that time on the rest, rather than both computing it."""
+  for item in items:
+    if 'smoke_run' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.xdist_group('smoke_run'))
+
+
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
   """`stage=all` of experiments/tiny.py:smoke, shared by the tests that need a finished

@@ -383,8 +383,8 @@ def outcomes(request, smoke_run, tmp_path_factory):
 
 
 # The outcomes fixture runs every case's command at once: its tests share one xdist
-# worker (`--dist loadgroup`), or each worker would run all of them again.
-@pytest.mark.xdist_group('outcomes')
+# worker, as every test of the smoke run does (conftest.py), or each worker would run all
+# of them again.
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.id)
 def test_a_mistake_is_one_clear_message(case, outcomes, smoke_run):
   out = outcomes[0][case.id]
@@ -403,7 +403,6 @@ def test_a_mistake_is_one_clear_message(case, outcomes, smoke_run):
   assert not changed, f'changed or removed: {changed}\n{report}'
 
 
-@pytest.mark.xdist_group('outcomes')
 def test_no_case_touched_the_shared_run(outcomes):
   _, before, after = outcomes
   assert before == after
