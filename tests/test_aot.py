@@ -13,6 +13,7 @@ import jax
 import pytest
 
 import helpers
+import xla_test_flags
 from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
@@ -107,7 +108,7 @@ def test_splash_attention_compiles_inside_the_train_step_for_a_tpu_slice(attenti
 
 
 def test_tool_prints_the_table_for_this_machine():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS=xla_test_flags.flags(devices=2))
   proc = subprocess.run(
       [sys.executable, 'tools/aot.py', '--config=experiments/tiny.py:smoke', '--stage=pretrain',
        '--steps=eval', '--search=false', '--peak_tflops=1'],

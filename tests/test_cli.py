@@ -16,6 +16,7 @@ import pytest
 from absl import flags
 
 import helpers
+import xla_test_flags
 from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
 from jaxgpt.cli import chat as chat_cli
@@ -249,7 +250,7 @@ def test_chat_missing_workdir(tmp_path):
 
 def test_score_cli_prints_reward_scores_and_comparisons(workdir, tmp_path):
   """`python -m jaxgpt.cli.score` (its own process: its --prompt is not sample's)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_test_flags.flags())
 
   def score(*args):
     proc = subprocess.run([sys.executable, '-m', 'jaxgpt.cli.score', f'--workdir={workdir}', *args],

@@ -62,8 +62,11 @@ def hf_config(name):
 
 @functools.cache
 def hf_model(name):
-  """The float32 reference in eval mode, every parameter perturbed."""
-  model = getattr(transformers, CASES[name][1])(hf_config(name)).to(torch.float32).eval()
+  """The float32 reference in eval mode, every parameter perturbed. Its random init is
+  seeded, and in a forked RNG so it neither depends on nor changes what ran before."""
+  with torch.random.fork_rng():
+    torch.manual_seed(0)
+    model = getattr(transformers, CASES[name][1])(hf_config(name)).to(torch.float32).eval()
   assert model.config._attn_implementation == 'eager'
   gen = torch.Generator().manual_seed(1)
   with torch.no_grad():
@@ -160,7 +163,9 @@ def test_greedy_kv_cache_decoding_equals_generate(name):
   """Two prompts of different lengths in one batch (the shorter right-padded), greedy,
   until 24 tokens past the window (past position 24 without one): the tokens of
   transformers' `generate` on each prompt alone, and each token's log-prob under its
-  logits (which a wrong window changes even where the argmax stays)."""
+  logits (which a wrong window changes even where the argmax stays). The reference runs
+  with no eos (`min_new_tokens` would instead mask eos out of its logits, which jaxgpt's
+  greedy step does not), so both take the argmax for every one of the tokens."""
   mcfg, _, params = case(name)
   new = WINDOW.get(name, 0) + 24
   prompts = [tokens()[0, :7], tokens()[1, :4]]
@@ -174,7 +179,7 @@ def test_greedy_kv_cache_decoding_equals_generate(name):
     with torch.no_grad():
       want = hf_model(name).generate(
           torch.from_numpy(prompt[None].astype(np.int64)), max_new_tokens=new, do_sample=False,
-          min_new_tokens=new, attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+          eos_token_id=None, attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
           output_logits=True, return_dict_in_generate=True)
     assert got[row].tolist() == want.sequences[0, len(prompt):].tolist(), f'row {row}'
     logprobs = torch.log_softmax(torch.cat(want.logits)[:, :V], -1).numpy()

@@ -16,6 +16,7 @@ import sys
 import pytest
 
 import helpers
+import xla_test_flags
 from jaxgpt import run as run_lib
 from jaxgpt.train import checkpoint as ckpt_lib
 
@@ -32,8 +33,7 @@ def two_processes(workdir, args):
   """Runs `jaxgpt.main` on the smoke config with `args` as 2 processes; their outputs."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-                       '--xla_backend_optimization_level=0')
+             XLA_FLAGS=xla_test_flags.flags(devices=4))
   procs = []
   for process_id in range(2):
     cmd = [sys.executable, '-m', 'jaxgpt.main',

@@ -11,6 +11,7 @@ import nbformat
 import pytest
 
 import helpers
+import xla_test_flags
 
 NOTEBOOK = os.path.join(helpers.ROOT, 'experiments', 'colab_tpu.ipynb')
 
@@ -21,7 +22,7 @@ def test_colab_notebook_runs_in_smoke_mode(smoke_run, tmp_path, monkeypatch):
   shutil.copytree(smoke_run[0], workdir)
   for name, value in {'JAXGPT_NOTEBOOK_SMOKE': '1', 'JAXGPT_NOTEBOOK_SKIP_INSTALL': '1',
                       'JAXGPT_ROOT': helpers.ROOT, 'JAXGPT_NOTEBOOK_WORKDIR': str(workdir),
-                      'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}.items():
+                      'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_test_flags.flags()}.items():
     monkeypatch.setenv(name, value)  # the kernel and its children inherit them
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import helpers
+import xla_test_flags
 
 from jaxgpt import run as run_lib
 from jaxgpt.config import ConfigError
@@ -137,7 +138,7 @@ def test_sigterm_saves_and_the_rerun_resumes(pretrained, tmp_path):
          '--config.train.log_every=1', '--config.train.eval_every=100000',
          '--config.train.sample_every=100000', '--config.checkpoint.every_steps=100000',
          '--config.train.peak_flops=1e12']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_test_flags.flags())
   proc = subprocess.Popen(cmd + ['--config.train.steps=100000'], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=helpers.ROOT)
   lines = []

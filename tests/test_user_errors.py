@@ -38,6 +38,7 @@ import pytest
 
 import gguf_files
 import helpers
+import xla_test_flags
 from jaxgpt import errors
 from jaxgpt import config as config_lib
 from jaxgpt import run as run_lib
@@ -339,8 +340,7 @@ class Outcome:
 
 def _env(case: Case, d) -> dict[str, str]:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
-                      '--xla_backend_optimization_level=0'}
+         'XLA_FLAGS': xla_test_flags.flags(devices=8)}
   if case.own_cache:
     env['JAXGPT_CACHE'] = str(d / 'cache')
   return env
@@ -383,8 +383,8 @@ def outcomes(request, smoke_run, tmp_path_factory):
 
 
 # The outcomes fixture runs every case's command at once: its tests share one xdist
-# worker (`--dist loadgroup`), or each worker would run all of them again.
-@pytest.mark.xdist_group('outcomes')
+# worker, as every test of the smoke run does (conftest.py), or each worker would run all
+# of them again.
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.id)
 def test_a_mistake_is_one_clear_message(case, outcomes, smoke_run):
   out = outcomes[0][case.id]
@@ -403,7 +403,6 @@ def test_a_mistake_is_one_clear_message(case, outcomes, smoke_run):
   assert not changed, f'changed or removed: {changed}\n{report}'
 
 
-@pytest.mark.xdist_group('outcomes')
 def test_no_case_touched_the_shared_run(outcomes):
   _, before, after = outcomes
   assert before == after
@@ -486,7 +485,7 @@ def test_kill_9_then_resume_logs_each_step_once(smoke_run, tmp_path):
          '--config.train.log_every=1', '--config.train.eval_every=1000',
          '--config.train.sample_every=1000', '--config.checkpoint.every_steps=2',
          '--config.checkpoint.max_to_keep=5', '--config.train.peak_flops=1e12']
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_backend_optimization_level=0'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_test_flags.flags()}
   proc = subprocess.Popen(cmd + ['--config.train.steps=1000'], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   for line in proc.stdout:
