@@ -303,5 +303,6 @@ def test_on_policy_grpo_gradient_is_the_advantage_weighted_sft_gradient():
   assert 0 in n_b and len(set(n_b)) > 2  # empty and uneven replies
   rl_grads = grad(grpo_algo.make_loss_fn(cfg.grpo), rl_batch)
   sft_grads = grad(trainer.lm_loss_fn(), sft_batch)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(sft_grads))
   for a, b in zip(jax.tree.leaves(rl_grads), jax.tree.leaves(sft_grads)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * scale)

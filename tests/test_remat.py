@@ -32,8 +32,12 @@ def test_save_proj_gives_the_loss_and_gradients_of_no_remat(family):
   (loss, grads), (ref_loss, ref_grads) = out['save_proj'], out['none']
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  # atol relative to the largest gradient: a bias's ~1e-7 entries are float32 rounding noise
+  # of sums whose order XLA's fusion decides.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
   for (path, g), ref in zip(flat, jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize('family', ['llama', 'gpt2'])

@@ -69,7 +69,10 @@ def params_from_checkpoint(directory: str, mesh, mcfg, *, what: str, fresh=(), s
     source = hf_import.ModelSource.from_spec(directory)
     params = hf_import.load_params(source, mesh, mcfg, skip=fresh)
     return dict(params, **fresh_entries(mesh, mcfg, fresh, seed)), {'hf_source': source.path}
-  lora_record = checkpoint_meta(directory).get(lora_checkpoint.META_KEY, {})
+  try:
+    lora_record = checkpoint_meta(directory).get(lora_checkpoint.META_KEY, {})
+  except ckpt_lib.CheckpointError:  # damaged: the read below names it and what to do
+    lora_record = {}
   if '/'.join(key_path) in lora_record:
     return lora_params(directory, lora_record['/'.join(key_path)], mesh, mcfg, what=what,
                        fresh=fresh, seed=seed, key_path=key_path)
