@@ -48,7 +48,9 @@ def tiny_llama(vocab_size, tied=False, layers=2):
       vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
       rope_theta=5e5, tie_word_embeddings=tied, attn_implementation='eager')
-  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.random.fork_rng():  # a seeded init that leaves the global RNG as it was
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
   gen = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for p in model.parameters():
@@ -110,10 +112,10 @@ def forward(params, mcfg, tokens):
 @pytest.mark.parametrize('quant', ['F32', 'F16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'mixed'])
 def test_import_equals_transformers_gguf_load(vocab, tmp_path, quant):
   """Every tensor de-quantises to exactly transformers' value (q/k order restored), and the
-  logits agree far inside the quantisation's own error (exactly, to float rounding, for
-  F32). 'Q4_K': Q4_K / Q6_K ffn_down rows; 'mixed' (3 layers): BF16 attention, Q5_0 / Q5_1
-  MLP, Q5_K / Q3_K / Q2_K ffn_down, Q8_0 embedding, on a (2,2,2) mesh with the vocabulary
-  padded to 384."""
+  logits agree far inside the quantisation's own error (a thousandth of it, or float32
+  rounding where that is larger). 'Q4_K': Q4_K / Q6_K ffn_down rows; 'mixed' (3 layers):
+  BF16 attention, Q5_0 / Q5_1 MLP, Q5_K / Q3_K / Q2_K ffn_down, Q8_0 embedding, on a
+  (2,2,2) mesh with the vocabulary padded to 384."""
   v = len(vocab['tokens'])
   model = tiny_llama(v, tied=quant in ('Q4_1', 'Q4_K'), layers=3 if quant == 'mixed' else 2)
   path = gguf_files.write_llama(tmp_path / f'{quant}.gguf', model, vocab, quant)
@@ -131,8 +133,10 @@ def test_import_equals_transformers_gguf_load(vocab, tmp_path, quant):
   if quant == 'F32':
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
   else:
+    # F16's own error (~1e-3) is so small that a thousandth of it is float32 rounding
+    # (~1e-6): the F32 case's tolerance is the floor.
     quantisation_error = np.abs(want - logits_of(model, TOKENS)).max()
-    assert np.abs(ours - want).max() < 1e-3 * quantisation_error, quant
+    assert np.abs(ours - want).max() < max(1e-3 * quantisation_error, 1e-5), quant
 
 
 def test_init_from_gguf_and_the_import_command_give_the_same_model(f32_file, tmp_path):
