@@ -160,23 +160,25 @@ def scan_and_loop(setup_cls, config_fn, section_name, mesh_shape):
   return out
 
 
-@pytest.mark.parametrize('algo_name,mesh', [('ppo', (1, 1, 1)), ('ppo', (2, 2, 2)),
-                                            ('grpo', (1, 1, 1)), ('grpo', (1, 2, 4))],
+@pytest.mark.parametrize('algo_name,mesh', [('ppo', (2, 2, 2)), ('grpo', (1, 2, 4))],
                          ids=lambda x: 'x'.join(map(str, x)) if isinstance(x, tuple) else x)
 def test_epochs_scan_equals_one_update_per_minibatch(algo_name, mesh):
+  """On one device and on the sharded mesh, the scan equals the loop; and the sharded scan
+  equals one device's (one device's run computed once for both checks)."""
   mod = {'ppo': (test_ppo.Setup, test_ppo.ppo_config),
          'grpo': (test_grpo.Setup, test_grpo.grpo_config)}[algo_name]
-  (scanned, scanned_p), (looped, looped_p) = scan_and_loop(*mod, algo_name, mesh)
-  for k in ('policy_loss', 'clipfrac', 'ratio', 'policy_grad_norm'):
-    np.testing.assert_allclose(scanned[k], looped[k], rtol=1e-4, atol=1e-6, err_msg=k)
-  for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(looped_p)):
+  runs = {m: scan_and_loop(*mod, algo_name, m) for m in ((1, 1, 1), mesh)}
+  for m, ((scanned, scanned_p), (looped, looped_p)) in runs.items():
+    for k in ('policy_loss', 'clipfrac', 'ratio', 'policy_grad_norm'):
+      np.testing.assert_allclose(scanned[k], looped[k], rtol=1e-4, atol=1e-6, err_msg=f'{m} {k}')
+    for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(looped_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(m))
+  (scanned, scanned_p), _ = runs[mesh]
+  (one, one_p), _ = runs[(1, 1, 1)]
+  for k in ('policy_loss', 'clipfrac', 'ratio'):
+    np.testing.assert_allclose(scanned[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(one_p)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  if mesh != (1, 1, 1):  # ... and the sharded program equals one device's
-    (one, one_p), _ = scan_and_loop(*mod, algo_name, (1, 1, 1))
-    for k in ('policy_loss', 'clipfrac', 'ratio'):
-      np.testing.assert_allclose(scanned[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(scanned_p), jax.tree.leaves(one_p)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_log_probs_over_the_reply_window_equal_the_full_ones():
