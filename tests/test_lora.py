@@ -73,7 +73,7 @@ def test_merged_model_equals_the_adapted_forward_and_the_base_is_shared():
   assert not lora.has_adapters(merged)
   np.testing.assert_allclose(logits(base_mcfg, merged, TOKENS), adapted, atol=2e-5, rtol=1e-5)
   # The reference with adapters off is the base, from the same arrays (no copy).
-  off = lora.base_of(params)
+  off = lora.frozen(params)
   assert jax.tree.structure(off) == jax.tree.structure(base)
   assert all(a is b for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(lora.frozen(params))))
   np.testing.assert_array_equal(logits(base_mcfg, off, TOKENS), logits(base_mcfg, base, TOKENS))

@@ -107,7 +107,8 @@ def trainable(tree):
 
 
 def frozen(tree):
-  """The rest of `tree`: its base, when it has adapters (else {})."""
+  """The rest of `tree`: its base, when it has adapters (else {}); the same arrays, not a
+  copy (the reference model of PPO and GRPO under LoRA)."""
   with_adapters = has_adapters(tree)
   return _select(tree, lambda path: not _trainable_path(path, with_adapters))
 
@@ -124,11 +125,9 @@ def combine(*trees):
   return out
 
 
-def base_of(params):
-  """A tree with adapters -> the base model's parameters (adapters and scalar head left
-  out): the same arrays, not a copy."""
-  return _select(params, lambda path: _key(path[-1]) not in ADAPTERS and
-                 'scalar_head' not in [_key(p) for p in path])
+def without_adapters(tree):
+  """`tree` less its adapters (what `merged` returns, a scalar head kept)."""
+  return _select(tree, lambda path: _key(path[-1]) not in ADAPTERS)
 
 
 def merged(params, scale: float):

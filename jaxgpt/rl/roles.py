@@ -64,7 +64,7 @@ def reference_params(frozen: dict, params: dict):
   """The reference's parameters: its own frozen copy, or (LoRA) the policy's base."""
   if 'reference' in frozen:
     return frozen['reference']
-  return lora.base_of(params['policy'])
+  return lora.frozen(params['policy'])
 
 
 def role_optimizers(cfg, section, roles: Roles, updates_per_iteration: int) -> dict:

@@ -114,8 +114,7 @@ def merged_model(mcfg, params):
   graphdef = model_lib.abstract_model(plain)[0]
   if not mcfg.lora_rank:
     return mcfg, graphdef, params
-  head = {'scalar_head': params['scalar_head']} if 'scalar_head' in params else {}
-  shardings = jax.tree.map(lambda x: x.sharding, lora.combine(lora.base_of(params), head))
+  shardings = jax.tree.map(lambda x: x.sharding, lora.without_adapters(params))
   merged = jax.jit(lambda p: lora.merged(p, mcfg.lora_alpha / mcfg.lora_rank),
                    out_shardings=shardings)(params)
   return plain, graphdef, merged
@@ -137,7 +136,7 @@ def fresh_adapters(mcfg, mesh, seed: int) -> dict:
   _, target = model_lib.abstract_sharded_params(mcfg, mesh)
 
   def adapters_of(tree):
-    return lora.combine(*[{k: v} for k, v in lora.trainable(tree).items() if k != 'scalar_head'])
+    return {k: v for k, v in lora.trainable(tree).items() if k != 'scalar_head'}
   with jax.set_mesh(mesh):
     return jax.jit(lambda: adapters_of(model_lib.fresh_params(mcfg, seed)),
                    out_shardings=jax.tree.map(lambda x: x.sharding, adapters_of(target)))()

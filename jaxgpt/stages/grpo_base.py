@@ -15,11 +15,7 @@ NAME = 'grpo_base'
 
 
 def run(cfg, workdir: str) -> loop.Result:
-  def init(algo, mesh, policy_dir, reward_dir, score_stats):
-    del reward_dir, score_stats
-    return {'policy': online_rl.policy_params(algo, mesh, policy_dir, cfg.seed, NAME)}
-
-  started = online_rl.run(cfg, workdir, NAME, grpo_algo.build, init, section_name='grpo',
-                          policy_from='pretrain')
+  started = online_rl.run(cfg, workdir, NAME, grpo_algo.build, online_rl.policy_only(cfg, NAME),
+                          section_name='grpo', policy_from='pretrain')
   online_rl.write_eval(cfg, workdir, NAME, started)
   return started.result

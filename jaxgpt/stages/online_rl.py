@@ -103,6 +103,14 @@ def policy_params(algo, mesh, policy_dir, seed, name) -> dict:
                       fresh=('scalar_head',) if algo.roles.policy.scalar_head else ())
 
 
+def policy_only(cfg, name: str) -> Callable:
+  """`initial_params` of a stage whose only trained role is the policy (GRPO and kin)."""
+  def init(algo, mesh, policy_dir, reward_dir, score_stats):
+    del reward_dir, score_stats
+    return {'policy': policy_params(algo, mesh, policy_dir, cfg.seed, name)}
+  return init
+
+
 def start_params(mcfg, mesh, directory, seed, what, fresh=()) -> dict:
   """A trained role's starting weights read from `directory` as the plain model, then (when
   `mcfg` has adapters) fresh adapters beside its kernels."""
