@@ -256,3 +256,29 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(family):
     assert {x.dtype for x in jax.tree.leaves(new_state['params'])} == {jnp.dtype('float32')}
   np.testing.assert_allclose(out['bfloat16']['loss'], out['float32']['loss'], rtol=1e-2)
   np.testing.assert_allclose(out['bfloat16']['grad_norm'], out['float32']['grad_norm'], rtol=3e-2)
+
+
+@pytest.mark.parametrize('eqn, x_shape, w_shape', [('btd,df->btf', (2, 3, 4), (4, 5)),
+                                                   ('btNh,Nhd->btd', (2, 3, 2, 4), (2, 4, 5))])
+def test_einsum_f32_sums_gradients_are_the_float32_ones_rounded(eqn, x_shape, w_shape):
+  """bf16 operands summed in float32 (what XLA:CPU runs on AMX): the value and both
+  gradients equal float32 arithmetic on the same bf16 numbers, rounded to bf16 (within
+  one bf16 step: the sums may run in another order)."""
+  from jaxgpt.model import layers  # pylint: disable=import-outside-toplevel
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, w_shape).astype(jnp.bfloat16)
+  y_shape = jax.eval_shape(lambda: jnp.einsum(eqn, x, w)).shape
+  g = jax.random.normal(kg, y_shape).astype(jnp.bfloat16)
+
+  def vjp(f, *args):
+    y, back = jax.vjp(f, *args)
+    return (y,) + back(g.astype(y.dtype))
+
+  got = vjp(lambda a, b: layers.einsum_f32_sums(eqn, a, b), x, w)
+  want = vjp(lambda a, b: jnp.einsum(eqn, a, b),
+             x.astype(jnp.float32), w.astype(jnp.float32))
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2 ** -7, atol=2 ** -7)

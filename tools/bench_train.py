@@ -1,6 +1,7 @@
-r"""Pretraining step throughput and MFU beside a PyTorch eager peer, on the same model.
+r"""Train-step throughput, MFU and peak memory beside a PyTorch eager peer, on the same model.
 
     python tools/bench_train.py --config experiments/bench_33m.py      # + experiments/tiny.py
+    python tools/bench_train.py --config experiments/bench_135m.py --also= --lora_rank=16
 
 For the experiment (and each `--also` experiment file), random parameters and random
 token rows of config.train.batch_size x config.data.seq_len:
@@ -13,11 +14,18 @@ token rows of config.train.batch_size x config.data.seq_len:
            hyper-parameters (decay on matrices only); when `transformers` and `torch`
            are installed (`--nopytorch` skips it).
 
+With `config.train.loss_positions` > 0 the loss is on that many positions at the end of
+each row (SFT-style: a reply after its prompt); jaxgpt runs its LM head there only, the
+peer on every position (as transformers and TRL do). `--lora_rank` > 0 times a LoRA
+update too (every projection; the peer through `peft`, when installed).
+
 tokens/s = batch x seq_len / seconds per step, best of `--repeats` steps after a warm-up;
 MFU = tokens/s x `metrics.flops_per_token` / the peak measured here
 (`metrics.measure_peak_flops`, a large matmul on every local device; `--peak_tflops`
-sets it). Both peers count the same FLOPs per token. Figures only: tests never use
-timings.
+sets it). Both peers count the same FLOPs per token (6N: a LoRA update's is lower, so its
+MFU reads high). Peak memory: the most resident memory during the timed steps above what
+was resident before the first one (activations, gradients, temporaries; Linux only).
+Figures only: tests never use timings.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from jaxgpt import errors, sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.hf import torch_peer
+from jaxgpt.model import lora
 from jaxgpt.train import loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
@@ -46,6 +55,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
 _PYTORCH = flags.DEFINE_bool('pytorch', True, 'also time the PyTorch eager peer (when installed)')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'peak FLOP/s in TFLOP/s; 0: measured here')
+_LORA_RANK = flags.DEFINE_integer('lora_rank', 0, 'also time a LoRA update of this rank (0: no)')
 
 
 def load_experiment(path: str):
@@ -56,8 +66,20 @@ def load_experiment(path: str):
   return module.get_config()
 
 
-def timed_steps(step, repeats: int) -> tuple[float, float]:
-  """(first call seconds, best seconds of `repeats` more calls) of `step()`."""
+def _resident_kib(field: str) -> int:
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def timed_steps(step, repeats: int) -> tuple[float, float, float]:
+  """(first call seconds, best seconds of `repeats` more calls, peak MiB) of `step()`;
+  peak: resident memory during the calls above what was resident before (nan off Linux)."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')  # restart the kernel's high-water mark of resident memory
+    before = _resident_kib('VmRSS')
+  except OSError:
+    before = None
   start = time.perf_counter()
   step()
   first, best = time.perf_counter() - start, float('inf')
@@ -65,13 +87,21 @@ def timed_steps(step, repeats: int) -> tuple[float, float]:
     start = time.perf_counter()
     step()
     best = min(best, time.perf_counter() - start)
-  return first, best
+  peak = float('nan') if before is None else (_resident_kib('VmHWM') - before) / 1024
+  return first, best, peak
 
 
 def random_rows(cfg, seed: int) -> np.ndarray:
   b, t = cfg.train.batch_size, cfg.data.seq_len
   return np.random.default_rng(seed).integers(
       0, cfg.model.vocab_size, size=(b, t + 1)).astype(np.int32)
+
+
+def loss_weights(cfg, b: int, t: int) -> np.ndarray:
+  """1 where the loss is taken: every position, or the last config.train.loss_positions."""
+  weights_bt = np.ones((b, t), np.float32)
+  weights_bt[:, :t - (cfg.train.loss_positions or t)] = 0
+  return weights_bt
 
 
 # -- the peers ---------------------------------------------------------------------------------
@@ -84,8 +114,8 @@ def jaxgpt_step(cfg, mcfg, mesh, rows):
   graphdef, state, shardings = trainer.create_train_state(mcfg, mesh, opt, _SEED.value)
   params = jax.device_get(state['params'])
   loss_fn = trainer.lm_loss_fn(cfg.train.z_loss, bool(cfg.data.segment_ids),
-                               cfg.train.loss_chunk)  # as the pretraining stage
-  batch = {'inputs': rows[:, :-1], 'targets': rows[:, 1:], 'weights': np.ones((b, t), np.float32),
+                               cfg.train.loss_chunk, cfg.train.loss_positions)  # as the stages
+  batch = {'inputs': rows[:, :-1], 'targets': rows[:, 1:], 'weights': loss_weights(cfg, b, t),
            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
            'segment_ids': np.ones((b, t), np.int32)}
   step_fn = trainer.jit_train_step(
@@ -103,40 +133,71 @@ def jaxgpt_step(cfg, mcfg, mesh, rows):
   return step, params
 
 
-def pytorch_step(cfg, mcfg, params, rows):
-  """step() of the eager PyTorch peer, or None when transformers / torch are missing."""
+def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
+  """(step() of the eager PyTorch peer, or None, and the line saying why not)."""
   peer = torch_peer.causal_lm(mcfg, params, threads=_TORCH_THREADS.value)
   if peer is None:
-    return None
+    return None, 'transformers / torch not installed: no PyTorch peer (pip install .[hf])'
   import torch  # pylint: disable=import-outside-toplevel
   model, about = peer
+  if lora_rank:
+    try:
+      import peft  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      return None, 'peft not installed: no PyTorch LoRA peer (pip install peft)'
+    targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=lora_rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets))
+    about += f', peft {peft.__version__} LoRA r={lora_rank}'
   model.train()
   print(f'pytorch peer: {about}')
   t = cfg.train
-  matrices = [p for p in model.parameters() if p.ndim >= 2]
-  others = [p for p in model.parameters() if p.ndim < 2]
+  trained = [p for p in model.parameters() if p.requires_grad]
+  matrices = [p for p in trained if p.ndim >= 2]
+  others = [p for p in trained if p.ndim < 2]
   decay = t.weight_decay if t.decay != 'none' else 0.0
   opt = torch.optim.AdamW(
       [{'params': matrices, 'weight_decay': decay},
        {'params': others, 'weight_decay': decay if t.decay == 'all' else 0.0}],
       lr=t.lr, betas=(t.b1, t.b2), eps=t.eps)
   tokens = torch.from_numpy(rows.astype(np.int64))
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+  targets[torch.from_numpy(loss_weights(cfg, *targets.shape) == 0)] = -100  # no loss there
 
   def step():
     logits = model(input_ids=inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             targets.reshape(-1))
+                                             targets.reshape(-1), ignore_index=-100)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if t.clip_norm > 0:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+      torch.nn.utils.clip_grad_norm_(trained, t.clip_norm)
     opt.step()
 
-  return step
+  return step, ''
 
 
 # -- main --------------------------------------------------------------------------------------
+
+
+def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0):
+  """[(peer, first s, best s, peak MiB)] of one kind of update (full, or LoRA of
+  `lora_rank`), and the model's parameter count (without adapters)."""
+  if lora_rank:
+    cfg = cfg.copy_and_resolve_references()
+    cfg.lora.rank = lora_rank
+    mcfg = lora.adapted(mcfg, cfg.lora)
+  step, params = jaxgpt_step(cfg, mcfg, mesh, rows)
+  params = lora.without_adapters(params) if lora_rank else params
+  results = [('jaxgpt',) + timed_steps(step, _REPEATS.value)]
+  del step  # its state: what the peer's peak memory is measured above
+  if _PYTORCH.value:
+    peer, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank)
+    if peer is None:
+      print(why_not)
+    else:
+      results.append(('pytorch eager',) + timed_steps(peer, _REPEATS.value))
+  return results, model_lib.count_params(params)
 
 
 def bench(name, cfg, peak):
@@ -145,27 +206,26 @@ def bench(name, cfg, peak):
   mesh = sharding.make_mesh(cfg)
   rows = random_rows(cfg, _SEED.value)
   b, t = rows.shape[0], rows.shape[1] - 1
-  step, params = jaxgpt_step(cfg, mcfg, mesh, rows)
-  n_params = model_lib.count_params(params)
+  updates = [('full', 0)] + ([(f'LoRA r={_LORA_RANK.value}', _LORA_RANK.value)]
+                             if _LORA_RANK.value else [])
+  timed = [(kind,) + bench_update(cfg, mcfg, mesh, rows, rank) for kind, rank in updates]
+  n_params = timed[0][2]
   fpt = metrics.flops_per_token(mcfg, t, n_params)
-  results = [('jaxgpt',) + timed_steps(step, _REPEATS.value)]
-  if _PYTORCH.value:
-    peer = pytorch_step(cfg, mcfg, params, rows)
-    if peer is None:
-      print('transformers / torch not installed: no PyTorch peer (pip install .[hf])')
-    else:
-      results.append(('pytorch eager',) + timed_steps(peer, _REPEATS.value))
+  loss_on = (f'loss on the last {cfg.train.loss_positions} positions of each row'
+             if cfg.train.loss_positions else 'loss on every position')
   print(f'\n{name}: {mcfg.family}, {n_params / 1e6:.1f}M params, d_model={mcfg.d_model}, '
         f'layers={mcfg.n_layers}, heads={mcfg.n_heads}, d_ff={mcfg.d_ff}, '
         f'vocab={mcfg.vocab_size}, {mcfg.dtype.name}; batch {b} x {t} = {b * t} tokens, '
-        f'{fpt / 1e6:.1f} MFLOP/token')
-  print(f'{"":14s} {"first s":>8s} {"best s":>8s} {"tokens/s":>9s} {"MFU":>7s} {"vs torch":>9s}')
-  torch_best = dict((r[0], r[2]) for r in results).get('pytorch eager')
-  for peer_name, first, best in results:
-    tps = b * t / best
-    ratio = f'{torch_best / best:8.2f}x' if torch_best else '        -'
-    print(f'{peer_name:14s} {first:8.2f} {best:8.3f} {tps:9.0f} {100 * tps * fpt / peak:6.2f}% '
-          f'{ratio}')
+        f'{loss_on}; {fpt / 1e6:.1f} MFLOP/token')
+  print(f'{"":25s} {"first s":>8s} {"best s":>8s} {"tokens/s":>9s} {"MFU":>7s} {"vs torch":>9s} '
+        f'{"peak MiB":>9s}')
+  for kind, results, _ in timed:
+    torch_best = dict((r[0], r[2]) for r in results).get('pytorch eager')
+    for peer_name, first, best, peak_mib in results:
+      tps = b * t / best
+      ratio = f'{torch_best / best:8.2f}x' if torch_best else '        -'
+      print(f'{peer_name + ", " + kind:25s} {first:8.2f} {best:8.3f} {tps:9.0f} '
+            f'{100 * tps * fpt / peak:6.2f}% {ratio} {peak_mib:9.0f}')
 
 
 def main(argv):

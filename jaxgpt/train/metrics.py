@@ -38,7 +38,11 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> fl
                        devices=devices)
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
   a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sh)
-  f = jax.jit(lambda a: jnp.einsum('bij,bjk->bik', a, a), out_shardings=sh)
+  # Summed in float32 as the model's projections are (layers.einsum_f32_sums): a bf16
+  # result would run XLA:CPU's float32 dot, not its bf16 one, and read as a low peak.
+  f = jax.jit(lambda a: jnp.einsum('bij,bjk->bik', a, a,
+                                   preferred_element_type=jnp.float32).astype(dtype),
+              out_shardings=sh)
   f(a).block_until_ready()
   best = math.inf
   for _ in range(repeats):
