@@ -11,7 +11,7 @@ layers, 9 query / 3 key-value heads, FFN 1536, vocabulary 49,152, tied embedding
 trains. Training rows are 8 x 256 tokens with the loss on the last quarter of each row
 (a reply after its prompt, config.train.loss_positions); layers are unrolled
 (`scan_layers=False`: on XLA:CPU a scanned layer stack copies its saved activations at
-every layer, see docs/performance.md).
+every layer, see docs/results.md, "Benchmarks").
 """
 
 from jaxgpt.config import base_config

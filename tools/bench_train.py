@@ -35,6 +35,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -164,9 +165,15 @@ def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
   inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
   targets[torch.from_numpy(loss_weights(cfg, *targets.shape) == 0)] = -100  # no loss there
 
+  # bfloat16 compute: torch's autocast (bf16 matmuls, float32 weights), as jaxgpt's dtype.
+  bf16 = mcfg.dtype == jnp.bfloat16
+  if bf16:
+    print('pytorch peer: torch.autocast(cpu, bfloat16)')
+
   def step():
-    logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+      logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              targets.reshape(-1), ignore_index=-100)
     opt.zero_grad(set_to_none=True)
     loss.backward()
