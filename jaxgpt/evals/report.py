@@ -266,6 +266,7 @@ def run_summary(cfg, rows, times: dict) -> dict:
           'sft_tokens': int(cfg.sft.steps) * int(t.batch_size) * seq,
           'data_source': cfg.data.source, 'qa_share': float(cfg.data.qa_share),
           'sft_data': cfg.sft.data, 'reward_data': cfg.reward.data,
+          'base': cfg.checkpoint.base, 'stages': list(times),
           'stage_seconds': {s: float(times[s]) for s in PIPELINE if s in times},
           'devices': f'{jax.device_count()} × {jax.devices()[0].device_kind}',
           'machine': machine(), 'date': time.strftime('%Y-%m-%d', time.gmtime()),

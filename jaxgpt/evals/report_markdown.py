@@ -50,11 +50,15 @@ def _data_line(run: dict) -> str:
   corpus = {'embedded': "the embedded corpus (Shakespeare's works"
                         + (f', {run["qa_share"]:.0%} Q/A pages)' if run['qa_share'] else ')'),
             'files': 'your files', 'tfds': 'a TFDS dataset'}.get(run['data_source'], 'its corpus')
-  sft = 'the embedded chats and task examples' if run['sft_data'] == 'embedded' else 'your chats'
+  sft = {'embedded': 'the embedded chats and task examples',
+         'tasks': 'train-split task examples'}.get(run['sft_data'], 'your chats')
   prefs = ("labeler-ranked samples of the SFT model" if run['reward_data'] == 'embedded'
            else 'your comparisons')
-  return (f'pretrained on {tokens(run["pretrain_tokens"])} tokens of {corpus}, fine-tuned on '
-          f'{tokens(run["sft_tokens"])} tokens of {sft}; reward model and DPO on {prefs}')
+  start = (f'imported from `{run["base"]}` (not pretrained here)' if run.get('base') else
+           f'pretrained on {tokens(run["pretrain_tokens"])} tokens of {corpus}')
+  ran = run.get('stages') or ('reward', 'dpo')  # reports from before 'stages' was recorded
+  prefs_line = (f'; reward model and DPO on {prefs}' if {'reward', 'dpo'} & set(ran) else '')
+  return (f'{start}, fine-tuned on {tokens(run["sft_tokens"])} tokens of {sft}{prefs_line}')
 
 
 def tokens(n: int) -> str:
