@@ -204,6 +204,18 @@ def test_summarise_pass_at_k_counts_prompts_with_any_right_sample():
   assert row['gold_greedy'] == 0.0
 
 
+def test_summary_names_an_imported_base_and_only_the_data_of_stages_that_ran():
+  run = {'base': 'gguf:smollm2-135m-instruct', 'stages': ['sft', 'grpo'], 'sft_data': 'tasks',
+         'sft_tokens': 123_000, 'pretrain_tokens': 2_000_000, 'data_source': 'embedded',
+         'qa_share': 0.0, 'reward_data': 'embedded'}
+  data_line = report_markdown._data_line  # pylint: disable=protected-access
+  assert data_line(run) == ('imported from `gguf:smollm2-135m-instruct` (not pretrained here), '
+                  'fine-tuned on 123k tokens of train-split task examples')
+  line = data_line(dict(run, base='', stages=['pretrain', 'sft', 'dpo']))
+  assert line.startswith('pretrained on 2.0M tokens of the embedded corpus')
+  assert line.endswith('reward model and DPO on labeler-ranked samples of the SFT model')
+
+
 def test_report_explains_itself(full_report):
   """What a reader meets: the console names the report and the plots; report.md opens with a
   relative title and a three-line summary, defines its columns before the tables, names the
