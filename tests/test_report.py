@@ -209,8 +209,8 @@ def test_summary_names_an_imported_base_and_only_the_data_of_stages_that_ran():
          'sft_tokens': 123_000, 'pretrain_tokens': 2_000_000, 'data_source': 'embedded',
          'qa_share': 0.0, 'reward_data': 'embedded'}
   data_line = report_markdown._data_line  # pylint: disable=protected-access
-  assert data_line(run) == ('imported from `gguf:smollm2-135m-instruct` (not pretrained here), '
-                  'fine-tuned on 123k tokens of train-split task examples')
+  assert data_line(run) == ('imported from `gguf:smollm2-135m-instruct` (not pretrained '
+                            'here), fine-tuned on 123k tokens of train-split task examples')
   line = data_line(dict(run, base='', stages=['pretrain', 'sft', 'dpo']))
   assert line.startswith('pretrained on 2.0M tokens of the embedded corpus')
   assert line.endswith('reward model and DPO on labeler-ranked samples of the SFT model')

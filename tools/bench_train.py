@@ -146,7 +146,7 @@ def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
       import peft  # pylint: disable=import-outside-toplevel
     except ImportError:
       return None, 'peft not installed: no PyTorch LoRA peer (pip install peft)'
-    targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+    targets = [f'{t}_proj' for t in cfg.lora.targets]  # config.lora's, in LLaMA's HF names
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=lora_rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets))
     about += f', peft {peft.__version__} LoRA r={lora_rank}'
@@ -193,6 +193,7 @@ def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0):
   if lora_rank:
     cfg = cfg.copy_and_resolve_references()
     cfg.lora.rank = lora_rank
+    lora.validate(cfg)
     mcfg = lora.adapted(mcfg, cfg.lora)
   step, params = jaxgpt_step(cfg, mcfg, mesh, rows)
   params = lora.without_adapters(params) if lora_rank else params
