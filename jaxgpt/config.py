@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def model_section() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  m.family = 'llama'          # llama (RMSNorm, RoPE, SwiGLU, GQA) | gpt2 (LayerNorm, learned
+  m.family = 'llama'          # llama | mistral | qwen2 | qwen3 | gemma3 (RMSNorm, RoPE, gated
+                              # MLP, GQA; see docs/models.md) | gpt2 (LayerNorm, learned
                               # positions, GELU)
   m.vocab_size = 4096         # embedding / output rows (>= the tokenizer's size)
   m.d_model = 256             # residual width

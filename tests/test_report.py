@@ -221,6 +221,19 @@ def test_summary_names_an_imported_base_and_only_the_data_of_stages_that_ran():
   assert line.endswith('reward model and DPO on labeler-ranked samples of the SFT model')
 
 
+def test_claims_about_a_base_model_use_an_imported_models_rows():
+  cfg = report_config()
+  rows = [{'model': report.SHIPPED, 'gold_greedy': 0.025},
+          {'model': f'{report.SHIPPED} few-shot', 'gold_greedy': 0.306},
+          {'model': 'SFT', 'gold_greedy': 0.512}]
+  got = {c['short']: c for c in report.claims(rows, cfg, 160)}
+  assert got['SFT makes an assistant']['verdict'] == 'holds'
+  assert got['SFT makes an assistant']['evidence'].startswith(
+      f'gold_greedy: SFT 51.2%, {report.SHIPPED} 2.5%')
+  assert got['few-shot prompting helps a base model']['verdict'] == 'holds'
+  assert got['GRPO beats SFT']['verdict'] == 'not tested'
+
+
 def test_report_explains_itself(full_report):
   """What a reader meets: the console names the report and the plots; report.md opens with a
   relative title and a three-line summary, defines its columns before the tables, names the

@@ -438,7 +438,7 @@ def claims(rows, cfg, n_prompts: int) -> list[dict]:
   """Each claim of the talk checked against the table: holds / does not hold / not tested.
   Accuracy differences within two standard errors (over the prompts) are called noise."""
   def get(name, key):
-    return next((r[key] for r in rows if r['model'] == name or
+    return next((r.get(key) for r in rows if r['model'] == name or
                  (name not in SHIPPED_ALIASES.values() and r['model'].startswith(name))), None)
 
   shipped = any(r['model'] == SHIPPED for r in rows)

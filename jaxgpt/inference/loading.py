@@ -27,9 +27,9 @@ from jaxgpt.train import checkpoint as ckpt_lib
 from jaxgpt.train import lora_checkpoint
 
 # Stages whose checkpoint holds a language model one can sample from.
-GENERATIVE_STAGES = ('pretrain', 'sft', 'dpo', 'ppo', 'ppo_checker', 'grpo')
+GENERATIVE_STAGES = ('pretrain', 'sft', 'dpo', 'ppo', 'ppo_checker', 'grpo', 'grpo_base')
 # Online-RL stages: their checkpoint's state holds the policy under 'policy'.
-RL_STAGES = ('ppo', 'ppo_checker', 'grpo')
+RL_STAGES = ('ppo', 'ppo_checker', 'grpo', 'grpo_base')
 # Stages whose checkpoint holds a model that scores replies (`jaxgpt.cli.score`).
 SCORING_STAGES = ('reward',)
 
