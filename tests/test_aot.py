@@ -46,6 +46,22 @@ def test_train_step_memory_on_8_cpu_devices_is_parameters_and_adam_moments():
   assert train.flops > 6 * (p.n_params - lookup) * 16 * 16  # 6N a token plus attention
 
 
+def test_a_lora_sft_step_holds_optimizer_state_for_the_adapters_only():
+  cfg = helpers.tiny_config(mesh=(1, 8, 1))
+  config_lib.validate(cfg, 8)
+  mesh = sharding.make_mesh(cfg, jax.devices())
+  full = plan(cfg, 'sft', mesh)
+  with cfg.unlocked():
+    cfg.lora.rank = 2
+  adapted = plan(cfg, 'sft', mesh)
+  assert adapted.params_bytes > full.params_bytes  # the base and its adapters
+  adapter_bytes = adapted.params_bytes - full.params_bytes
+  assert adapted.opt_bytes == pytest.approx(2 * adapter_bytes, rel=0.1)  # AdamW's moments of
+  assert adapted.opt_bytes < 0.3 * full.opt_bytes                        # the adapters alone
+  train = aot.measure(adapted, adapted.steps[0])
+  assert train.argument_bytes < full.state_bytes and not train.refused
+
+
 def test_state_larger_than_a_device_fails_in_one_line_before_compiling(monkeypatch):
   cfg = helpers.tiny_config(mesh=(1, 8, 1))
   monkeypatch.setattr(targets, '_host_memory_bytes', lambda: 8 * 2 ** 10)  # 1 KiB a device

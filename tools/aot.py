@@ -130,7 +130,10 @@ def report_stage(cfg, stage, target, mesh, peak) -> None:
            or s.name in _STEPS.value]
   t = config_lib.stage_train_config(cfg, stage)
   memory = f', loss_chunk {t.loss_chunk}' if stage in ('pretrain', 'sft') else ''
-  print(f'\n### {stage}: {p.n_params / 1e6:,.1f}M trained parameters; mesh '
+  lora_rank = int(cfg.lora.rank) if stage != 'pretrain' else 0
+  trained = (f'M parameters, LoRA rank {lora_rank} adapters trained' if lora_rank
+             else 'M trained parameters')
+  print(f'\n### {stage}: {p.n_params / 1e6:,.1f}{trained}; mesh '
         f'{aot.mesh_text(mesh)}; remat {cfg.model.remat}{memory}\n', flush=True)
   rows = []
   for s in steps:

@@ -30,6 +30,7 @@ from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.data import reward as reward_data
+from jaxgpt.model import lora
 from jaxgpt.inference import sampling
 from jaxgpt.rl import grpo as grpo_algo
 from jaxgpt.rl import loop as rl_loop
@@ -183,6 +184,8 @@ def lm_plan(cfg, stage: str, mesh, decode_rows: int, prompt_len: int) -> Plan:
   """Pretraining or SFT: the LM loss over (B, seq_len) rows, and the sampler."""
   t = cfg.train if stage == 'pretrain' else config_lib.stage_train_config(cfg, stage)
   mcfg = model_lib.ModelConfig.from_config(cfg)
+  if stage != 'pretrain':  # config.lora: adapters beside the frozen kernels
+    mcfg = lora.adapted(mcfg, cfg.lora)
   segments = bool(cfg.data.segment_ids) if stage == 'pretrain' else bool(cfg.sft.packing)
   loss_fn = trainer.lm_loss_fn(t.z_loss, segments, t.loss_chunk)
   seq = cfg.data.seq_len
@@ -205,7 +208,7 @@ def pair_plan(cfg, stage: str, mesh) -> Plan:
   """The reward model's Bradley-Terry loss, or DPO's preference loss on the policy, over
   (B, 2, T) comparison pairs."""
   t = config_lib.stage_train_config(cfg, stage)
-  mcfg = model_lib.ModelConfig.for_stage(cfg, stage)
+  mcfg = lora.adapted(model_lib.ModelConfig.for_stage(cfg, stage), cfg.lora)
   _, _, seq = reward_data.reward_shape(cfg, 1, stage)
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
   loss_fn = (trainer.reward_loss_fn(cfg.reward.center) if stage == 'reward'
