@@ -2,6 +2,8 @@ r"""Decoding throughput against the memory-bandwidth limit, beside Hugging Face 
 
     python tools/bench_decode.py --config experiments/bench_33m.py         # batch 1, 8, 64
     python tools/bench_decode.py --config experiments/tiny.py --batch 8 --norecompute
+    python tools/bench_decode.py --config experiments/bench_135m.py:bf16 --batch=1,64 \
+        --prompt_len=64 --new_tokens=24 --norecompute --nohf --nomatmuls --lora_rank=16
 
 Random parameters of the experiment's model, greedy, `--prompt_len`-token prompts,
 `--new_tokens` new tokens, no stop ids (every step runs). For each batch size:
@@ -15,6 +17,11 @@ Random parameters of the experiment's model, greedy, `--prompt_len`-token prompt
                 (batch, in) activation by every weight matrix once per step (each layer's
                 kernels and the output head), as XLA runs it: the floor under a decode
                 step that no cache or attention work can remove (`--nomatmuls` skips it);
+* low-rank term: with `--lora_rank` r > 0, the sampler on the model with rank-r adapters
+                beside its kernels (random, non-zero B), computing x W + s (x A) B at every
+                step, beside the `jaxgpt` row on the merged weights W + s A B (what PPO and
+                GRPO sample with; `merge s` is the one merge's time, paid once an iteration);
+                `agree` compares the two;
 * no cache:     a compiled loop that reruns the full forward over the whole
                 (batch, prompt_len + new_tokens) buffer every step (`--norecompute`
                 skips it: it is slow).
@@ -46,6 +53,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.hf import torch_peer
 from jaxgpt.inference import sampling
+from jaxgpt.model import lora
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
                                           'experiment config')
@@ -58,6 +66,8 @@ _RECOMPUTE = flags.DEFINE_bool('recompute', True, 'also time the no-cache varian
 _MATMULS = flags.DEFINE_bool('matmuls', True, "also time the step's weight matmuls alone")
 _HF = flags.DEFINE_bool('hf', True, 'also time transformers generate (when installed)')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
+_LORA_RANK = flags.DEFINE_integer('lora_rank', 0, 'also time sampling with rank-r adapters '
+                                  'unmerged (config.lora.targets; 0: no)')
 _BANDWIDTH = flags.DEFINE_float('bandwidth_gbs', 0.0,
                                 'peak memory bandwidth in GB/s; 0: measured on CPU, '
                                 'published on a known GPU / TPU')
@@ -182,6 +192,27 @@ def weight_matmuls_fn(mats, batch: int, n_steps: int):
   return lambda: run(mats, x_bd)
 
 
+def adapted_params(cfg, mcfg, mesh, rank: int):
+  """(graphdef, params, mcfg) of the model with rank-`rank` adapters on config.lora.targets,
+  B drawn at the scale LoRA training reaches (zeros would leave the low-rank term's work
+  but not its effect on the tokens), and (merge seconds, merged params)."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.lora.rank = rank
+  lora.validate(cfg)
+  mcfg = lora.adapted(mcfg, cfg.lora)
+  graphdef, params = model_lib.init_params(mcfg, mesh, _SEED.value)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.PRNGKey(_SEED.value + 1), len(leaves))
+  params = jax.tree_util.tree_unflatten(treedef, [
+      x + 0.01 * jax.random.normal(k, x.shape, x.dtype) if path[-1].key == 'lora_b' else x
+      for (path, x), k in zip(leaves, keys)])
+  merge = jax.jit(lambda p: lora.merged(p, mcfg.lora_alpha / mcfg.lora_rank))
+  jax.block_until_ready(merge(params))  # compiled once, as in the RL loop
+  start = time.perf_counter()
+  merged = jax.block_until_ready(merge(params))
+  return graphdef, params, mcfg, time.perf_counter() - start, merged
+
+
 def hf_generate_fn(mcfg, params):
   """`run(prompts_bp) -> new tokens (B, N)` with transformers' greedy `generate` on the
   same weights (float32 CPU torch), or None when transformers / torch are missing."""
@@ -221,7 +252,7 @@ def timed(fn, repeats):
 # -- main --------------------------------------------------------------------------------------
 
 
-def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs):
+def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, adapted=None):
   p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
   prompts = np.random.default_rng(_SEED.value).integers(
       0, mcfg.vocab_size, size=(b, p)).astype(np.int32)
@@ -234,6 +265,12 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs):
       _REPEATS.value)
   ours = np.asarray(ours)
   rows.append(('jaxgpt', first, best, 1.0))
+  if adapted is not None:
+    a_graphdef, a_params, a_mcfg = adapted
+    low_rank, first, best = timed(
+        lambda: sampling.sample(a_graphdef, a_params, a_mcfg, prompts, lengths, key,
+                                settings).tokens, _REPEATS.value)
+    rows.append(('low-rank term', first, best, float(np.mean(np.asarray(low_rank) == ours))))
   if hf_run is not None:
     theirs, first, best = timed(lambda: hf_run(prompts, n), _REPEATS.value)
     rows.append(('transformers', first, best, float(np.mean(theirs == ours))))
@@ -287,7 +324,14 @@ def main(argv):
     raise app.UsageError(f'--batch={batches}: each must be a multiple of {mult} '
                          '(data-parallel devices).')
 
-  graphdef, params = model_lib.init_params(mcfg, mesh, _SEED.value)
+  adapted = None
+  if _LORA_RANK.value:
+    a_graphdef, a_params, a_mcfg, merge_s, params = adapted_params(cfg, mcfg, mesh,
+                                                                   _LORA_RANK.value)
+    adapted = (a_graphdef, a_params, a_mcfg)
+    graphdef = model_lib.abstract_model(mcfg)[0]  # the merged tree's (no adapters)
+  else:
+    graphdef, params = model_lib.init_params(mcfg, mesh, _SEED.value)
   devices = jax.devices()
   kind = devices[0].device_kind
   measured = measured_copy_gbs()
@@ -302,6 +346,10 @@ def main(argv):
         f'dtype={jnp.dtype(mcfg.decode_dtype or mcfg.dtype).name}')
   print(f'prompt_len={p} new_tokens={n} greedy, no stop ids, best of {_REPEATS.value}; '
         f'peak bandwidth {peak:.1f} GB/s ({source}; copy measured here {measured:.1f} GB/s)')
+  if adapted is not None:
+    print(f'LoRA rank {_LORA_RANK.value} on {tuple(cfg.lora.targets)}: the jaxgpt row samples '
+          f'the merged weights (merge {merge_s:.3f} s, once), "low-rank term" the adapters '
+          'unmerged')
   hf_run = None
   if _HF.value:
     hf_run = hf_generate_fn(mcfg, params)
@@ -309,7 +357,7 @@ def main(argv):
       print('transformers / torch not installed: no Hugging Face peer (pip install .[hf])')
   mats = weight_matrices(mcfg, params) if _MATMULS.value else None
   for b in batches:
-    bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak)
+    bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak, adapted)
 
 
 if __name__ == '__main__':
