@@ -13,7 +13,9 @@ fetched with pip, de-quantised to float32) and is never pretrained here
 * the report: held-out gold accuracy of the shipped model, SFT, GRPO and GRPO-from-shipped
   on the same held-out prompts, greedy and T=1, pass@k, KL, entropy, length, per task.
 
-`--config.stage=sft` (or grpo, grpo_base, dpo, ppo) runs one stage.
+`--config.stage=sft` (or grpo, grpo_base, reward, dpo, ppo) runs one stage: dpo learns from
+comparisons sampled from the SFT model and ranked by the simulated labeler (the reward
+stage's, when it ran), ppo against the reward stage's model.
 """
 
 from jaxgpt.config import base_config
@@ -57,6 +59,7 @@ def get_config(arg=None):
   g.lr, g.warmup_steps, g.kl_coef = 5e-5, 2, 0.04
   g.response_tokens = 24
   g.eval_per_task = 20
+  c.reward.seq_len = 96        # reward, dpo: one conversation a row (~45 tokens), not a pack
   c.ppo.eval_per_task = 20     # the report's held-out prompts (same draw as the stages')
   c.ppo.report_samples = 4
   if arg == 'smoke':           # seconds per stage: the plumbing, not the figures
@@ -64,4 +67,10 @@ def get_config(arg=None):
     g.steps, g.rollout_batch, g.batch_size, g.group_size = 1, 16, 16, 8
     g.response_tokens, g.eval_per_task = 8, 1
     c.ppo.eval_per_task, c.ppo.report_samples = 1, 2
+    r = c.reward               # reward, dpo and ppo: a few comparisons, steps and rollouts
+    r.prompts, r.heldout_prompts, r.response_tokens, r.steps, r.eval_per_task = 16, 8, 8, 2, 1
+    r.best_of = (1, 2)
+    c.dpo.steps, c.dpo.eval_per_task = 2, 1
+    p = c.ppo
+    p.steps, p.rollout_batch, p.batch_size, p.epochs, p.response_tokens = 1, 16, 8, 1, 8
   return c
