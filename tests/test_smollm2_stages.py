@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 def run_stage(workdir, stage: str) -> str:
   """`python -m jaxgpt.main --config experiments/smollm2_135m.py:smoke --config.stage=STAGE`;
   its output (the test fails with the output's tail if the command does). The stages share
-  a persistent compilation cache in the workdir: their samplers and evaluations compile
-  the same programs, which on a 135M model cost more than the steps."""
+  a persistent compilation cache in the workdir, so a program an earlier stage compiled
+  (an evaluation's sampler at the same shapes) is read back, not compiled again."""
   cmd = [sys.executable, '-m', 'jaxgpt.main',
          f'--config={helpers.ROOT}/experiments/smollm2_135m.py:smoke', f'--workdir={workdir}',
          f'--config.stage={stage}']
