@@ -17,9 +17,8 @@ import json
 import math
 import os
 
-from jaxgpt.stages import PIPELINE
+from jaxgpt.stages import PIPELINE, RL_STAGES
 
-RL_STAGES = ('ppo', 'ppo_checker', 'grpo')
 LOSS_KEYS = ('loss', 'val_loss', 'policy_loss', 'value_loss')  # RL stages log the last two
 # Per RL iteration: (metrics.jsonl key, panel title, axis label)
 RL_PANELS = (('scores', 'reward-model score', 'raw RM score, mean'),

@@ -23,13 +23,12 @@ from jaxgpt import sharding
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.data import tokenizer as tokenizer_lib
+from jaxgpt.stages import RL_STAGES
 from jaxgpt.train import checkpoint as ckpt_lib
 from jaxgpt.train import lora_checkpoint
 
 # Stages whose checkpoint holds a language model one can sample from.
 GENERATIVE_STAGES = ('pretrain', 'sft', 'dpo', 'ppo', 'ppo_checker', 'grpo', 'grpo_base')
-# Online-RL stages: their checkpoint's state holds the policy under 'policy'.
-RL_STAGES = ('ppo', 'ppo_checker', 'grpo', 'grpo_base')
 # Stages whose checkpoint holds a model that scores replies (`jaxgpt.cli.score`).
 SCORING_STAGES = ('reward',)
 
@@ -102,7 +101,7 @@ def latest_checkpoint(workdir: str, stage: str,
 
 def params_key(stage: str) -> tuple[str, ...]:
   """Where a stage's checkpoint keeps the parameters a user samples from or exports."""
-  return ('policy', 'params') if stage in RL_STAGES else ('params',)
+  return ('policy', 'params') if stage in RL_STAGES else ('params',)  # RL: the policy's
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:

@@ -9,3 +9,4 @@ model instead of SFT: RL straight on a model that was never fine-tuned here.
 
 PIPELINE = ('pretrain', 'sft', 'reward', 'dpo', 'ppo', 'ppo_checker', 'grpo', 'grpo_base')
 RECIPE = PIPELINE[:-1]
+RL_STAGES = ('ppo', 'ppo_checker', 'grpo', 'grpo_base')  # online RL: a policy, per-iteration rows
