@@ -20,8 +20,8 @@ Random parameters of the experiment's model, greedy, `--prompt_len`-token prompt
 * low-rank term: with `--lora_rank` r > 0, the sampler on the model with rank-r adapters
                 beside its kernels (random, non-zero B), computing x W + s (x A) B at every
                 step, beside the `jaxgpt` row on the merged weights W + s A B (what PPO and
-                GRPO sample with; `merge s` is the one merge's time, paid once an iteration);
-                `agree` compares the two;
+                GRPO sample with; the heading gives the merge's time, paid once an
+                iteration); `agree` compares the two;
 * no cache:     a compiled loop that reruns the full forward over the whole
                 (batch, prompt_len + new_tokens) buffer every step (`--norecompute`
                 skips it: it is slow).
@@ -193,9 +193,9 @@ def weight_matmuls_fn(mats, batch: int, n_steps: int):
 
 
 def adapted_params(cfg, mcfg, mesh, rank: int):
-  """(graphdef, params, mcfg) of the model with rank-`rank` adapters on config.lora.targets,
-  B drawn at the scale LoRA training reaches (zeros would leave the low-rank term's work
-  but not its effect on the tokens), and (merge seconds, merged params)."""
+  """(graphdef, params, mcfg, merge seconds, merged params) of the model with rank-`rank`
+  adapters on config.lora.targets, B drawn from N(0, 0.01^2) (at zeros the low-rank term
+  would cost its work but change no token)."""
   cfg = cfg.copy_and_resolve_references()
   cfg.lora.rank = rank
   lora.validate(cfg)
