@@ -13,7 +13,7 @@ import helpers
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.model import lora
-from jaxgpt.train import trainer
+from jaxgpt.train import metrics, trainer
 
 
 def lora_cfg(mesh=(1, 1, 1), family='llama', rank=4, targets=lora.TARGETS):
@@ -119,6 +119,21 @@ def test_adapters_shard_like_their_kernels():
   kernel, a, b = q['kernel'].spec, q['lora_a'].spec, q['lora_b'].spec
   assert tuple(a) == tuple(kernel[:2]) + (None,)        # (layers, embed | rank)
   assert tuple(b) == (kernel[0], None) + tuple(kernel[2:])  # (layers, rank | heads, head_dim)
+
+
+def test_model_flops_of_a_lora_update_leave_out_frozen_weight_gradients():
+  cfg, base_mcfg, mcfg, base, params = models()
+  n_base, n_adapters = model_lib.count_params(base), model_lib.count_params(lora.trainable(params))
+  seq = cfg.data.seq_len
+  full = metrics.flops_per_token(base_mcfg, seq, n_base)
+  adapted = metrics.flops_per_token(mcfg, seq, n_base + n_adapters, trained_params=n_adapters)
+  attn = full - 6 * (n_base - (0 if base_mcfg.tied else base_mcfg.padded_vocab_size *
+                                base_mcfg.d_model))
+  # frozen: forward + input gradient (4 a parameter); adapters: 6 each
+  assert adapted == pytest.approx(full - 2 * (full - attn) / 6 + 6 * n_adapters)
+  head = base_mcfg.padded_vocab_size * base_mcfg.d_model
+  quarter = metrics.flops_per_token(base_mcfg, seq, n_base, head_positions=seq // 4)
+  assert quarter == pytest.approx(full - 6 * head * (1 - (seq // 4) / seq))
 
 
 def dir_bytes(path):

@@ -22,8 +22,9 @@ update too (every projection; the peer through `peft`, when installed).
 tokens/s = batch x seq_len / seconds per step, best of `--repeats` steps after a warm-up;
 MFU = tokens/s x `metrics.flops_per_token` / the peak measured here
 (`metrics.measure_peak_flops`, a large matmul on every local device; `--peak_tflops`
-sets it). Both peers count the same FLOPs per token (6N: a LoRA update's is lower, so its
-MFU reads high). Peak memory: the most resident memory during the timed steps above what
+sets it). Both peers count the same FLOPs per token, the model's: 6 N, 4 for each frozen
+parameter of a LoRA update (no weight gradient), the output head on the positions with a
+loss only. Peak memory: the most resident memory during the timed steps above what
 was resident before the first one (activations, gradients, temporaries; Linux only).
 Figures only: tests never use timings.
 """
@@ -189,13 +190,15 @@ def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
 
 def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0):
   """[(peer, first s, best s, peak MiB)] of one kind of update (full, or LoRA of
-  `lora_rank`), and the model's parameter count (without adapters)."""
+  `lora_rank`), the model's parameter count (without adapters) and the adapters' (None
+  for a full update)."""
   if lora_rank:
     cfg = cfg.copy_and_resolve_references()
     cfg.lora.rank = lora_rank
     lora.validate(cfg)
     mcfg = lora.adapted(mcfg, cfg.lora)
   step, params = jaxgpt_step(cfg, mcfg, mesh, rows)
+  n_adapters = model_lib.count_params(lora.trainable(params)) if lora_rank else None
   params = lora.without_adapters(params) if lora_rank else params
   results = [('jaxgpt',) + timed_steps(step, _REPEATS.value)]
   del step  # its state: what the peer's peak memory is measured above
@@ -205,7 +208,7 @@ def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0):
       print(why_not)
     else:
       results.append(('pytorch eager',) + timed_steps(peer, _REPEATS.value))
-  return results, model_lib.count_params(params)
+  return results, model_lib.count_params(params), n_adapters
 
 
 def bench(name, cfg, peak):
@@ -218,22 +221,25 @@ def bench(name, cfg, peak):
                              if _LORA_RANK.value else [])
   timed = [(kind,) + bench_update(cfg, mcfg, mesh, rows, rank) for kind, rank in updates]
   n_params = timed[0][2]
-  fpt = metrics.flops_per_token(mcfg, t, n_params)
+  fpt = {kind: metrics.flops_per_token(mcfg, t, n_params + (n_adapters or 0),
+                                       trained_params=n_adapters,
+                                       head_positions=cfg.train.loss_positions)
+         for kind, _, _, n_adapters in timed}
   loss_on = (f'loss on the last {cfg.train.loss_positions} positions of each row'
              if cfg.train.loss_positions else 'loss on every position')
   print(f'\n{name}: {mcfg.family}, {n_params / 1e6:.1f}M params, d_model={mcfg.d_model}, '
         f'layers={mcfg.n_layers}, heads={mcfg.n_heads}, d_ff={mcfg.d_ff}, '
         f'vocab={mcfg.vocab_size}, {mcfg.dtype.name}; batch {b} x {t} = {b * t} tokens, '
-        f'{loss_on}; {fpt / 1e6:.1f} MFLOP/token')
+        f'{loss_on}; MFLOP/token ' + ', '.join(f'{k} {v / 1e6:.1f}' for k, v in fpt.items()))
   print(f'{"":25s} {"first s":>8s} {"best s":>8s} {"tokens/s":>9s} {"MFU":>7s} {"vs torch":>9s} '
         f'{"peak MiB":>9s}')
-  for kind, results, _ in timed:
+  for kind, results, _, _ in timed:
     torch_best = dict((r[0], r[2]) for r in results).get('pytorch eager')
     for peer_name, first, best, peak_mib in results:
       tps = b * t / best
       ratio = f'{torch_best / best:8.2f}x' if torch_best else '        -'
       print(f'{peer_name + ", " + kind:25s} {first:8.2f} {best:8.3f} {tps:9.0f} '
-            f'{100 * tps * fpt / peak:6.2f}% {ratio} {peak_mib:9.0f}')
+            f'{100 * tps * fpt[kind] / peak:6.2f}% {ratio} {peak_mib:9.0f}')
 
 
 def main(argv):

@@ -44,7 +44,7 @@ def run(cfg, workdir: str) -> loop.Result:
       name=NAME, cfg=cfg, train_cfg=t, mcfg=train_mcfg, mesh=mesh,
       loss_fn=trainer.lm_loss_fn(t.z_loss, use_segment_ids=bool(cfg.sft.packing),
                                  loss_chunk=t.loss_chunk, loss_positions=t.loss_positions),
-      data=data,
+      data=data, head_positions=t.loss_positions,
       init_params=lambda: start, sample_fn=chat_sampler(tok, train_mcfg, cfg.sft.eval_tokens),
       meta={'tokenizer': tok.path, 'init_from': init_dir,
             'config': cfg.to_json_best_effort()})

@@ -49,9 +49,11 @@ class Stage:
   sample_fn: Callable[[Any, Any], list[tuple[str, str]]] | None = None  # (graphdef, params)
   meta: dict = dataclasses.field(default_factory=dict)  # stored with every checkpoint
   # Tokens one process's batch feeds the model (for tokens/s) and training FLOPs per
-  # token (for MFU); None -> LM rows: batch['inputs'].size, 6N + attention at data.seq_len.
+  # token (for MFU); None -> LM rows: batch['inputs'].size, 6N + attention at data.seq_len
+  # (4 for parameters LoRA freezes), the output head on `head_positions` of a row (0: all).
   count_tokens: Callable[[dict], int] | None = None
   flops_per_token: float | None = None
+  head_positions: int = 0
   # (graphdef, state) -> extra meta for the final checkpoint (e.g. reward score stats).
   final_meta: Callable[[Any, Any], dict] | None = None
   perplexity: bool = True        # report val_perplexity = exp(val_loss) (LM stages)
@@ -262,8 +264,12 @@ def train(stage: Stage, workdir: str) -> Result:
   writer = metrics_lib.MetricsWriter(out_dir, stage=stage.name, total_steps=t.steps,
                                      start_step=start)
   peak = peak_flops(t, stage.mcfg)
-  step_flops = stage.flops_per_token or metrics_lib.flops_per_token(stage.mcfg, cfg.data.seq_len,
-                                                                    n_params)
+  params_shape = abstract_state['params']
+  trained = (model_lib.count_params(lora.trainable(params_shape))
+             if lora.has_adapters(params_shape) else None)
+  step_flops = stage.flops_per_token or metrics_lib.flops_per_token(
+      stage.mcfg, cfg.data.seq_len, n_params, trained_params=trained,
+      head_positions=stage.head_positions)
   count_tokens = stage.count_tokens or (lambda b: int(b['inputs'].size))
 
   def check_finite(step, metrics):

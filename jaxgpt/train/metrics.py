@@ -2,7 +2,8 @@
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs are analytic (XLA's
 cost_analysis counts a scanned layer once): 6 N per token for the matmuls of the
-forward and backward passes plus 12 L d_attn T per token for attention scores
+forward and backward passes (4 for a frozen parameter under LoRA; the output head only
+on the positions that have a loss) plus 12 L d_attn T per token for attention scores
 and values (PaLM, appendix B). The peak is config.train.peak_flops per device, or
 measured at start with a large matmul on all local devices at once.
 """
@@ -20,15 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def flops_per_token(mcfg, seq_len: int, n_params: int) -> float:
+def flops_per_token(mcfg, seq_len: int, n_params: int, *, trained_params: int | None = None,
+                    head_positions: int = 0) -> float:
   """Training FLOPs per token: 6 N (non-embedding-lookup params) + attention (over the
-  whole row, or over its window in a sliding-window layer)."""
+  whole row, or over its window in a sliding-window layer).
+
+  trained_params: with LoRA, the adapters' count; every other parameter (the output head
+  too) is frozen and costs 4 a token, not 6: the forward and the input's gradient, no
+  weight gradient. head_positions: the positions of a row the output head runs on
+  (config.train.loss_positions; 0: all)."""
   lookup = 0 if mcfg.tied else mcfg.padded_vocab_size * mcfg.d_model
   matmul_params = n_params - lookup  # a tied table is also the output matmul
+  per_param = 6 if trained_params is None else 4
+  matmuls = per_param * matmul_params + (6 - per_param) * (trained_params or 0)
+  if 0 < head_positions < seq_len:
+    matmuls -= per_param * mcfg.padded_vocab_size * mcfg.d_model * (1 - head_positions / seq_len)
   windows = mcfg.layer_windows or (0,) * mcfg.n_layers
   keys = sum(min(w, seq_len) if w else seq_len for w in windows)
   attn = 12 * mcfg.n_heads * mcfg.head_dim * keys
-  return 6 * matmul_params + attn
+  return matmuls + attn
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
