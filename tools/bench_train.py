@@ -20,12 +20,13 @@ peer on every position (as transformers and TRL do). `--lora_rank` > 0 times a L
 update too (every projection; the peer through `peft`, when installed).
 
 tokens/s = batch x seq_len / seconds per step, best of `--repeats` steps after a warm-up;
-MFU = tokens/s x `metrics.flops_per_token` / the peak measured here
-(`metrics.measure_peak_flops`, a large matmul on every local device; `--peak_tflops`
-sets it). Both peers count the same FLOPs per token, the model's: 6 N, 4 for each frozen
-parameter of a LoRA update (no weight gradient), the output head on the positions with a
-loss only. Peak memory: the most resident memory during the timed steps above what
-was resident before the first one (activations, gradients, temporaries; Linux only).
+MFU = tokens/s x `metrics.flops_per_token` / the peak measured here in the experiment's
+compute dtype (`metrics.measure_peak_flops`, a large matmul on every local device;
+`--peak_tflops` sets it). Both peers count the same FLOPs per token, the model's: 6 N, 4
+for each frozen parameter of a LoRA update (no weight gradient), the output head on the
+positions with a loss only. Peak memory: the most resident memory during the timed steps
+above what was resident before the first one (activations, gradients, temporaries; Linux
+only).
 Figures only: tests never use timings.
 """
 
@@ -244,15 +245,26 @@ def bench(name, cfg, peak):
 
 def main(argv):
   del argv
-  peak = _PEAK.value * 1e12 or metrics.measure_peak_flops() * jax.process_count()
   devices = jax.devices()
   print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); '
-        f'peak {peak / 1e9:.1f} GFLOP/s ({"--peak_tflops" if _PEAK.value else "measured here"}); '
         f'best of {_REPEATS.value} steps')
-  bench(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])),
-        _CONFIG.value, peak)
-  for path in [p for p in _ALSO.value if p]:
-    bench(os.path.basename(path), load_experiment(path), peak)
+  peaks = {}
+
+  def peak_for(cfg):
+    """--peak_tflops, else a matmul's FLOP/s measured here in the config's compute dtype."""
+    if _PEAK.value:
+      return _PEAK.value * 1e12
+    dtype = jnp.dtype(cfg.model.dtype)
+    if dtype not in peaks:
+      peaks[dtype] = metrics.measure_peak_flops(dtype) * jax.process_count()
+      print(f'peak {peaks[dtype] / 1e9:.1f} GFLOP/s in {dtype.name} (measured here)')
+    return peaks[dtype]
+
+  experiments = [(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])),
+                  _CONFIG.value)] + [(os.path.basename(p), load_experiment(p))
+                                     for p in _ALSO.value if p]
+  for name, cfg in experiments:
+    bench(name, cfg, peak_for(cfg))
 
 
 if __name__ == '__main__':
