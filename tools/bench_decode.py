@@ -11,8 +11,9 @@ Random parameters of the experiment's model, greedy, `--prompt_len`-token prompt
 * jaxgpt:       `jaxgpt.inference.sampling.sample` (a prefill, then one token per step against the
                 KV cache, one compiled while_loop);
 * transformers: `generate` of the PyTorch model holding the same weights
-                (`jaxgpt.hf.torch_peer`), greedy with its KV cache, when `transformers`
-                and `torch` are installed (`--nohf` skips it);
+                (`jaxgpt.hf.torch_peer`; bfloat16 when jaxgpt decodes in it), greedy with
+                its KV cache, when `transformers` and `torch` are installed (`--nohf`
+                skips it);
 * weight matmuls: a compiled loop of the same number of steps that only multiplies a
                 (batch, in) activation by every weight matrix once per step (each layer's
                 kernels and the output head), as XLA runs it: the floor under a decode
@@ -215,12 +216,16 @@ def adapted_params(cfg, mcfg, mesh, rank: int):
 
 def hf_generate_fn(mcfg, params):
   """`run(prompts_bp) -> new tokens (B, N)` with transformers' greedy `generate` on the
-  same weights (float32 CPU torch), or None when transformers / torch are missing."""
+  same weights (CPU torch, in bfloat16 when jaxgpt decodes in it, else float32), or None
+  when transformers / torch are missing."""
   peer = torch_peer.causal_lm(mcfg, params, threads=_TORCH_THREADS.value)
   if peer is None:
     return None
   import torch  # pylint: disable=import-outside-toplevel
   model, about = peer
+  if jnp.dtype(mcfg.decode_dtype or mcfg.dtype) == jnp.bfloat16:
+    model.to(torch.bfloat16)
+    about += ', weights and compute in bfloat16'
   model.eval()
   model.generation_config.eos_token_id = None  # no stop ids: every step runs
   print(about)
