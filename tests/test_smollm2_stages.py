@@ -11,7 +11,9 @@ import pytest
 
 import helpers
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the module in order: the SFT fixture and the reward stage's
+# comparisons are made once, not once a worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('smollm2_stages')]
 
 
 def run_stage(workdir, stage: str) -> str:
