@@ -498,6 +498,8 @@ def _validate_model(cfg) -> None:
   _choice(cfg, 'model.attention', ATTENTION_KERNELS)
   _choice(cfg, 'model.dtype', DTYPES)
   _choice(cfg, 'model.param_dtype', DTYPES)
+  if m.decode_dtype:  # '' -> the compute dtype
+    _choice(cfg, 'model.decode_dtype', DTYPES)
   if m.head_dim == 0 and m.d_model % m.n_heads:
     raise ConfigError(
         f'config.model.n_heads={m.n_heads} does not divide config.model.d_model={m.d_model}; '

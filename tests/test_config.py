@@ -45,6 +45,8 @@ CASES = [
     ('dtype', _set(**{'model.dtype': 'float16'}), 1, r"config\.model\.dtype='float16'"),
     ('param-dtype', _set(**{'model.param_dtype': 'int8'}), 1,
      r"config\.model\.param_dtype='int8'"),
+    ('decode-dtype', _set(**{'model.decode_dtype': 'bfloat17'}), 1,
+     r"config\.model\.decode_dtype='bfloat17'"),
     ('heads-divide-width', _set(**{'model.n_heads': 7}), 1,
      r'config\.model\.n_heads=7 does not divide config\.model\.d_model=64'),
     ('kv-heads-divide-heads', _set(**{'model.n_kv_heads': 3}), 1,
