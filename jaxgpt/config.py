@@ -291,7 +291,8 @@ def online_rl_fields(s: ml_collections.ConfigDict, *, reward: str) -> ml_collect
   s.prompts = 'embedded'       # 'embedded' (task-suite train split) or JSONL paths/globs
   s.on_bad_row = 'error'       # error | skip
   s.reward = reward            # '+'-separated [WEIGHT*]SOURCE terms: model (the reward model),
-                               # checker (the task verifier, 1 right / 0 wrong) or a user's
+                               # checker (the task verifier, 1 right / 0 wrong), partial (1
+                               # right, a wrong answer up to 0.5 by closeness) or a user's
                                # package.module:function (TRL's reward_funcs signature)
   s.steps = 60                 # iterations (rollout -> rewards -> advantages -> update)
   s.rollout_batch = 64         # rollouts per iteration

@@ -46,6 +46,7 @@ def user_module(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('spec, terms', [
     ('checker', (('checker', 1.0),)),
+    ('partial + 0.1*model', (('partial', 1.0), ('model', 0.1))),
     ('model', (('model', 1.0),)),
     ('checker + 0.1*model', (('checker', 1.0), ('model', 0.1))),
     ('mypkg.mymod:my_reward', (('mypkg.mymod:my_reward', 1.0),)),
@@ -73,6 +74,7 @@ def test_parse_every_form(spec, terms):
     ('0.1*', "no source in term '0.1*'"),
     ('0.1**model', "more than one '*' in term '0.1**model'"),
     ('checkr', "unknown source 'checkr' in term 'checkr' (did you mean 'checker'?)"),
+    ('partal', "unknown source 'partal' in term 'partal' (did you mean 'partial'?)"),
     ('0.5*Model', "unknown source 'Model'"),
     ('mypkg.mod', "unknown source 'mypkg.mod'"),
     ('mypkg.mod:', "unknown source 'mypkg.mod:'"),
@@ -106,6 +108,24 @@ def test_checker_rewards_right_answers_1_and_wrong_answers_0():
     np.testing.assert_array_equal(per_source['checker'], expected)
     assert stats == {'checker_unknown_prompts': 0}
     np.testing.assert_array_equal(host.correct(prompts, completions, row_fields), expected > 0)
+
+
+def test_partial_gives_graded_credit_and_the_checker_still_decides_gold():
+  examples = tasks.sample_examples('train', 64, seed=3)
+  prompts = [e.prompt for e in examples] * 2 + ['Tell me a joke.']
+  completions = ([e.answer for e in examples] + [wrong_answer(e.answer) for e in examples]
+                 + ['ha'])
+  host = rewards.HostRewards('partial', FIELD)
+  rewards_b, per_source, stats = host(prompts, completions, {})
+  expected = [tasks.TASKS[e.task].score(p, c)
+              for e, p, c in zip(examples * 2, prompts, completions)] + [0.0]
+  np.testing.assert_allclose(rewards_b, expected, rtol=1e-6)
+  np.testing.assert_array_equal(per_source['partial'], rewards_b)
+  assert np.all(rewards_b[:64] == 1.0) and np.all(rewards_b[64:] < 1.0)
+  assert np.any(rewards_b[64:128] > 0.0)  # some wrong answers earn credit
+  assert stats == {'checker_unknown_prompts': 1}
+  np.testing.assert_array_equal(host.correct(prompts, completions),
+                                [True] * 64 + [False] * 65)
 
 
 def test_checker_gives_unknown_prompts_0_and_counts_them():

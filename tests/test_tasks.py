@@ -150,3 +150,37 @@ def test_count_checker(c, w):
   prompt = f"How many '{c}'s are in the word '{w}'?"
   assert tasks.check('count_letter', prompt, str(w.count(c)))
   assert not tasks.check('count_letter', prompt, str(w.count(c) + 1))
+
+
+# -- graded credit (the RL reward source 'partial') -------------------------------------------
+
+@pytest.mark.parametrize('prompt, response, credit', [
+    ("Reverse the word 'banana'.", 'Ananab.', 1.0),           # right: full credit
+    ("Reverse the word 'banana'.", 'ananb', 0.5 * 10 / 11),   # 5 of 6 letters in order
+    ("Reverse the word 'banana'.", 'The answer is ananab', 0.5 * 12 / 26),
+    ("Sort the letters of 'kapo' alphabetically.", 'akpo', 0.5 * 0.75),
+    ("Write 'kapo' in capital letters.", 'KAPo', 0.5 * 0.75),  # case counts here
+    ("How many letters are in 'banana'?", '5', 0.5 * 5 / 6),
+    ("How many letters are in 'banana'?", 'five', 0.5 * 5 / 6),
+    ("How many letters are in 'banana'?", '13', 0.0),          # twice as far: nothing
+    ("How many letters are in 'banana'?", 'six letters', 0.0),  # not a number
+    ('What is 40 + 55?', '85', 0.5 * (1 - 10 / 95)),
+    ("Count the letter 'z' in 'banana'.", '1', 0.0),           # right is 0: off by one is 0
+    ('Which is larger, 40 or 55?', '40', 0.0),                  # a two-way choice: none
+    ("Is 'abba' a palindrome?", 'No', 0.0),
+])
+def test_graded_credit(prompt, response, credit):
+  task = tasks.TASKS[tasks.task_of(prompt)]
+  assert task.score(prompt, response) == pytest.approx(credit)
+
+
+def test_graded_credit_is_full_exactly_when_the_checker_accepts():
+  for ex in tasks.sample_examples('train', 400, seed=5):
+    task = tasks.TASKS[ex.task]
+    assert task.score(ex.prompt, ex.answer) == 1.0
+    wrong = ex.answer[:-1] or 'x'
+    score = task.score(ex.prompt, wrong)
+    assert (score == 1.0) == task.check(ex.prompt, wrong)
+    assert 0.0 <= score <= 1.0 and (score == 1.0 or score <= tasks.PARTIAL_MAX)
+  with pytest.raises(ValueError, match='not a'):
+    tasks.TASKS['add'].score('Tell me a joke.', '3')

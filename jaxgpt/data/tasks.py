@@ -19,11 +19,17 @@ Checking is lenient about form and strict about content: surrounding whitespace,
 and end punctuation are ignored; yes/no answers are read from the first word (and fail if
 the other label appears too); word answers ignore case except for the upper-case task;
 number answers accept digits or, for small counts, a number word ("three").
+
+Graded credit (`score`, the RL reward source 'partial'): 1.0 for a right answer, and for a
+wrong one up to `PARTIAL_MAX` by closeness: a word answer by its character-level similarity
+to the right one, a number answer by its distance; the two-way choices (palindrome, larger)
+get none, since half credit for the wrong one of two answers would reward guessing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import random
@@ -38,6 +44,7 @@ _VOWELS = 'aeiou'
 _NUMBER_WORDS = ('zero one two three four five six seven eight nine ten eleven twelve '
                  'thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty').split()
 _STRIP = ' \t\r\n\'"`.,!?;:'
+PARTIAL_MAX = 0.5              # the most a wrong answer can earn in `Task.score`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +119,36 @@ def _match_exact(response: str, answer: str) -> bool:
   return _clean(response) == answer
 
 
-def _match_number(response: str, answer: str) -> bool:
+def _parse_number(response: str) -> int | None:
   r = _clean(response).lower()
   if r in _NUMBER_WORDS:
-    r = str(_NUMBER_WORDS.index(r))
-  return re.fullmatch(r'[+-]?\d+', r) is not None and int(r) == int(answer)
+    return _NUMBER_WORDS.index(r)
+  return int(r) if re.fullmatch(r'[+-]?\d+', r) else None
+
+
+def _match_number(response: str, answer: str) -> bool:
+  r = _parse_number(response)
+  return r is not None and r == int(answer)
+
+
+# Closeness in [0, 1] of a wrong answer to the right one, for graded credit.
+
+def _close_text(response: str, answer: str) -> float:
+  return difflib.SequenceMatcher(None, _clean(response), answer).ratio()
+
+
+def _close_text_nocase(response: str, answer: str) -> float:
+  return _close_text(response.lower(), answer.lower())
+
+
+def _close_number(response: str, answer: str) -> float:
+  """1 at the answer, falling linearly to 0 at twice its distance from zero (off by one of
+  a count of 6: 0.83; 85 for 95: 0.89)."""
+  r = _parse_number(response)
+  if r is None:
+    return 0.0
+  a = int(answer)
+  return max(0.0, 1.0 - abs(r - a) / max(abs(a), 1))
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -141,6 +173,7 @@ class Task:
   key: Callable[[dict], str]                  # canonical instance key (decides the split)
   solve: Callable[[dict], str]                # instance -> the one right answer
   match: Callable[[str, str], bool]           # (response, answer) -> correct?
+  close: Callable[[str, str], float] | None = None  # a wrong answer's closeness in [0, 1]
 
   @functools.cached_property
   def _regexes(self) -> tuple[re.Pattern, ...]:
@@ -181,6 +214,17 @@ class Task:
     if fields is None:
       raise ValueError(f'not a {self.name!r} prompt: {prompt!r}')
     return self.match(response, self.solve(fields))
+
+  def score(self, prompt: str, response: str) -> float:
+    """Graded credit: 1.0 right; a wrong answer PARTIAL_MAX times its closeness (0.0 for a
+    task without one)."""
+    fields = self.parse(prompt)
+    if fields is None:
+      raise ValueError(f'not a {self.name!r} prompt: {prompt!r}')
+    answer = self.solve(fields)
+    if self.match(response, answer):
+      return 1.0
+    return PARTIAL_MAX * self.close(response, answer) if self.close else 0.0
 
 
 def _draw_word(rng):
@@ -233,34 +277,34 @@ _TASK_LIST = (
          ("Reverse the word '{w}'.",
           "Spell '{w}' backwards.",
           "What is '{w}' written in reverse?"),
-         _draw_word, _word_key, lambda f: f['w'][::-1], _match_word_nocase),
+         _draw_word, _word_key, lambda f: f['w'][::-1], _match_word_nocase, _close_text_nocase),
     Task('sort_letters',
          ("Sort the letters of '{w}' alphabetically.",
           "Put the letters of '{w}' in alphabetical order.",
           "Arrange the letters in '{w}' from a to z."),
-         _draw_word, _word_key, lambda f: ''.join(sorted(f['w'])), _match_word_nocase),
+         _draw_word, _word_key, lambda f: ''.join(sorted(f['w'])), _match_word_nocase, _close_text_nocase),
     Task('add',
          ('What is {a} + {b}?',
           'What is the sum of {a} and {b}?',
           'Add {a} and {b}.',
           'Compute {a} plus {b}.'),
-         _draw_pair, _pair_key, lambda f: str(int(f['a']) + int(f['b'])), _match_number),
+         _draw_pair, _pair_key, lambda f: str(int(f['a']) + int(f['b'])), _match_number, _close_number),
     Task('count_letter',
          ("How many times does the letter '{c}' appear in '{w}'?",
           "Count the letter '{c}' in '{w}'.",
           "How many '{c}'s are in the word '{w}'?"),
          _draw_count, lambda f: f"{f['c']}|{f['w']}",
-         lambda f: str(f['w'].count(f['c'])), _match_number),
+         lambda f: str(f['w'].count(f['c'])), _match_number, _close_number),
     Task('uppercase',
          ("Write '{w}' in capital letters.",
           "Convert '{w}' to uppercase.",
           "Spell '{w}' in upper case."),
-         _draw_word, _word_key, lambda f: f['w'].upper(), _match_exact),
+         _draw_word, _word_key, lambda f: f['w'].upper(), _match_exact, _close_text),
     Task('length',
          ("How many letters are in '{w}'?",
           "How long is the word '{w}'?",
           "Count the letters in '{w}'."),
-         _draw_word, _word_key, lambda f: str(len(f['w'])), _match_number),
+         _draw_word, _word_key, lambda f: str(len(f['w'])), _match_number, _close_number),
     Task('larger',
          ('Which is larger, {a} or {b}?',
           'Which number is greater, {a} or {b}?',

@@ -4,6 +4,8 @@ A reward spec (a config field such as `config.grpo.reward`) is a '+'-separated w
 sum of terms `[WEIGHT*]SOURCE`, each source at most once:
 
     'checker'                        the task suite's verifier: 1.0 right, 0.0 wrong
+    'partial'                        graded: 1.0 right, a wrong answer up to 0.5 by its
+                                     closeness to the right one (tasks.Task.score)
     'model'                          the trained reward model
     'checker + 0.1*model'
     '0.5*checker + 0.5*mypkg.mod:fn' a user's function, `package.module:function`
@@ -44,9 +46,11 @@ from jaxgpt.data import tasks
 
 MODEL = 'model'
 CHECKER = 'checker'
+PARTIAL = 'partial'
+_TASK_SOURCES = (CHECKER, PARTIAL)  # computed here from the task suite
 _FUNCTION = re.compile(r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*')
 _FORMS = ("a reward is a '+'-separated sum of [WEIGHT*]SOURCE terms, SOURCE one of 'model', "
-          "'checker' or 'package.module:function', each at most once, e.g. "
+          "'checker', 'partial' or 'package.module:function', each at most once, e.g. "
           "'checker + 0.1*model'")
 _RESERVED_FIELDS = ('prompts', 'completions')
 
@@ -93,11 +97,11 @@ def _parse_weight(field: str, spec: str, term: str, text: str) -> float:
 
 
 def _check_source(field: str, spec: str, term: str, source: str) -> None:
-  if source in (MODEL, CHECKER) or _FUNCTION.fullmatch(source):
+  if source in (MODEL, CHECKER, PARTIAL) or _FUNCTION.fullmatch(source):
     return
   if not source:
     raise _spec_error(field, spec, f'no source in term {term!r}')
-  close = difflib.get_close_matches(source, (MODEL, CHECKER), n=1)
+  close = difflib.get_close_matches(source, (MODEL, CHECKER, PARTIAL), n=1)
   hint = f" (did you mean '{close[0]}'?)" if close else ''
   raise _spec_error(field, spec, f'unknown source {source!r} in term {term!r}{hint}')
 
@@ -197,21 +201,23 @@ class HostRewards:
     self.field = field
     self.spec = spec if isinstance(spec, RewardSpec) else parse_reward_spec(spec, field)
     self._functions = {source: _resolve_function(source, field)
-                       for source, _ in self.spec.host_terms if source != CHECKER}
+                       for source, _ in self.spec.host_terms if source not in _TASK_SOURCES}
 
   def correct(self, prompts: list[str], completions: list[str],
               row_fields: dict[str, list] | None = None) -> np.ndarray:
     """The checker's verdict per row (bool, False for a prompt the suite does not know), for
     gold-accuracy metrics whether or not the checker is a reward term."""
-    return self._check(prompts, completions, row_fields or {})[0]
+    return self._check(prompts, completions, row_fields or {})[0].astype(bool)
 
-  def _check(self, prompts, completions, row_fields) -> tuple[np.ndarray, int]:
-    """(right_b, unknown): a row's task is row_fields['task'] when given and not empty, else
-    the one the prompt's text belongs to; a row whose prompt is not one of that task's
-    (or of any task's) is unknown and never right."""
+  def _check(self, prompts, completions, row_fields,
+             graded: bool = False) -> tuple[np.ndarray, int]:
+    """(values_b, unknown): the checker's 1/0 per row (`graded`: tasks.Task.score). A row's
+    task is row_fields['task'] when given and not empty, else the one the prompt's text
+    belongs to; a row whose prompt is not one of that task's (or of any task's) is unknown
+    and scores 0."""
     b = _check_batch(prompts, completions, row_fields)
     names = row_fields['task'] if 'task' in row_fields else [None] * b
-    right_b = np.zeros(b, bool)
+    values_b = np.zeros(b, np.float32)
     unknown = 0
     for i, (prompt, completion, name) in enumerate(zip(prompts, completions, names)):
       name = name or tasks.task_of(prompt)
@@ -219,8 +225,8 @@ class HostRewards:
       if task is None or task.parse(prompt) is None:
         unknown += 1
         continue
-      right_b[i] = tasks.check(task, prompt, completion)
-    return right_b, unknown
+      values_b[i] = (task.score if graded else task.check)(prompt, completion)
+    return values_b, unknown
 
   def _call_function(self, name: str, prompts, completions, row_fields) -> np.ndarray:
     b = len(completions)
@@ -276,7 +282,7 @@ class HostRewards:
     rewards_b: float32 (b,), the weighted sum of the host terms (the reward model's term is
     the caller's); per_source: source -> its unweighted float32 (b,) values; stats:
     'checker_unknown_prompts' (rows the checker could not verify, rewarded 0) when the
-    checker is a term.
+    checker or the graded score is a term.
     """
     row_fields = row_fields or {}
     b = _check_batch(prompts, completions, row_fields)
@@ -284,9 +290,9 @@ class HostRewards:
     per_source: dict[str, np.ndarray] = {}
     stats: dict[str, int] = {}
     for source, weight in self.spec.host_terms:
-      if source == CHECKER:
-        right_b, unknown = self._check(prompts, completions, row_fields)
-        values_b = right_b.astype(np.float32)
+      if source in _TASK_SOURCES:
+        values_b, unknown = self._check(prompts, completions, row_fields,
+                                        graded=source == PARTIAL)
         stats['checker_unknown_prompts'] = unknown
       else:
         values_b = self._call_function(source, prompts, completions, row_fields)
