@@ -35,7 +35,7 @@ from jaxgpt.data import tasks
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.evals import pairwise
 from jaxgpt.stages import common, preference_data
-from jaxgpt.train import loop, metrics, trainer
+from jaxgpt.train import loop, trainer
 
 NAME = 'dpo'
 PREVIOUS = 'sft'
@@ -79,7 +79,7 @@ def run(cfg, workdir: str) -> loop.Result:
                                       what=f'{NAME}: the SFT model')
   out_dir = loop.stage_dir(workdir, NAME)
   os.makedirs(out_dir, exist_ok=True)
-  graphdef, abstract_params, _ = model_lib.abstract_model(mcfg)
+  graphdef, _, _ = model_lib.abstract_model(mcfg)
   train, heldout, source_stats, _ = preference_data.comparisons_for(
       cfg, NAME, out_dir, graphdef, sft_params, mcfg, tok,
       reuse_dirs=(loop.stage_dir(workdir, 'reward'),))
@@ -87,7 +87,6 @@ def run(cfg, workdir: str) -> loop.Result:
   print(f'[{NAME}] data: {common.format_stats(data.stats)}', flush=True)
 
   t = config_lib.stage_train_config(cfg, NAME)
-  n_params = model_lib.count_params(abstract_params)
   mcfg, start = common.with_adapters(cfg, mesh, mcfg, sft_params)  # config.lora
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh, loss_fn=loss_fn(cfg), data=data,
@@ -95,7 +94,7 @@ def run(cfg, workdir: str) -> loop.Result:
       meta={'tokenizer': tok.path, 'init_from': init_dir, 'source_stats': source_stats,
             'config': cfg.to_json_best_effort()},
       count_tokens=lambda b: int(np.count_nonzero(b['segment_ids'])),
-      flops_per_token=metrics.flops_per_token(mcfg, data.seq_len, n_params), perplexity=False)
+      seq_len=data.seq_len, perplexity=False)
   result = loop.train(stage, workdir)
   if common.evaluated_before(result, workdir, NAME):
     return result

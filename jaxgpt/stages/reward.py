@@ -41,7 +41,7 @@ from jaxgpt.evals import samples as samples_lib
 from jaxgpt.evals import accuracy as evaluation
 from jaxgpt.inference import scoring
 from jaxgpt.stages import common, preference_data
-from jaxgpt.train import loop, metrics, trainer
+from jaxgpt.train import loop, trainer
 
 NAME = 'reward'
 PREVIOUS = 'sft'
@@ -94,14 +94,13 @@ def run(cfg, workdir: str) -> loop.Result:
   trunk.update(common.fresh_entries(mesh, mcfg, ('scalar_head',), cfg.seed))
   del sft_params  # the LM head is not needed from here on
   mcfg, trunk = common.with_adapters(cfg, mesh, mcfg, trunk)  # config.lora: trunk frozen
-  n_params = model_lib.count_params(model_lib.abstract_model(mcfg)[1])
   stage = loop.Stage(
       name=NAME, cfg=cfg, train_cfg=t, mcfg=mcfg, mesh=mesh,
       loss_fn=trainer.reward_loss_fn(cfg.reward.center), data=data, init_params=lambda: trunk,
       meta={'tokenizer': tok.path, 'init_from': init_dir, 'source_stats': source_stats,
             'config': cfg.to_json_best_effort()},
       count_tokens=lambda b: int(np.count_nonzero(b['segment_ids'])),
-      flops_per_token=metrics.flops_per_token(mcfg, data.seq_len, n_params),
+      seq_len=data.seq_len,
       final_meta=score_stats_fn(samples, tok, mcfg, data.seq_len), perplexity=False)
   result = loop.train(stage, workdir)
   if common.evaluated_before(result, workdir, NAME):

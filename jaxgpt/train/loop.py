@@ -48,11 +48,12 @@ class Stage:
   init_params: Callable[[], Any] | None = None   # starting weights; None -> random init
   sample_fn: Callable[[Any, Any], list[tuple[str, str]]] | None = None  # (graphdef, params)
   meta: dict = dataclasses.field(default_factory=dict)  # stored with every checkpoint
-  # Tokens one process's batch feeds the model (for tokens/s) and training FLOPs per
-  # token (for MFU); None -> LM rows: batch['inputs'].size, 6N + attention at data.seq_len
-  # (4 for parameters LoRA freezes), the output head on `head_positions` of a row (0: all).
+  # Tokens one process's batch feeds the model (for tokens/s; None -> batch['inputs'].size)
+  # and what its training FLOPs per token (for MFU) depend on: 6N + attention over rows of
+  # `seq_len` (None: config.data.seq_len), 4 for parameters LoRA freezes, the output head
+  # on `head_positions` of a row (0: all).
   count_tokens: Callable[[dict], int] | None = None
-  flops_per_token: float | None = None
+  seq_len: int | None = None
   head_positions: int = 0
   # (graphdef, state) -> extra meta for the final checkpoint (e.g. reward score stats).
   final_meta: Callable[[Any, Any], dict] | None = None
@@ -267,8 +268,8 @@ def train(stage: Stage, workdir: str) -> Result:
   params_shape = abstract_state['params']
   trained = (model_lib.count_params(lora.trainable(params_shape))
              if lora.has_adapters(params_shape) else None)
-  step_flops = stage.flops_per_token or metrics_lib.flops_per_token(
-      stage.mcfg, cfg.data.seq_len, n_params, trained_params=trained,
+  step_flops = metrics_lib.flops_per_token(
+      stage.mcfg, stage.seq_len or cfg.data.seq_len, n_params, trained_params=trained,
       head_positions=stage.head_positions)
   count_tokens = stage.count_tokens or (lambda b: int(b['inputs'].size))
 
