@@ -5,6 +5,7 @@ The references here (a full forward per step, the training forward's log-probs) 
 on one device with host parameters, so they also check the sharded program.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -20,6 +21,8 @@ from jaxgpt import model as model_lib
 from jaxgpt.inference import sampling
 from jaxgpt.inference.sampling import SamplingConfig
 from jaxgpt.model import kv_cache
+
+repeat_rows = kv_cache.repeat_rows
 
 B, P, N = 4, 8, 8
 LENGTHS = np.array([8, 3, 5, 1], np.int32)
@@ -322,6 +325,41 @@ def test_generate_text_pads_and_stops():
   # In chunks of 2 rows (2 calls of one compiled shape): the same texts.
   assert sampling.generate_text(s.graphdef, s.params, s.mcfg, ByteTokenizer(), prompts,
                                 max_new_tokens=N, stop_ids=(stop,), batch_size=2) == texts
+
+
+@pytest.mark.parametrize('stacked', [False, True], ids=['per-layer', 'stacked'])
+def test_grouped_prompts_prefilled_once_give_the_same_samples(monkeypatch, stacked):
+  """prompt_group=K (each prompt in K consecutive rows, GRPO's groups): one prefill a
+  group, its cache copied to the group's rows, gives what prefilling every row gives,
+  greedy and sampled (each row draws its own tokens from the shared prefix)."""
+  if stacked:
+    monkeypatch.setattr(sampling, 'split_layers_here', lambda: False)
+    monkeypatch.setattr(kv_cache, 'BLOCK', 4)
+  sampling._jitted.cache_clear()  # compile for this layout (the cache key does not name it)
+  copies = []
+  monkeypatch.setattr(kv_cache, 'repeat_rows',
+                      lambda *a: copies.append(a[1:]) or repeat_rows(*a))
+  s = get_setup(*MAIN_SETUPS[0])
+  k = 2
+  prompts, lengths = np.repeat(s.prompts, k, axis=0), np.repeat(LENGTHS, k)
+  for settings in (SamplingConfig(max_new_tokens=N, temperature=0.0, prefill_chunk=3),
+                   SAMPLED['temperature']):
+    every_row = s.sample(settings, prompts=prompts, lengths=lengths)
+    grouped = s.sample(dataclasses.replace(settings, prompt_group=k), prompts=prompts,
+                       lengths=lengths)
+    np.testing.assert_array_equal(grouped.tokens, every_row.tokens)
+    np.testing.assert_allclose(grouped.logprobs, every_row.logprobs, atol=2e-5)
+    if settings.temperature:
+      assert (every_row.tokens[0::k] != every_row.tokens[1::k]).any()  # rows draw apart
+  assert copies == [(k, s.mcfg.n_kv_heads)] * 2  # the grouped programs did share prefills
+  # 8 rows in groups of 8 leave one prefill for 4 row shards: every row is prefilled.
+  out = s.sample(dataclasses.replace(SAMPLED['temperature'], prompt_group=8),
+                 prompts=np.repeat(s.prompts[:1], 8, axis=0), lengths=np.repeat(LENGTHS[:1], 8))
+  assert out.tokens.shape == (8, N)
+  assert len(copies) == 2
+  with pytest.raises(ValueError, match='prompt_group'):
+    SamplingConfig(max_new_tokens=N, prompt_group=0)
+  sampling._jitted.cache_clear()
 
 
 def test_rejects_bad_shapes():

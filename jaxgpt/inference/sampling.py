@@ -67,6 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt import sharding
+from jaxgpt.model import kv_cache
 from jaxgpt.inference.token_choice import filter_logits, is_stop, next_token  # noqa: F401 (the API)
 
 
@@ -83,6 +84,11 @@ class SamplingConfig:
   pad_id: written in `tokens` after a row stopped.
   prefill_chunk: prompts longer than this are prefilled this many tokens at a time
     (bounds the activations; the result is the same).
+  prompt_group: rows come in runs of this many identical prompts (GRPO's groups, k
+    samples a prompt): each run's prompt is prefilled once and its cache copied to the
+    run's rows, a 1/prompt_group share of the prefill's work for the same result. The
+    batch must be a multiple of it; `sample` prefills every row when the runs' count
+    does not divide over the devices rows are sharded on.
   """
   max_new_tokens: int
   temperature: float = 1.0
@@ -91,6 +97,7 @@ class SamplingConfig:
   stop_ids: tuple[int, ...] = ()
   pad_id: int = 0
   prefill_chunk: int = 512
+  prompt_group: int = 1
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
@@ -107,6 +114,8 @@ class SamplingConfig:
       raise ValueError(f'SamplingConfig.top_p={self.top_p} must be in (0, 1] (1: off).')
     if int(self.prefill_chunk) < 1:
       raise ValueError(f'SamplingConfig.prefill_chunk={self.prefill_chunk} must be >= 1.')
+    if int(self.prompt_group) < 1:
+      raise ValueError(f'SamplingConfig.prompt_group={self.prompt_group} must be >= 1.')
 
 
 @jax.tree_util.register_dataclass
@@ -282,10 +291,18 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
     params, layers = decoding_weights(params, mcfg, layout)
     pad = (lengths_b, p)
     slots = max(p + n_new - 1, prefill_width(p, settings.prefill_chunk))
+    g = int(settings.prompt_group)
+    if b % g:
+      raise ValueError(f'sampling: batch {b} is not a multiple of prompt_group {g}.')
     cache = constrain_cache(
-        model_lib.init_cache(mcfg, b, slots, per_layer=layers is not None), rules)
-    logits_bv, cache = prefill(model_lib.merge(graphdef, params), prompts_bp, lengths_b,
-                               cache, settings.prefill_chunk, pad, layers)
+        model_lib.init_cache(mcfg, b // g, slots, per_layer=layers is not None), rules)
+    first_g = slice(None, None, g)  # one row of each run of identical prompts
+    logits_bv, cache = prefill(model_lib.merge(graphdef, params), prompts_bp[first_g],
+                               lengths_b[first_g], cache, settings.prefill_chunk,
+                               (lengths_b[first_g], p), layers)
+    if g > 1:
+      logits_bv = jnp.repeat(logits_bv, g, axis=0)
+      cache = constrain_cache(kv_cache.repeat_rows(cache, g, mcfg.n_kv_heads), rules)
     tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, 0), settings)
 
     batch_axes = ('act_batch', None)
@@ -397,6 +414,9 @@ def sample(graphdef, params, mcfg, prompts_bp, lengths_b, rng,
   if b % mult:
     raise ValueError(f'sampling: batch {b} is not a multiple of the {mult} devices rows are '
                      'sharded over (act_batch); pad the batch.')
+  if settings.prompt_group > 1 and (b % settings.prompt_group
+                                    or (b // settings.prompt_group) % mult):
+    settings = dataclasses.replace(settings, prompt_group=1)  # same result, every row prefilled
   fn = _jitted(graphdef, mcfg, settings, mesh, treedef, param_shardings)
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
   prompts_bp = jax.device_put(np.asarray(jax.device_get(prompts_bp), np.int32), batch_sh)

@@ -64,6 +64,16 @@ def zeros(n_layers: int, batch: int, n_kv_heads: int, length: int, head_dim: int
   return KVCache(jnp.zeros((n_layers,) + shape, dtype), jnp.zeros((n_layers,) + shape, dtype))
 
 
+def repeat_rows(cache: KVCache, times: int, n_kv_heads: int) -> KVCache:
+  """Every row's keys and values `times` times in consecutive rows: row b becomes rows
+  b*times .. b*times+times-1 (a prompt prefilled once for a group sampling it)."""
+  def repeat(x):  # (..., B*K, S, H) -> (..., B*times*K, S, H)
+    x = x.reshape(x.shape[:-3] + (-1, n_kv_heads) + x.shape[-2:])
+    x = jnp.repeat(x, times, axis=-4)
+    return x.reshape(x.shape[:-4] + (-1,) + x.shape[-2:])
+  return jax.tree.map(repeat, cache)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
   """One layer's view of the cache during a forward (lives inside a trace).

@@ -219,7 +219,8 @@ class Iteration:
                            out_shardings=sharding.replicated(inputs.mesh))
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
-        stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
+        stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id,
+        prompt_group=algo.group_size)  # group_rows: each prompt prefilled once a group
     self.oversample = int(s.get('oversample', 1))
     # With LoRA the sampler runs the merged weights (W + scale A B, folded once an iteration)
     # on the plain model: no low-rank terms in every decoding step.
