@@ -38,7 +38,7 @@ def sample_scored(policy, rm, tok, eval_set, n: int, *, n_new: int, seed: int,
   `<|end|>`, as PPO would score it."""
   questions = [[{'role': 'user', 'content': e.prompt}] for e in eval_set]
   prompts = [tok.chat.prompt(q) for q in questions for _ in range(n)]
-  drawn = samples_lib.draw(policy, tok, prompts, n_new=n_new, seed=seed)
+  drawn = samples_lib.draw(policy, tok, prompts, n_new=n_new, seed=seed, group=n)
   ids = [x for x, _ in drawn]
   replies = [tok.chat.reply(x) for x in ids]
   texts, finished = [t for t, _ in replies], [f for _, f in replies]

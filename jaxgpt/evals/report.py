@@ -155,7 +155,7 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
           f'({time.monotonic() - clock:.0f} s)')
       return row
     rep = [p for p in prompts for _ in range(k)]
-    drawn = samples_lib.draw(m, tok, rep, n_new=n_new, seed=seed)
+    drawn = samples_lib.draw(m, tok, rep, n_new=n_new, seed=seed, group=k)
     own = samples_lib.response_logprobs(m, rep, [ids for ids, _ in drawn])
     gap = max(float(np.abs(lp - f).max(initial=0)) for (_, lp), (f, _) in zip(drawn, own))
     texts, finished = zip(*[tok.chat.reply(ids) for ids, _ in drawn])

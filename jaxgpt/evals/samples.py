@@ -57,12 +57,19 @@ def load_stage(workdir, stage, mcfg, mesh, key_path=('params',)) -> StageModel |
   return StageModel(graphdef, params, mcfg, meta, step)
 
 
-def draw(m: StageModel, tok, prompts, *, n_new: int, seed: int, rows: int = 512):
+def draw(m: StageModel, tok, prompts, *, n_new: int, seed: int, rows: int = 512,
+         group: int = 1):
   """(response ids with the stop token, the sampler's log-probs) per prompt, at T=1:
-  `sampling.sample` on equal-shape chunks (one compilation)."""
+  `sampling.sample` on equal-shape chunks (one compilation). `group`: the prompts come
+  in runs of this many identical ones (k samples a prompt), each prefilled once."""
+  if len(prompts) % group:
+    raise ValueError(f'draw: {len(prompts)} prompts are not runs of {group}.')
   settings = sampling.SamplingConfig(max_new_tokens=n_new, temperature=1.0,
-                                     stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id)
-  mult = sampling.batch_multiple(sampling.mesh_and_param_shardings(m.params)[0], m.mcfg.rules)
+                                     stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id,
+                                     prompt_group=group)
+  # Chunks of whole runs; dummy padding rows are identical, so they form runs too.
+  mult = group * sampling.batch_multiple(sampling.mesh_and_param_shardings(m.params)[0],
+                                         m.mcfg.rules)
   rows = -(-min(rows, len(prompts)) // mult) * mult
   ids_bp, lengths_b = sampling.pad_prompts(prompts, tok.pad_id, max_len=m.mcfg.max_seq_len - n_new,
                                            batch_multiple=rows)
