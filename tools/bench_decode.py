@@ -23,6 +23,10 @@ Random parameters of the experiment's model, greedy, `--prompt_len`-token prompt
                 step, beside the `jaxgpt` row on the merged weights W + s A B (what PPO and
                 GRPO sample with; the heading gives the merge's time, paid once an
                 iteration); `agree` compares the two;
+* grouped:      with `--group` K > 1, the batch is B / K prompts each K times in a row (GRPO's
+                groups, every row decoded on its own), and this row samples it with
+                `prompt_group=K`: each prompt prefilled once, its cache copied to its K rows
+                (what the RL loop does); the other rows prefill every row;
 * no cache:     a compiled loop that reruns the full forward over the whole
                 (batch, prompt_len + new_tokens) buffer every step (`--norecompute`
                 skips it: it is slow).
@@ -41,6 +45,7 @@ random weights, and everything after it). Figures only: tests never use timings.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -67,6 +72,8 @@ _RECOMPUTE = flags.DEFINE_bool('recompute', True, 'also time the no-cache varian
 _MATMULS = flags.DEFINE_bool('matmuls', True, "also time the step's weight matmuls alone")
 _HF = flags.DEFINE_bool('hf', True, 'also time transformers generate (when installed)')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
+_GROUP = flags.DEFINE_integer('group', 1, 'rows in runs of this many identical prompts; > 1 '
+                               'also times the sampler prefilling each run once')
 _LORA_RANK = flags.DEFINE_integer('lora_rank', 0, 'also time sampling with rank-r adapters '
                                   'unmerged (config.lora.targets; 0: no)')
 _BANDWIDTH = flags.DEFINE_float('bandwidth_gbs', 0.0,
@@ -261,6 +268,8 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, ad
   p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
   prompts = np.random.default_rng(_SEED.value).integers(
       0, mcfg.vocab_size, size=(b, p)).astype(np.int32)
+  group = _GROUP.value
+  prompts = np.repeat(prompts[:b // group], group, axis=0)
   lengths = np.full((b,), p, np.int32)
   settings = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0)
   key = jax.random.PRNGKey(0)
@@ -270,6 +279,12 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, ad
       _REPEATS.value)
   ours = np.asarray(ours)
   rows.append(('jaxgpt', first, best, 1.0))
+  if group > 1:
+    grouped = dataclasses.replace(settings, prompt_group=group)
+    shared, first, best = timed(
+        lambda: sampling.sample(graphdef, params, mcfg, prompts, lengths, key, grouped).tokens,
+        _REPEATS.value)
+    rows.append(('grouped', first, best, float(np.mean(np.asarray(shared) == ours))))
   if adapted is not None:
     a_graphdef, a_params, a_mcfg = adapted
     low_rank, first, best = timed(
@@ -328,6 +343,9 @@ def main(argv):
   if any(b % mult for b in batches):
     raise app.UsageError(f'--batch={batches}: each must be a multiple of {mult} '
                          '(data-parallel devices).')
+  if _GROUP.value < 1 or any(b % _GROUP.value for b in batches):
+    raise app.UsageError(f'--group={_GROUP.value}: must be >= 1 and divide every batch '
+                         f'size ({batches}).')
 
   adapted = None
   if _LORA_RANK.value:
