@@ -75,7 +75,8 @@ _PARTS = flags.DEFINE_list('parts', ['train', 'sampling', 'ppo', 'grpo', 'trl'],
 flags.register_validator('parts', lambda v: set(v) <= set(PARTS),
                          f'--parts takes a comma-separated list of {", ".join(PARTS)}')
 
-TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3)
+TOK = types.SimpleNamespace(pad_id=0, end_of_turn_id=1, eot_id=2, reward_id=3,
+                            chat=types.SimpleNamespace(stop_ids=(1, 2)))  # where sampling stops
 PROMPT_LEN = (18, 31)  # prompt lengths drawn from [18, 30]: ~24 tokens, like task prompts
 
 
