@@ -210,18 +210,12 @@ class Task:
     return self.solve(fields)
 
   def check(self, prompt: str, response: str) -> bool:
-    fields = self.parse(prompt)
-    if fields is None:
-      raise ValueError(f'not a {self.name!r} prompt: {prompt!r}')
-    return self.match(response, self.solve(fields))
+    return self.match(response, self.answer(prompt))
 
   def score(self, prompt: str, response: str) -> float:
     """Graded credit: 1.0 right; a wrong answer PARTIAL_MAX times its closeness (0.0 for a
     task without one)."""
-    fields = self.parse(prompt)
-    if fields is None:
-      raise ValueError(f'not a {self.name!r} prompt: {prompt!r}')
-    answer = self.solve(fields)
+    answer = self.answer(prompt)
     if self.match(response, answer):
       return 1.0
     return PARTIAL_MAX * self.close(response, answer) if self.close else 0.0
