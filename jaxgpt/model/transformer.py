@@ -281,6 +281,26 @@ class Transformer(nnx.Module):
     x_btd, cache = self._run_blocks(x_btd, positions_bt, None, cache, slot, pad, layers)
     return self.final_norm(x_btd), cache
 
+  def hidden_after_prefix(self, prefix_gp, tokens_bn, positions_bn):
+    """Final hidden states (b, n, d) of rows that share a prefix by groups: row b continues
+    prefix b // (b / g) with `tokens_bn` at `positions_bn` (consecutive, the first at most
+    p). The g prefixes are run once and their keys and values copied to their rows, so a
+    group of K rows costs one prefix and K continuations instead of K whole rows; the
+    prefix's slots from each row's first position on are not attended (they hold the
+    padding, or another row's tokens), the row's own tokens are. Differentiable: a
+    per-layer cache (unrolled layers) is read in one block, without a loop; a stacked
+    one is read in a loop whose length depends on the data."""
+    cfg = self.cfg
+    g, p = prefix_gp.shape
+    b, n = tokens_bn.shape
+    cache = init_cache(cfg, g, p + n, dtype=cfg.dtype, per_layer=not cfg.scan_layers)
+    _, cache = self.decode(prefix_gp, jnp.broadcast_to(jnp.arange(p), (g, p)), cache,
+                           slot=jnp.int32(0))
+    cache = kv_cache.repeat_rows(cache, b // g, cfg.n_kv_heads)
+    h_bnd, _ = self.decode(tokens_bn, positions_bn, cache, slot=jnp.int32(p),
+                           pad=(positions_bn[:, 0].astype(jnp.int32), p))
+    return h_bnd
+
 
 def _decode_rules(cfg) -> tuple | None:
   """config.mesh.rules with config.mesh.decode_rules in force; None when they change nothing."""

@@ -66,15 +66,32 @@ def in_window(x_bt, window_bn):
   return jnp.where(valid, got, jnp.zeros((), got.dtype))
 
 
-def log_probs(model, tokens_bw, temperature: float, window_bn=None):
+def group_prefix(tokens_bw, group_size: int, prefix_width: int):
+  """(g, prefix_width): the first `prefix_width` tokens of each group's first row, the
+  prompt the group's K consecutive rows share (past a row's prompt, its own tokens; the
+  shared pass never attends to them, see `Transformer.hidden_after_prefix`)."""
+  return tokens_bw[::group_size, :prefix_width]
+
+
+def log_probs(model, tokens_bw, temperature: float, window_bn=None, prefix_gp=None):
   """(logp_bt, logits_bnv): log softmax(logits / T) of each next token, (b, W-1), and the
   logits / T at the reply window (`reply_window`). The LM head and the softmax run only at
   the window's positions, the rest of logp_bt is 0: the prompt's and the padding's
-  positions, which no loss reads, cost the trunk alone. No window: every position (n = W-1)."""
+  positions, which no loss reads, cost the trunk alone. No window: every position (n = W-1).
+  `prefix_gp` (`group_prefix`, with a window): each group's prompt runs once and only the
+  window's tokens run per row (the same values; the prompt of a group of K, once not K
+  times)."""
   if window_bn is None:
     logits_btv = model(tokens_bw[:, :-1]) / temperature
     return losses.token_log_probs(logits_btv, tokens_bw[:, 1:]), logits_btv
-  h_bnd = in_window(model.hidden(tokens_bw[:, :-1]), window_bn)
+  if prefix_gp is None:
+    h_bnd = in_window(model.hidden(tokens_bw[:, :-1]), window_bn)
+  else:
+    # Window positions past the row hold token 0 and are dropped below; clipped, they
+    # stay valid positions (a learned position table has no row past the last).
+    positions_bn = jnp.minimum(window_bn, tokens_bw.shape[1] - 2)
+    h_bnd = model.hidden_after_prefix(prefix_gp, in_window(tokens_bw[:, :-1], window_bn),
+                                      positions_bn)
   logits_bnv = model.logits(h_bnd) / temperature
   logp_bn = losses.token_log_probs(logits_bnv, in_window(tokens_bw[:, 1:], window_bn))
   # positions past the row are out of bounds of (W-1,) and dropped
@@ -128,18 +145,22 @@ class Scored(NamedTuple):
 
 
 def score(r, policy, reference, score_fn, tok, section, *, model_weight: float,
-          stats, width: int | None = None, reply_width: int | None = None) -> Scored:
+          stats, width: int | None = None, reply_width: int | None = None,
+          group: tuple[int, int] | None = None) -> Scored:
   """Assemble rollout `r` (a `rl.loop.Rollout`) at `width`, the policy's and (unless None) the
   reference's log-probs over a reply window `reply_width` long (None: the response budget;
   at least the longest reply), the reward model's score (`score_fn(tokens_bw, mask_bt,
-  readout_b)`, unless None) and the sequence reward."""
+  readout_b)`, unless None) and the sequence reward. `group = (K, prefix_width)`: rows come
+  in groups of K sharing their prompt, at most `prefix_width` long, which the log-probs run
+  once a group (`group_prefix`)."""
   out = r.out
   tokens_bw, mask_bt, readout_b = assemble(r.prompt_bp, r.length_b, out.tokens, out.lengths,
                                            tok.reward_id, tok.pad_id, width)
   window_bn = reply_window(mask_bt, reply_width or out.tokens.shape[1])
-  logp_bt, logits_bnv = log_probs(policy, tokens_bw, section.temperature, window_bn)
-  ref_logp_bt = (None if reference is None
-                 else log_probs(reference, tokens_bw, section.temperature, window_bn)[0])
+  prefix_gp = None if group is None else group_prefix(tokens_bw, *group)
+  logp_bt, logits_bnv = log_probs(policy, tokens_bw, section.temperature, window_bn, prefix_gp)
+  ref_logp_bt = (None if reference is None else
+                 log_probs(reference, tokens_bw, section.temperature, window_bn, prefix_gp)[0])
   raw_b = None if score_fn is None else score_fn(tokens_bw, mask_bt, readout_b)
   rewards_b = sequence_rewards(r.host_reward_b, raw_b, out.finished, model_weight=model_weight,
                                stats=stats, normalize=section.normalize_scores,
