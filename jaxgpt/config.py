@@ -347,6 +347,8 @@ def grpo_section() -> ml_collections.ConfigDict:
   g.kl_in = 'loss'             # loss (k3 term in the loss, GRPO) | reward (-beta * KL in the reward)
   g.kl_estimator = 'k3'
   g.kl_coef = 0.04
+  g.share_prompt = True        # run each group's prompt once, not K times, in the log-probs of
+                               # scoring and (unrolled layers, no micro-batches) of the update
   return g
 
 

@@ -52,7 +52,9 @@ class Setup:
     self.algo = grpo_algo.build(cfg, TOK, self.mesh, None)
     roles = self.algo.roles
     policy = helpers.random_params(roles.policy, seed=seed)
-    self.frozen = {'reference': helpers.place(policy, roles.reference, self.mesh)}
+    # With LoRA the reference is the policy's base (roles.reference_params), no copy.
+    self.frozen = ({} if roles.policy.lora_rank else
+                   {'reference': helpers.place(policy, roles.reference, self.mesh)})
     self.state = roles_lib.make_state({'policy': helpers.place(policy, roles.policy, self.mesh)},
                                       cfg.grpo, cfg.seed, self.algo.optimizers,
                                       self.algo.shardings, self.mesh)

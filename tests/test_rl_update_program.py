@@ -13,8 +13,10 @@ import helpers
 import test_grpo
 import test_ppo
 from jaxgpt import model as model_lib
+from jaxgpt import sharding
 from jaxgpt.inference import sampling
 from jaxgpt.rl import algo, rollout
+from jaxgpt.rl import grpo as grpo_algo
 from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import roles as roles_lib
 from jaxgpt.train import loop
@@ -53,20 +55,22 @@ def fresh_state(s, section):
   return roles_lib.make_state(params, section, 0, s.algo.optimizers, s.algo.shardings, s.mesh)
 
 
-def prepare_and_train(s, section, r, width, reply_width=None):
+def prepare_and_train(s, section, r, width, reply_width=None, group=1, **shared):
   """(batch, rollout metrics, per-update metrics, trained params) of rollout `r` laid out
   `width` wide (LM head over `reply_width` positions), then one iteration's epochs of
-  minibatch updates. width 'full': every row P + N + 1 wide, the LM head everywhere."""
+  minibatch updates (of whole groups of `group` rows). width 'full': every row P + N + 1
+  wide, the LM head everywhere. `shared`: prepare's prefix_width."""
   state = fresh_state(s, section)
   trained = {k: state[k]['params'] for k in s.algo.roles.trained()}
   with jax.set_mesh(s.mesh):
     batch, metrics = s.algo.prepare(trained, s.frozen, jnp.float32(0.05), r,
                                     width=None if width == 'full' else width,
-                                    reply_width=reply_width)
+                                    reply_width=reply_width, **shared)
     if width == 'full':
       batch = dict(batch)
       del batch['window']
-    state, per_update = s.algo.epochs(state, batch, rl_loop.minibatch_rows(section, 0, 0), None)
+    state, per_update = s.algo.epochs(state, batch,
+                                      rl_loop.minibatch_rows(section, 0, 0, group), None)
   return jax.device_get((batch, metrics, per_update,
                          {k: state[k]['params'] for k in s.algo.roles.trained()}))
 
@@ -202,3 +206,80 @@ def test_log_probs_over_the_reply_window_equal_the_full_ones():
     assert not np.asarray(logp_bt)[outside].any()
     np.testing.assert_allclose(algo.entropy_sum(logits_bnv, rollout.in_window(mask_bt, window_bn)),
                                full_entropy, rtol=1e-5)
+
+
+def shared_prompt_setup(mesh_shape, batch_size, share, lora_rank=0):
+  cfg = test_grpo.grpo_config(mesh_shape, batch_size=batch_size, share_prompt=share)
+  cfg.model.scan_layers = False  # the update's shared pass needs unrolled layers
+  cfg.train.eps = 1e-6
+  cfg.lora.rank = lora_rank
+  return cfg, test_grpo.Setup(cfg, helpers.devices_for(mesh_shape))
+
+
+@pytest.mark.parametrize('mesh,batch_size,lora_rank', [((1, 1, 1), 8, 0), ((2, 2, 2), 16, 0),
+                                                       ((1, 1, 1), 8, 4)],
+                         ids=['1x1x1', '2x2x2', 'lora'])
+def test_each_groups_prompt_run_once_gives_the_whole_rows_batch_metrics_and_update(
+    mesh, batch_size, lora_rank):
+  """GRPO's scoring and update passes with each group's prompt run once (its keys and values
+  copied to the group's K rows) give the log-probs, advantages, metrics, losses and updated
+  parameters (so the gradients) of whole rows: full fine-tuning on one device and on the
+  sharded mesh, and LoRA, whose adapters' gradients flow through the copied prefix."""
+  runs = []
+  for share in (False, True):
+    cfg, s = shared_prompt_setup(mesh, batch_size, share, lora_rank)
+    assert s.algo.share_prompt == share and s.algo.minibatch_group == (test_grpo.K if share else 1)
+    r, used, longest_reply = short_rollout(cfg.grpo.rollout_batch, seed=6,
+                                           group_size=test_grpo.K)
+    shared = {'prefix_width': rl_loop.row_width(int(r.length_b.max()), P)} if share else {}
+    runs.append(prepare_and_train(s, cfg.grpo, r, rl_loop.row_width(used, P + N + 1),
+                                  rl_loop.row_width(longest_reply, N), group=test_grpo.K,
+                                  **shared))
+  (batch, m, u, params), (s_batch, s_m, s_u, s_params) = runs
+  assert 'prefix' not in batch and s_batch['prefix'].shape == (16, 8)
+  for k in ('old_logp', 'ref_logp', 'advantages'):
+    np.testing.assert_allclose(s_batch[k], batch[k], rtol=1e-5, atol=2e-6, err_msg=k)
+  for k in m:
+    np.testing.assert_allclose(s_m[k], m[k], rtol=1e-5, atol=2e-6, err_msg=k)
+  for k in ('policy_loss', 'kl_loss', 'ratio', 'approxkl', 'policy_grad_norm'):
+    np.testing.assert_allclose(s_u[k], u[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(s_params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_prompts_are_shared_only_where_they_divide_over_the_row_shards():
+  """(scoring, update) sharing: groups must divide evenly over the row shards (4 on the
+  (2, 2, 2) mesh), and the update needs whole groups per minibatch, one micro-batch and
+  unrolled layers."""
+  def shares(mesh=(1, 1, 1), scan=False, **fields):
+    cfg = test_grpo.grpo_config(mesh, **fields)
+    cfg.model.scan_layers = scan
+    mcfg = model_lib.ModelConfig.from_config(cfg)
+    return grpo_algo.shares_prompt(cfg.grpo, mcfg, sharding.make_mesh(cfg, helpers.devices_for(mesh)))
+
+  assert shares() == (True, True)
+  assert shares(share_prompt=False) == (False, False)
+  assert shares(group_size=1, batch_size=8) == (False, False)
+  assert shares(scan=True) == (True, False)
+  assert shares(micro_batches=2) == (True, False)
+  assert shares(batch_size=6) == (True, False)             # 6 rows: 1.5 groups
+  assert shares((2, 2, 2)) == (True, False)                # 8 rows: 2 groups on 4 shards
+  assert shares((2, 2, 2), batch_size=16) == (True, True)
+  assert shares((2, 2, 2), rollout_batch=8, batch_size=8) == (False, False)
+
+
+def test_minibatches_of_whole_groups_permute_groups():
+  """minibatch_rows(group=K): each minibatch is whole groups of K consecutive rows, every
+  epoch each row once; group=1 is the row permutation as before."""
+  section = test_grpo.grpo_config().grpo  # 16 rows, minibatches of 8, 2 epochs, K = 4
+  rows = rl_loop.minibatch_rows(section, 0, 1, group=4)
+  assert rows.shape == (4, 8)
+  for rows_b in rows:
+    groups = rows_b.reshape(-1, 4)
+    assert (groups == groups[:, :1] + np.arange(4)).all() and (groups[:, 0] % 4 == 0).all()
+  for epoch in rows.reshape(2, 2, 8):
+    assert sorted(epoch.ravel()) == list(range(16))
+  assert len({tuple(rl_loop.minibatch_rows(section, 0, step, group=4)[0])
+              for step in range(6)}) > 1  # drawn afresh each iteration
+  np.testing.assert_array_equal(rl_loop.minibatch_rows(section, 0, 1, group=1),
+                                rl_loop.minibatch_rows(section, 0, 1))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -66,6 +67,8 @@ class Algorithm:
   epochs: Callable           # jitted (state, batch, rows_ub, ptx) -> (state, metrics per step)
   kl_controller: Callable[[float, float], float] | None = None  # (beta, kl) -> next beta
   group_size: int = 1
+  share_prompt: bool = False  # prepare runs each group's prompt once (takes prefix_width)
+  minibatch_group: int = 1   # minibatches of whole groups of this many consecutive rows
   section_name: str = ''     # the config section's name, for messages (default: name)
 
   def __post_init__(self):
@@ -118,9 +121,11 @@ def _update_count(opt_state):
 
 
 def jit_prepare(prepare_fn, mesh, rules):
-  """`prepare(params, frozen, beta, rollout, width=None, reply_width=None)`, compiled once
-  per (row width, reply window)."""
-  return jax.jit(prepare_fn, static_argnames=('width', 'reply_width'),
+  """`prepare(params, frozen, beta, rollout, width=None, reply_width=None[, prefix_width])`,
+  compiled once per (row width, reply window[, prefix width])."""
+  static = [a for a in ('width', 'reply_width', 'prefix_width')
+            if a in inspect.signature(prepare_fn).parameters]
+  return jax.jit(prepare_fn, static_argnames=static,
                  out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
 
 
@@ -213,9 +218,10 @@ class Iteration:
     self.algo, self.inputs = algo, inputs
     s, tok = algo.section, inputs.tok
     self.rules = algo.roles.policy.rules
-    # prompt + reply + readout of the longest row, replicated: every process reads it
+    # prompt + reply + readout of the longest row, the longest reply and prompt,
+    # replicated: every process reads them
     self.longest = jax.jit(lambda length_b, n_b: jnp.stack([jnp.max(length_b + n_b) + 1,
-                                                             jnp.max(n_b)]),
+                                                             jnp.max(n_b), jnp.max(length_b)]),
                            out_shardings=sharding.replicated(inputs.mesh))
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
@@ -308,17 +314,21 @@ class Iteration:
 
     t0 = time.perf_counter()
     full = prompts['prompt'].shape[1] + s.response_tokens + 1
-    longest_row, longest_reply = (int(x) for x in self.longest(prompts['length'], out.lengths))
+    longest_row, longest_reply, longest_prompt = (
+        int(x) for x in self.longest(prompts['length'], out.lengths))
     width = row_width(longest_row, full)
     reply_width = row_width(longest_reply, s.response_tokens)
+    shared = ({'prefix_width': row_width(longest_prompt, prompts['prompt'].shape[1])}
+              if algo.share_prompt else {})
     batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
         prompts['prompt'], prompts['length'], out, host['reward'], host['correct']),
-        width=width, reply_width=reply_width)
+        width=width, reply_width=reply_width, **shared)
     roll_metrics = jax.device_get(roll_metrics)
     times['score'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    state, stacked = algo.epochs(state, batch, minibatch_rows(s, inp.seed, step),
+    state, stacked = algo.epochs(state, batch,
+                                 minibatch_rows(s, inp.seed, step, algo.minibatch_group),
                                  self.ptx_batches(s))
     stacked = jax.device_get(stacked)
     per_update = [{k: v[u] for k, v in stacked.items()} for u in range(len(stacked['ratio']))]
@@ -343,16 +353,18 @@ class Iteration:
     return state, metrics
 
 
-def minibatch_rows(section, seed: int, step: int) -> np.ndarray:
+def minibatch_rows(section, seed: int, step: int, group: int = 1) -> np.ndarray:
   """(epochs x minibatches, batch_size) int32: each update's rows, every epoch a fresh
   permutation of the rollout batch from (seed, step, epoch), so a resumed run takes the
-  same minibatches."""
+  same minibatches. `group` > 1: a permutation of whole groups of `group` consecutive rows,
+  each minibatch's groups in order (an update that runs each group's prompt once)."""
   s = section
+  units, per_minibatch = s.rollout_batch // group, s.batch_size // group
   rows = []
   for epoch in range(s.epochs):
-    order = np.random.default_rng([seed, step, epoch]).permutation(s.rollout_batch)
-    rows += [np.sort(order[i:i + s.batch_size])
-             for i in range(0, s.rollout_batch - s.batch_size + 1, s.batch_size)]
+    order = np.random.default_rng([seed, step, epoch]).permutation(units)
+    rows += [(np.sort(order[i:i + per_minibatch])[:, None] * group + np.arange(group)).ravel()
+             for i in range(0, units - per_minibatch + 1, per_minibatch)]
   return np.stack(rows).astype(np.int32)
 
 
