@@ -11,7 +11,9 @@ resume, checkpoints, metrics and the stop flag are the shared `train.loop` piece
 Three things keep the update cheap. Rows are laid out only as wide as the batch needs: the
 longest prompt + reply + readout, rounded up to a multiple of `ROW_MULTIPLE` (capped at
 the full P + N + 1), so a batch of short replies does not pay for the response budget and
-the compiled widths stay few. The LM head and its softmax run only over a window of the
+the compiled widths stay few (GRPO's update with each group's prompt run once lays rows
+out full width: there only the prompt and the reply window run, and one width compiles
+once). The LM head and its softmax run only over a window of the
 longest reply's length (rounded the same way) from each row's first reply position
 (`rollout.reply_window`): the prompt's positions cost the trunk alone. And every epoch's
 minibatch updates run as one compiled program (`make_epochs`: a scan over the minibatches'
@@ -218,10 +220,9 @@ class Iteration:
     self.algo, self.inputs = algo, inputs
     s, tok = algo.section, inputs.tok
     self.rules = algo.roles.policy.rules
-    # prompt + reply + readout of the longest row, the longest reply and prompt,
-    # replicated: every process reads them
+    # prompt + reply + readout of the longest row, replicated: every process reads it
     self.longest = jax.jit(lambda length_b, n_b: jnp.stack([jnp.max(length_b + n_b) + 1,
-                                                             jnp.max(n_b), jnp.max(length_b)]),
+                                                             jnp.max(n_b)]),
                            out_shardings=sharding.replicated(inputs.mesh))
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
@@ -313,13 +314,15 @@ class Iteration:
     times['reward'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    full = prompts['prompt'].shape[1] + s.response_tokens + 1
-    longest_row, longest_reply, longest_prompt = (
-        int(x) for x in self.longest(prompts['length'], out.lengths))
-    width = row_width(longest_row, full)
+    p = prompts['prompt'].shape[1]
+    full = p + s.response_tokens + 1
+    longest_row, longest_reply = (int(x) for x in self.longest(prompts['length'], out.lengths))
     reply_width = row_width(longest_reply, s.response_tokens)
-    shared = ({'prefix_width': row_width(longest_prompt, prompts['prompt'].shape[1])}
-              if algo.share_prompt else {})
+    # Where the update runs each group's prompt once, only the prompt (once a group) and the
+    # reply window (each row) go through the model: the row's width costs nothing, and one
+    # width means one compile of prepare and the update per reply window, not per pair.
+    width = full if algo.minibatch_group > 1 else row_width(longest_row, full)
+    shared = {'prefix_width': min(p, width)} if algo.share_prompt else {}
     batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
         prompts['prompt'], prompts['length'], out, host['reward'], host['correct']),
         width=width, reply_width=reply_width, **shared)
