@@ -255,7 +255,8 @@ def test_prompts_are_shared_only_where_they_divide_over_the_row_shards():
     cfg = test_grpo.grpo_config(mesh, **fields)
     cfg.model.scan_layers = scan
     mcfg = model_lib.ModelConfig.from_config(cfg)
-    return grpo_algo.shares_prompt(cfg.grpo, mcfg, sharding.make_mesh(cfg, helpers.devices_for(mesh)))
+    return grpo_algo.shares_prompt(cfg.grpo, mcfg,
+                                   sharding.make_mesh(cfg, helpers.devices_for(mesh)))
 
   assert shares() == (True, True)
   assert shares(share_prompt=False) == (False, False)

@@ -11,9 +11,9 @@ resume, checkpoints, metrics and the stop flag are the shared `train.loop` piece
 Three things keep the update cheap. Rows are laid out only as wide as the batch needs: the
 longest prompt + reply + readout, rounded up to a multiple of `ROW_MULTIPLE` (capped at
 the full P + N + 1), so a batch of short replies does not pay for the response budget and
-the compiled widths stay few (GRPO's update with each group's prompt run once lays rows
-out full width: there only the prompt and the reply window run, and one width compiles
-once). The LM head and its softmax run only over a window of the
+the compiled widths stay few (GRPO's update with each group's prompt run once, and no
+reward model, lays rows out full width: there only the prompt and the reply window run,
+and one width compiles once). The LM head and its softmax run only over a window of the
 longest reply's length (rounded the same way) from each row's first reply position
 (`rollout.reply_window`): the prompt's positions cost the trunk alone. And every epoch's
 minibatch updates run as one compiled program (`make_epochs`: a scan over the minibatches'
@@ -320,8 +320,10 @@ class Iteration:
     reply_width = row_width(longest_reply, s.response_tokens)
     # Where the update runs each group's prompt once, only the prompt (once a group) and the
     # reply window (each row) go through the model: the row's width costs nothing, and one
-    # width means one compile of prepare and the update per reply window, not per pair.
-    width = full if algo.minibatch_group > 1 else row_width(longest_row, full)
+    # width means one compile of prepare and the update per reply window, not per pair. A
+    # reward model still reads whole rows: with one, the rows stay trimmed.
+    fixed = algo.minibatch_group > 1 and algo.roles.reward is None
+    width = full if fixed else row_width(longest_row, full)
     shared = {'prefix_width': min(p, width)} if algo.share_prompt else {}
     batch, roll_metrics = algo.prepare(params, inp.frozen, state['kl_coef'], Rollout(
         prompts['prompt'], prompts['length'], out, host['reward'], host['correct']),
