@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = dpo_section()
   c.ppo = ppo_section()
   c.grpo = grpo_section()
+  c.grpo_base = grpo_base_section()
   c.lora = lora_section()
   c.checkpoint = checkpoint_section()
   return c
@@ -352,6 +353,27 @@ def grpo_section() -> ml_collections.ConfigDict:
   return g
 
 
+def grpo_base_section() -> ml_collections.ConfigDict:
+  """The grpo_base stage (GRPO from the pretrained or shipped model) runs config.grpo with
+  the fields set here in place of grpo's (unset: grpo's value), e.g. its own steps or reward:
+  a model that never answers in form needs another setting than one after SFT."""
+  b = ml_collections.ConfigDict()
+  for name, value in grpo_section().items():
+    b[name] = ml_collections.config_dict.placeholder(type(value))
+  return b
+
+
+def with_grpo_base(cfg) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose config.grpo is the grpo_base stage's: grpo's fields, with each
+  field config.grpo_base sets in its place."""
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    for name, value in cfg.grpo_base.items():
+      if value is not None:
+        cfg.grpo[name] = value
+  return cfg
+
+
 def lora_section() -> ml_collections.ConfigDict:
   lo = ml_collections.ConfigDict()
   lo.rank = 0                 # LoRA adapters' rank in every stage that trains after pretraining
@@ -486,6 +508,12 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _validate_dpo(cfg, batch_shards)
   _validate_ppo(cfg, batch_shards)
   _validate_grpo(cfg, batch_shards)
+  if any(v is not None for v in cfg.grpo_base.values()):
+    try:
+      _validate_grpo(with_grpo_base(cfg), batch_shards)
+    except ConfigError as e:
+      raise ConfigError(f'{e} (in the grpo_base stage: config.grpo with the fields '
+                        'config.grpo_base sets in place of its own)') from None
   _choice(cfg, 'checkpoint.on_damaged', ('fallback', 'stop'))
   _choice(cfg, 'tokenizer.chat_template', ('model', 'jaxgpt'))
   from jaxgpt.model import lora  # pylint: disable=import-outside-toplevel

@@ -87,6 +87,9 @@ CASES = [
     ('sft-bad-row', _set(**{'sft.on_bad_row': 'ignore'}), 1, r"config\.sft\.on_bad_row='ignore'"),
     ('sft-long-row', _set(**{'sft.on_long_row': 'cut'}), 1, r"config\.sft\.on_long_row='cut'"),
     ('decay', _set(**{'train.decay': 'biases'}), 1, r"config\.train\.decay='biases'"),
+    ('grpo-base-steps', _set(**{'grpo_base.steps': 0}), 1,
+     r'config\.grpo\.steps=0 must be >= 1\. \(in the grpo_base stage: config\.grpo with the '
+     r'fields config\.grpo_base sets'),
 ]
 
 
@@ -101,6 +104,16 @@ def test_validate_names_the_field(change, devices, message):
   with pytest.raises(ConfigError, match=message) as err:
     config_lib.validate(cfg, devices)
   assert '\n' not in str(err.value)  # one line
+
+
+def test_grpo_base_takes_grpo_fields_but_those_it_sets():
+  cfg = helpers.tiny_config()
+  cfg.grpo.lr, cfg.grpo.steps = 3e-4, 7
+  cfg.grpo_base.steps, cfg.grpo_base.reward = 40, 'partial'
+  stage_cfg = config_lib.with_grpo_base(cfg)
+  assert (stage_cfg.grpo.steps, stage_cfg.grpo.reward, stage_cfg.grpo.lr) == (40, 'partial', 3e-4)
+  assert (cfg.grpo.steps, cfg.grpo.reward) == (7, 'checker')  # the experiment's own is untouched
+  assert set(cfg.grpo_base) == set(cfg.grpo)  # every GRPO field can be set for grpo_base
 
 
 def test_the_batch_check_follows_the_rules_in_force():

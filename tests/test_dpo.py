@@ -129,6 +129,14 @@ def test_stored_reference_log_probs_equal_a_fresh_forward(tok, policy):
   fresh = [float(lp.sum()) for lp, _ in samples_lib.response_logprobs(model, prompts, replies)]
   np.testing.assert_allclose(batch['ref_logp'][:len(pairs)].ravel(), fresh, rtol=1e-5,
                              atol=1e-4)
+  # the prompts come in runs of two (chosen, rejected): each run's prompt run once, the same
+  # log-probs and entropies per token
+  whole = samples_lib.response_logprobs(model, prompts, replies)
+  shared = samples_lib.response_logprobs(model, prompts, replies, group=2)
+  for (lp, ent), (lp2, ent2), r in zip(whole, shared, replies):
+    assert lp.shape == lp2.shape == (len(r),)
+    np.testing.assert_allclose(lp2, lp, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(ent2, ent, rtol=1e-5, atol=2e-5)
   train_batch = next(data.train_iter)
   assert 'ref_logp' in train_batch and 'reply_mask' in train_batch
 

@@ -164,6 +164,12 @@ def config_reference() -> str:
     lines += ['', f'## {section}', '']
     if doc:
       lines += [' '.join(doc.split()), '']
+    mirrored = next((o for o in sections if o != section and set(cfg[o]) == set(cfg[section])
+                     and all(v is None for v in cfg[section].values())), None)
+    if mirrored:  # a section of overrides (grpo_base): the same fields, each unset
+      lines += [f'Its fields are those of [{mirrored}](#{mirrored}) (`{section}.steps`, '
+                f'`{section}.lr`, `{section}.reward`, ...), each `None` (unset) by default.']
+      continue
     lines += table(f'{section}.', cfg[section], own)
   lines += ['', '## Named values', '',
             'Defaults too long for a table cell, as `jaxgpt/config.py` defines them:', '']

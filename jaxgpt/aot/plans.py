@@ -238,6 +238,8 @@ def online_rl_plan(cfg, stage: str, mesh, prompt_len: int) -> Plan:
   section = SECTION_OF.get(stage, stage)
   if stage == 'ppo_checker':
     cfg = ppo_checker.stage_config(cfg)
+  elif stage == 'grpo_base':
+    cfg = config_lib.with_grpo_base(cfg)
   s = cfg[section]
   tok = types.SimpleNamespace(reward_id=1, pad_id=0, end_of_turn_id=2, eot_id=3)  # values only
   algo = {'ppo': ppo_algo.build, 'grpo': grpo_algo.build}[section](cfg, tok, mesh, None)

@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from jaxgpt import config as config_lib
 from jaxgpt import sharding
 from jaxgpt import model as model_lib
 from jaxgpt.data import tasks
@@ -144,8 +145,11 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
     start = start or sft
     clock, tok = time.monotonic(), state['tok']
     prompts = evaluation.prompts_for(mode, tok, eval_set, shots=cfg.sft.few_shot, seed=cfg.seed)
-    greedy = sampling.generate(m.graphdef, m.params, m.mcfg, tok, prompts,
+    # a chat model's example answers ride in the same greedy batch: one compilation, not two
+    examples = example_prompts(tok) if mode == 'chat' else []
+    greedy = sampling.generate(m.graphdef, m.params, m.mcfg, tok, prompts + examples,
                                max_new_tokens=n_new)
+    greedy, example_replies = greedy[:len(prompts)], [text for text, _ in greedy[len(prompts):]]
     greedy_answers = [evaluation.answer_text(mode, g) for g, _ in greedy]
     if mode in FEW_SHOT_MODES:
       row = summarise(name, eval_set, greedy_answers, [], k, kl_note='n/a: greedy only',
@@ -156,14 +160,14 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
       return row
     rep = [p for p in prompts for _ in range(k)]
     drawn = samples_lib.draw(m, tok, rep, n_new=n_new, seed=seed, group=k)
-    own = samples_lib.response_logprobs(m, rep, [ids for ids, _ in drawn])
+    own = samples_lib.response_logprobs(m, rep, [ids for ids, _ in drawn], group=k)
     gap = max(float(np.abs(lp - f).max(initial=0)) for (_, lp), (f, _) in zip(drawn, own))
     texts, finished = zip(*[tok.chat.reply(ids) for ids, _ in drawn])
     answers = [evaluation.answer_text(mode, t) for t in texts]
     kl, note = None, 'n/a: asked as a document' if mode != 'chat' else 'n/a: no SFT model'
     if mode == 'chat' and start is not None:
-      ref = own if m is start else samples_lib.response_logprobs(start, rep,
-                                                                 [ids for ids, _ in drawn])
+      ref = own if m is start else samples_lib.response_logprobs(
+          start, rep, [ids for ids, _ in drawn], group=k)
       kl = _mean([float(np.sum(a - b)) for (a, _), (b, _) in zip(own, ref)])
       note = 'exact' if start is sft else 'exact, to the model as shipped'
     row = summarise(name, eval_set, greedy_answers,
@@ -174,7 +178,7 @@ def write_report(cfg, workdir: str, config_file: str = '') -> dict:
     row['rm_score_greedy'] = None if greedy_scores is None else _mean(greedy_scores)
     row['greedy_finished'] = [f for _, f in greedy]
     if mode == 'chat':
-      row['examples'] = example_answers(m, tok, n_new)
+      row['examples'] = example_replies
     say(f'{name}: gold accuracy greedy {row["gold_greedy"]:.1%}, T=1 {row["gold_sampled"]:.1%} '
         f'({time.monotonic() - clock:.0f} s)')
     return row
@@ -247,10 +251,9 @@ def report_title(workdir: str, config_file: str) -> str:
   return f'{what}, run `{name}`'
 
 
-def example_answers(m, tok, n_new: int) -> list[str]:
-  """Greedy replies of a chat model to EXAMPLE_QUESTIONS."""
-  prompts = [tok.chat.prompt([{'role': 'user', 'content': q}]) for q in EXAMPLE_QUESTIONS]
-  return sampling.generate_text(m.graphdef, m.params, m.mcfg, tok, prompts, max_new_tokens=n_new)
+def example_prompts(tok) -> list[list[int]]:
+  """EXAMPLE_QUESTIONS in the chat template, each a prompt for the model's reply."""
+  return [tok.chat.prompt([{'role': 'user', 'content': q}]) for q in EXAMPLE_QUESTIONS]
 
 
 def document_samples(cfg, base, tok) -> dict:
@@ -314,7 +317,8 @@ def rl_rows(cfg) -> list[tuple[str, str]]:
           ('ppo_checker', 'PPO (checker)'), ('grpo', f'GRPO ({cfg.grpo.reward})')]
   if 'grpo_base' in cfg.recipe:
     start = SHIPPED if cfg.checkpoint.base else 'base'
-    rows.append(('grpo_base', f'GRPO from {start} ({cfg.grpo.reward})'))
+    reward = config_lib.with_grpo_base(cfg).grpo.reward
+    rows.append(('grpo_base', f'GRPO from {start} ({reward})'))
   return rows
 
 
