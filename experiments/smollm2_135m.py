@@ -8,8 +8,9 @@ fetched with pip, de-quantised to float32) and is never pretrained here
 'model', its default system prompt kept) the recipe runs:
 
 * sft: LoRA (rank 16 on every projection) on train-split task-suite examples;
-* grpo: GRPO with the task checker's reward, LoRA, from the SFT model;
-* grpo_base: the same GRPO straight from the model as shipped;
+* grpo: GRPO with the task checker's reward, LoRA, from the SFT model (200 iterations);
+* grpo_base: GRPO straight from the model as shipped, with graded credit
+  (config.grpo_base: reward 'partial', 40 iterations);
 * the report: held-out gold accuracy of the shipped model, SFT, GRPO and GRPO-from-shipped
   on the same held-out prompts, greedy and T=1, pass@k, KL, entropy, length, per task.
 
@@ -55,17 +56,22 @@ def get_config(arg=None):
   s.eval_tokens = 24
   s.few_shot = 3
   g = c.grpo                   # 8 prompts x 8 samples an iteration, one update on all 64
-  g.steps, g.rollout_batch, g.batch_size, g.group_size, g.epochs = 20, 64, 64, 8, 1
-  g.lr, g.warmup_steps, g.kl_coef = 5e-5, 2, 0.04
+  g.steps, g.rollout_batch, g.batch_size, g.group_size, g.epochs = 200, 64, 64, 8, 1
+  g.lr, g.warmup_steps, g.kl_coef = 2e-4, 2, 0.04
+  g.oversample = 4             # draw 32 prompts, keep the 8 whose groups' rewards differ most
   g.response_tokens = 24
   g.eval_per_task = 20
+  b = c.grpo_base              # from the shipped model, which answers in sentences: graded
+  b.steps, b.oversample = 40, 1  # credit (a bare near miss beats a sentence) teaches the form
+  b.reward = 'partial'
   c.reward.seq_len = 96        # reward, dpo: one conversation a row (~45 tokens), not a pack
   c.ppo.eval_per_task = 20     # the report's held-out prompts (same draw as the stages')
-  c.ppo.report_samples = 4
+  c.ppo.report_samples = 8     # pass@8 beside greedy and T=1 accuracy
   if arg == 'smoke':           # seconds per stage: the plumbing, not the figures
     s.steps, s.task_examples, s.eval_per_task, s.eval_tokens = 2, 64, 1, 8
     g.steps, g.rollout_batch, g.batch_size, g.group_size = 1, 16, 16, 8
-    g.response_tokens, g.eval_per_task = 8, 1
+    g.response_tokens, g.eval_per_task, g.oversample = 8, 1, 1
+    b.steps = 1
     c.ppo.eval_per_task, c.ppo.report_samples = 1, 2
     r = c.reward               # reward, dpo and ppo: a few comparisons, steps and rollouts
     r.prompts, r.heldout_prompts, r.response_tokens, r.steps, r.eval_per_task = 16, 8, 8, 2, 1
