@@ -389,6 +389,12 @@ def batch_multiple(mesh, rules) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def whole_groups_per_shard(rows: int, group: int, multiple: int) -> bool:
+  """Do `rows` in runs of `group` identical prompts put whole runs, the same number, on
+  each of the `multiple` (`batch_multiple`) row shards? What sharing a run's prompt needs."""
+  return rows % group == 0 and (rows // group) % multiple == 0
+
+
 def sample(graphdef, params, mcfg, prompts_bp, lengths_b, rng,
            settings: SamplingConfig) -> SampleOutput:
   """Decode a batch of right-padded prompts on the parameters' mesh (see the module doc).
@@ -414,8 +420,7 @@ def sample(graphdef, params, mcfg, prompts_bp, lengths_b, rng,
   if b % mult:
     raise ValueError(f'sampling: batch {b} is not a multiple of the {mult} devices rows are '
                      'sharded over (act_batch); pad the batch.')
-  if settings.prompt_group > 1 and (b % settings.prompt_group
-                                    or (b // settings.prompt_group) % mult):
+  if settings.prompt_group > 1 and not whole_groups_per_shard(b, settings.prompt_group, mult):
     settings = dataclasses.replace(settings, prompt_group=1)  # same result, every row prefilled
   fn = _jitted(graphdef, mcfg, settings, mesh, treedef, param_shardings)
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)

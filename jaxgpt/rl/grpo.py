@@ -49,14 +49,10 @@ def shares_prompt(section, mcfg, mesh) -> tuple[bool, bool]:
   so they take the whole rows."""
   k = int(section.group_size)
   multiple = sampling.batch_multiple(mesh, mcfg.rules)
-
-  def whole_groups_per_shard(rows):
-    return rows % k == 0 and (rows // k) % multiple == 0
-
-  scoring = bool(section.share_prompt) and k > 1 and whole_groups_per_shard(
-      section.rollout_batch)
+  scoring = bool(section.share_prompt) and k > 1 and sampling.whole_groups_per_shard(
+      section.rollout_batch, k, multiple)
   update = (scoring and int(section.micro_batches) == 1 and not mcfg.scan_layers and
-            whole_groups_per_shard(section.batch_size))
+            sampling.whole_groups_per_shard(section.batch_size, k, multiple))
   return scoring, update
 
 
@@ -137,7 +133,8 @@ def build(cfg, tok, mesh, score_stats) -> rl_loop.Algorithm:
   rules = roles.policy.rules
   share_scoring, share_update = shares_prompt(g, roles.policy, mesh)
   prepare = rl_loop.jit_prepare(make_prepare(graphdefs, frozen_graphdefs, roles, g, tok,
-                                             score_stats, share_update), mesh, rules)
+                                             score_stats, share_update), mesh, rules,
+                                static=('width', 'reply_width', 'prefix_width'))
   update, epochs = rl_loop.jit_updates(
       rl_loop.make_update(graphdefs, optimizers, {'policy': make_loss_fn(g)}, g.micro_batches,
                           rules), shardings, mesh, rules)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -122,11 +121,9 @@ def _update_count(opt_state):
   return counts[0] if counts else jnp.int32(0)
 
 
-def jit_prepare(prepare_fn, mesh, rules):
-  """`prepare(params, frozen, beta, rollout, width=None, reply_width=None[, prefix_width])`,
-  compiled once per (row width, reply window[, prefix width])."""
-  static = [a for a in ('width', 'reply_width', 'prefix_width')
-            if a in inspect.signature(prepare_fn).parameters]
+def jit_prepare(prepare_fn, mesh, rules, static=('width', 'reply_width')):
+  """`prepare(params, frozen, beta, rollout, width=None, reply_width=None, ...)`, compiled
+  once per value of its `static` arguments (row width, reply window; GRPO's prefix width)."""
   return jax.jit(prepare_fn, static_argnames=static,
                  out_shardings=(sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)))
 
