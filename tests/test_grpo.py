@@ -209,6 +209,23 @@ def test_lora_grpo_resume_equals_uninterrupted_run(smoke_run, tmp_path):
   assert '\n' not in line and os.path.join('sft', 'checkpoints') in line and other in line
 
 
+def test_grpo_base_runs_with_the_fields_its_section_sets(smoke_run, tmp_path):
+  """grpo_base starts from the pretrained model and runs config.grpo, but for the fields
+  config.grpo_base sets: here its own iterations and reward."""
+  workdir = smoke_run[0]
+  wd = str(tmp_path / 'from_base')
+  shutil.copytree(os.path.join(workdir, 'pretrain'), os.path.join(wd, 'pretrain'))
+  cfg = helpers.smoke_config(**{
+      'stage': 'grpo_base', 'grpo.steps': 3, 'grpo_base.steps': 1,
+      'grpo_base.reward': 'partial', 'grpo.rollout_batch': 16, 'grpo.batch_size': 8,
+      'grpo.group_size': 4, 'grpo.eval_per_task': 1,
+      'tokenizer.path': os.path.join(workdir, 'tokenizer.model')})
+  assert run_lib.run(cfg, wd)['grpo_base'].steps_run == 1
+  assert len(read_jsonl(os.path.join(wd, 'grpo_base', 'metrics.jsonl'))) == 1
+  with open(os.path.join(wd, 'grpo_base', 'eval.json'), encoding='utf-8') as f:
+    assert json.load(f)['reward'] == 'partial'
+
+
 def test_informative_first_keeps_whole_groups_with_a_signal_first():
   rewards = np.array([0, 0, 1, 0,  1, 1, 1, 1,  0, 0, 0, 0,  0, 1, 1, 1,  2, 2, 2, 2], float)
   keep = rl_loop.informative_first(rewards, 4, 3)  # groups 0 and 3 differ; then group 1
