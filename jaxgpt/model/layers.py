@@ -14,6 +14,7 @@ k key/value heads, h head width, f MLP width, v vocabulary. Projection outputs c
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxgpt import sharding
 from jaxgpt.model import attention_kernels
-from jaxgpt.model import lora as lora_lib
 from jaxgpt.model import rope
 
 # Parameters are created unsharded and placed by jit(out_shardings=...) in
@@ -74,9 +74,22 @@ def _param(rngs, shape, axes, std, dtype):
   return nnx.Param(value, out_sharding=axes)
 
 
+def kernel_inputs(eqn: str) -> int:
+  """How many leading kernel dims `eqn` contracts, for a projection 'lead+in,in+out ->
+  lead+out' ('btNh,Nhd->btd': 2); anything else is refused."""
+  inputs, out = eqn.split('->')
+  x, kernel = inputs.split(',')
+  k_in = ''.join(c for c in kernel if c in x)
+  lead = x[:len(x) - len(k_in)]
+  if kernel[:len(k_in)] != k_in or not x.endswith(k_in) or out != lead + kernel[len(k_in):]:
+    raise ValueError(f'{eqn!r} is not a projection (lead+in, in+out -> lead+out).')
+  return len(k_in)
+
+
 class Proj(nnx.Module):
-  """A linear map written as one einsum, with an optional bias and an optional LoRA
-  adapter (`lora=(rank, alpha)`, see `jaxgpt.model.lora`).
+  """A linear map, `eqn` naming its dims ('btd,dnh->btnh'; run as one matmul over
+  tokens), with an optional bias and an optional LoRA adapter (`lora=(rank, alpha)`, see
+  `jaxgpt.model.lora`).
 
   Parameters are kept in `param_dtype` and cast to the compute dtype at use.
   """
@@ -91,23 +104,32 @@ class Proj(nnx.Module):
     a = b = None
     if lora is not None:
       rank, alpha = lora
-      self.lora_eqns = lora_lib.einsums(eqn)
-      n_in = len(self.lora_eqns[0].split('->')[0].split(',')[1]) - 1
+      n_in = kernel_inputs(eqn)
       self.lora_scale = alpha / rank
       a = _param(rngs, kernel_shape[:n_in] + (rank,), kernel_axes[:n_in] + (None,),
                  float(np.prod(kernel_shape[:n_in])) ** -0.5, param_dtype)
       b = _param(rngs, (rank,) + kernel_shape[n_in:], (None,) + kernel_axes[n_in:], 0.0,
                  param_dtype)
     self.lora_a, self.lora_b = a, b
+    self.n_in = kernel_inputs(eqn)
 
   def __call__(self, x):
+    # One 2-D matmul of every token's features: the backward's weight gradient then
+    # contracts one token axis. Written as the 3-D einsum 'btd,df->btf', it contracts
+    # (b, t), which XLA:CPU lays out by transposing the incoming gradient, fused with the
+    # elementwise work that made it (a strided write: ~15x that work's time).
     x = x.astype(self.dtype)
+    lead, n_in = x.shape[:x.ndim - self.n_in], self.kernel.shape[:self.n_in]
+    x_ti = x.reshape(-1, math.prod(n_in))
     einsum = jnp.einsum if self.dtype == jnp.float32 else einsum_f32_sums
-    y = einsum(self.eqn, x, self.kernel[...].astype(self.dtype))
+
+    def matmul(x_ti, w):
+      return einsum('ti,io->to', x_ti, w[...].astype(self.dtype).reshape(x_ti.shape[1], -1))
+
+    y_to = matmul(x_ti, self.kernel)
     if self.lora_a is not None:
-      a_eqn, b_eqn = self.lora_eqns
-      xa = einsum(a_eqn, x, self.lora_a[...].astype(self.dtype))
-      y = y + self.lora_scale * einsum(b_eqn, xa, self.lora_b[...].astype(self.dtype))
+      y_to = y_to + self.lora_scale * matmul(matmul(x_ti, self.lora_a), self.lora_b)
+    y = y_to.reshape(lead + self.kernel.shape[self.n_in:])
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -55,20 +55,6 @@ def validate(cfg) -> None:
     raise config_lib.ConfigError(f'config.lora.alpha={lo.alpha} must be >= 0 (0: alpha = rank).')
 
 
-def einsums(eqn: str) -> tuple[str, str]:
-  """The two einsums of an adapter beside the kernel einsum `eqn` ('btd,dnh->btnh':
-  'btd,dR->btR' and 'btR,Rnh->btnh'). The kernel's dims must be its inputs then its
-  outputs, as every projection in `jaxgpt.model.layers` stores them."""
-  inputs, out = eqn.split('->')
-  x, kernel = inputs.split(',')
-  k_in = ''.join(c for c in kernel if c in x)
-  k_out = ''.join(c for c in kernel if c not in x)
-  if kernel != k_in + k_out or 'R' in eqn:
-    raise ValueError(f'no LoRA for the projection {eqn!r}: its kernel is not (inputs, outputs).')
-  lead = ''.join(c for c in x if c not in kernel)
-  return f'{x},{k_in}R->{lead}R', f'{lead}R,R{k_out}->{out}'
-
-
 def _key(path_entry) -> str:
   return getattr(path_entry, 'key', str(path_entry))
 

@@ -188,12 +188,14 @@ class Transformer(nnx.Module):
     """float32 logits from final hidden states."""
     if not self.cfg.lm_head:
       raise ValueError('this model was built without an LM head (a reward or value model).')
+    h_nd = h_btd.reshape(-1, h_btd.shape[-1])  # every position one row, as in layers.Proj
     if self.lm_head is None:
       w_vd = self.embed[...].astype(self.cfg.dtype)
-      logits_btv = jnp.einsum('btd,vd->btv', h_btd, w_vd, preferred_element_type=jnp.float32)
+      logits_nv = jnp.einsum('nd,vd->nv', h_nd, w_vd, preferred_element_type=jnp.float32)
     else:
       w_dv = self.lm_head.kernel[...].astype(self.cfg.dtype)
-      logits_btv = jnp.einsum('btd,dv->btv', h_btd, w_dv, preferred_element_type=jnp.float32)
+      logits_nv = jnp.einsum('nd,dv->nv', h_nd, w_dv, preferred_element_type=jnp.float32)
+    logits_btv = logits_nv.reshape(h_btd.shape[:-1] + logits_nv.shape[-1:])
     if self.cfg.padded_vocab_size > self.cfg.vocab_size:
       # Padding rows are no tokens: a large finite negative (not -inf, so p * log p stays
       # 0) keeps them out of the loss, the sampler and every log-prob.
