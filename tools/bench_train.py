@@ -47,7 +47,7 @@ from jaxgpt import config as config_lib
 from jaxgpt import model as model_lib
 from jaxgpt.hf import torch_peer
 from jaxgpt.model import lora
-from jaxgpt.train import loop, metrics, optim, trainer
+from jaxgpt.train import kernel_profile, loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
                                           'experiment config')
@@ -58,6 +58,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
 _PYTORCH = flags.DEFINE_bool('pytorch', True, 'also time the PyTorch eager peer (when installed)')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'peak FLOP/s in TFLOP/s; 0: measured here')
+_PROFILE = flags.DEFINE_string(
+    'profile', None, 'a folder: trace one more jaxgpt step of each update with jax.profiler '
+    'there and print its top kernel kinds (XLA:CPU kernels included)')
 _LORA_RANK = flags.DEFINE_integer('lora_rank', 0, 'also time a LoRA update of this rank (0: no)')
 
 
@@ -202,6 +205,13 @@ def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0):
   n_adapters = model_lib.count_params(lora.trainable(params)) if lora_rank else None
   params = lora.without_adapters(params) if lora_rank else params
   results = [('jaxgpt',) + timed_steps(step, _REPEATS.value)]
+  if _PROFILE.value:
+    kind = f'lora{lora_rank}' if lora_rank else 'full'
+    logdir = f'{_PROFILE.value}/d{mcfg.d_model}-l{mcfg.n_layers}-{kind}'
+    with jax.profiler.trace(logdir):
+      step()
+    kernel_profile.print_top(kernel_profile.seconds_by_kind(logdir),
+                             title=f'one jaxgpt step, {"LoRA" if lora_rank else "full"} update')
   del step  # its state: what the peer's peak memory is measured above
   if _PYTORCH.value:
     peer, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank)
@@ -245,6 +255,8 @@ def bench(name, cfg, peak):
 
 def main(argv):
   del argv
+  if _PROFILE.value:
+    kernel_profile.enable_cpu_kernel_trace()  # before the backend starts (below)
   devices = jax.devices()
   print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); '
         f'best of {_REPEATS.value} steps')
