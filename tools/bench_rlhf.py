@@ -31,6 +31,13 @@ figures are the best of --repeats runs after a compiling warm-up ("first s").
    line saying what to install.
 
    python tools/bench_rlhf.py --config experiments/tiny.py --parts=ppo,grpo,trl
+   `--parts=...,tunix` adds Google's Tunix beside GRPO: tools/peer_tunix_grpo.py, run by
+   --tunix_python (a venv with google-tunix; its pins need not match ours), on the same
+   prompt ids and model shape with random weights of its own, its GRPOLearner sampling the
+   whole rollout batch at once and accumulating the minibatches' gradients. Without the
+   venv this part is one line saying how to make it.
+
+   python tools/bench_rlhf.py --config experiments/bench_135m.py --parts=grpo,trl,tunix
 5. `--parts=update` (not run by default): PPO's update program alone, the per-minibatch
    loop as it was against the one compiled scan, at the full width and trimmed widths, in
    interleaved rounds (a shared machine's load swings hit both).
@@ -38,6 +45,7 @@ figures are the best of --repeats runs after a compiling warm-up ("first s").
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 
@@ -56,7 +64,7 @@ from jaxgpt.rl import loop as rl_loop
 from jaxgpt.rl import ppo as ppo_algo
 from jaxgpt.rl import roles as roles_lib
 from jaxgpt.rl import rollout
-from jaxgpt.train import loop, metrics, optim, trainer
+from jaxgpt.train import kernel_profile, loop, metrics, optim, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'experiment config')
 _PROMPTS = flags.DEFINE_integer('prompts', 256, 'task prompts sampled for in part 2')
@@ -64,14 +72,22 @@ _CHUNK = flags.DEFINE_integer('chunk', 1024, 'rows decoded together in part 2 (t
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per measurement (best is reported)')
 _ITERATIONS = flags.DEFINE_integer('iterations', 2, 'timed PPO iterations after the warm-up')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
+_PROFILE = flags.DEFINE_string(
+    'profile', None, 'a folder: trace the last timed PPO / GRPO iteration with jax.profiler '
+    'there and print its top kernel kinds (XLA:CPU kernels included)')
 _TORCH_THREADS = flags.DEFINE_integer(
     'torch_threads', 0, "TRL's torch intra-op threads (0: torch's default); on a loaded "
     'machine 1 thread can beat 2, whose OpenMP workers wait on each other')
-PARTS = ('train', 'sampling', 'update', 'ppo', 'grpo', 'trl')
+PARTS = ('train', 'sampling', 'update', 'ppo', 'grpo', 'trl', 'tunix')
 _PARTS = flags.DEFINE_list('parts', ['train', 'sampling', 'ppo', 'grpo', 'trl'],
                            'what to measure: train (steps), sampling, update (PPO\'s update '
                            'program before / after, trimmed), ppo, grpo, trl (TRL beside '
-                           'each of ppo and grpo, in this process)')
+                           'each of ppo and grpo, in this process), tunix (Tunix beside grpo, '
+                           'in --tunix_python\'s venv)')
+_TUNIX_PYTHON = flags.DEFINE_string(
+    'tunix_python', '/tmp/tunix-venv/bin/python',
+    'the python of a venv with google-tunix, which runs tools/peer_tunix_grpo.py for '
+    '--parts=tunix')
 flags.register_validator('parts', lambda v: set(v) <= set(PARTS),
                          f'--parts takes a comma-separated list of {", ".join(PARTS)}')
 
@@ -231,12 +247,18 @@ def part_online_rl(cfg, mesh, rng, name: str):
   iteration = rl_loop.Iteration(algo, rl_loop.Inputs(data, TOK, frozen, None, mesh, seed, None,
                                                      {}))
   got, walls = [], []
+  last = _ITERATIONS.value
   with jax.set_mesh(mesh):
-    for step in range(1 + _ITERATIONS.value):
-      start = time.perf_counter()
-      state, m = iteration(state, step)
-      walls.append(time.perf_counter() - start)
+    for step in range(1 + last):
+      with (jax.profiler.trace(f'{_PROFILE.value}/{name}') if _PROFILE.value and step == last
+            else contextlib.nullcontext()):
+        start = time.perf_counter()
+        state, m = iteration(state, step)
+        walls.append(time.perf_counter() - start)
       got.append(m)
+  if _PROFILE.value:
+    kernel_profile.print_top(kernel_profile.seconds_by_kind(f'{_PROFILE.value}/{name}'),
+                             title=f'{name.upper()} iteration {last} (traced)')
   def mean(key):
     return float(np.mean([m[key] for m in got[1:]]))
   phases = {ph: mean(f'{ph}_seconds') for ph in ('generate', 'score', 'update')}
@@ -477,14 +499,65 @@ def part_trl(cfg, name, ours):
       return
   theirs = {k: float(np.mean([r[k] for r in rows])) for k in ('generate', 'score', 'update',
                                                                'total')}
-  mine = ours['phases']
-  print(f'\n{name.upper()} beside TRL ({about}); the same prompts, shapes and policy '
-        f'weights; mean of {len(rows)} iterations after a warm-up')
-  print(f'{"phase":10s} {"jaxgpt s":>9s} {"TRL s":>9s} {"jaxgpt / TRL":>13s}')
+  print_beside(f'{name.upper()} beside TRL ({about}); the same prompts, shapes and policy '
+               f'weights; mean of {len(rows)} iterations after a warm-up', 'TRL',
+               ours['phases'], theirs)
+
+
+def print_beside(title, peer, mine, theirs):
+  """Both sides' seconds per phase and the ratio."""
+  print(f'\n{title}')
+  print(f'{"phase":10s} {"jaxgpt s":>9s} {peer + " s":>9s} {"jaxgpt / " + peer:>14s}')
   for ph in ('generate', 'score', 'update'):
-    print(f'{ph:10s} {mine[ph]:9.3f} {theirs[ph]:9.3f} {mine[ph] / theirs[ph]:12.2f}x')
+    print(f'{ph:10s} {mine[ph]:9.3f} {theirs[ph]:9.3f} {mine[ph] / theirs[ph]:13.2f}x')
   total = sum(mine.values())
-  print(f'{"iteration":10s} {total:9.3f} {theirs["total"]:9.3f} {total / theirs["total"]:12.2f}x')
+  print(f'{"iteration":10s} {total:9.3f} {theirs["total"]:9.3f} '
+        f'{total / theirs["total"]:13.2f}x')
+
+
+# -- 4b. Tunix's GRPO learner on the same shapes, in its own venv ---------------------------------
+
+TUNIX_VERSION = '0.1.7'
+
+
+def part_tunix(cfg, ours):
+  """tools/peer_tunix_grpo.py run by --tunix_python (a venv with google-tunix) on our GRPO
+  run's prompt ids and shapes; prints both sides and the ratio, or one line naming why not."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  python = _TUNIX_PYTHON.value
+  how = (f'python -m venv /tmp/tunix-venv && /tmp/tunix-venv/bin/pip install '
+         f'google-tunix=={TUNIX_VERSION}; then --tunix_python=/tmp/tunix-venv/bin/python')
+  if not python or not os.path.exists(python):
+    print(f'\nGRPO beside Tunix: not measured (no --tunix_python {python or ""}; {how})')
+    return
+  g, m = cfg.grpo, ours['roles'].policy
+  prompts = [ids[:n].tolist() for b in ours['batches'] for ids, n in zip(b['prompt'], b['length'])]
+  with tempfile.NamedTemporaryFile('w', suffix='.json') as f:
+    json.dump(prompts, f)
+    f.flush()
+    args = {'vocab_size': m.vocab_size, 'd_model': m.d_model, 'n_layers': m.n_layers,
+            'n_heads': m.n_heads, 'n_kv_heads': m.n_kv_heads, 'head_dim': m.head_dim,
+            'ffn_hidden': m.d_ff, 'rope_theta': m.rope_theta, 'norm_eps': m.norm_eps,
+            'prompts_per_iteration': g.rollout_batch // g.group_size,
+            'generations': g.group_size, 'max_new_tokens': g.response_tokens,
+            'temperature': g.temperature, 'beta': g.kl_coef, 'epsilon': g.clip,
+            'epochs': g.epochs, 'minibatches': g.rollout_batch // g.batch_size,
+            'learning_rate': g.lr, 'iterations': _ITERATIONS.value, 'seed': _SEED.value,
+            'prompts_json': f.name, 'minibatching': 'grad_accumulation'}
+    cmd = [python, os.path.join(os.path.dirname(__file__), 'peer_tunix_grpo.py')]
+    cmd += [f'--{k}={v}' for k, v in args.items()] + ([] if m.tied else ['--untied_embeddings'])
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if run.returncode != 0:
+    why = (run.stderr.strip().splitlines() or ['no output'])[-1]
+    print(f'\nGRPO beside Tunix: not measured (exit {run.returncode}: {why})')
+    return
+  theirs = json.loads(run.stdout.strip().splitlines()[-1])
+  print_beside(f'GRPO beside Tunix ({theirs["about"]}); the same prompt ids and shapes; mean of '
+               f'{theirs["iterations"]} iterations after a warm-up, replies '
+               f'{theirs["mean_reply_tokens"]:.0f} tokens', 'Tunix', ours['phases'], theirs)
 
 
 # -- 5. the update alone: before / after ----------------------------------------------------------
@@ -571,6 +644,8 @@ def part_update(cfg, mesh, rng):
 
 def main(argv):
   del argv
+  if _PROFILE.value:
+    kernel_profile.enable_cpu_kernel_trace()  # before the backend starts (below)
   cfg = _CONFIG.value
   config_lib.validate(cfg, jax.device_count())
   mesh = sharding.make_mesh(cfg)
@@ -595,6 +670,8 @@ def main(argv):
       ours = part_online_rl(cfg, mesh, rng, name)
       if 'trl' in parts:
         part_trl(cfg, name, ours)
+      if name == 'grpo' and 'tunix' in parts:
+        part_tunix(cfg, ours)
   print(f'\ntotal {time.perf_counter() - start:.0f} s')
 
 
