@@ -60,6 +60,7 @@ from jaxgpt import model as model_lib
 from jaxgpt.hf import torch_peer
 from jaxgpt.inference import sampling
 from jaxgpt.model import lora
+from jaxgpt.train import kernel_profile
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/bench_33m.py',
                                           'experiment config')
@@ -74,6 +75,9 @@ _HF = flags.DEFINE_bool('hf', True, 'also time transformers generate (when insta
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
 _GROUP = flags.DEFINE_integer('group', 1, 'rows in runs of this many identical prompts; > 1 '
                                'also times the sampler prefilling each run once')
+_PROFILE = flags.DEFINE_string(
+    'profile', None, 'a folder: trace one more jaxgpt generation per batch size with '
+    'jax.profiler there and print its top kernel kinds (XLA:CPU kernels included)')
 _LORA_RANK = flags.DEFINE_integer('lora_rank', 0, 'also time sampling with rank-r adapters '
                                   'unmerged (config.lora.targets; 0: no)')
 _BANDWIDTH = flags.DEFINE_float('bandwidth_gbs', 0.0,
@@ -279,6 +283,12 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, ad
       _REPEATS.value)
   ours = np.asarray(ours)
   rows.append(('jaxgpt', first, best, 1.0))
+  if _PROFILE.value:
+    with jax.profiler.trace(f'{_PROFILE.value}/batch{b}'):
+      jax.block_until_ready(
+          sampling.sample(graphdef, params, mcfg, prompts, lengths, key, settings).tokens)
+    kernel_profile.print_top(kernel_profile.seconds_by_kind(f'{_PROFILE.value}/batch{b}'),
+                             title=f'one jaxgpt generation at batch {b}')
   if group > 1:
     grouped = dataclasses.replace(settings, prompt_group=group)
     shared, first, best = timed(
@@ -327,6 +337,8 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, ad
 
 def main(argv):
   del argv
+  if _PROFILE.value:
+    kernel_profile.enable_cpu_kernel_trace()  # before the backend starts (below)
   cfg = _CONFIG.value
   config_lib.validate(cfg, jax.device_count())
   if not all(x.isdigit() and int(x) > 0 for x in _BATCH.value):

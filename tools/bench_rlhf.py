@@ -45,7 +45,6 @@ figures are the best of --repeats runs after a compiling warm-up ("first s").
 
 from __future__ import annotations
 
-import contextlib
 import time
 import types
 
@@ -239,7 +238,7 @@ def part_online_rl(cfg, mesh, rng, name: str):
   prompts = p.rollout_batch // algo.group_size
   batches = [dict(zip(('prompt', 'length'), random_prompts(rng, prompts, roles.policy.vocab_size,
                                                            room)))
-             for _ in range(1 + _ITERATIONS.value)]
+             for _ in range(1 + _ITERATIONS.value + bool(_PROFILE.value))]
   width = batches[0]['prompt'].shape[1]
   data = types.SimpleNamespace(train_iter=iter(batches), ptx_iter=None)  # no PPO-ptx mix
   # Random models and ids: no text to check, so no host reward terms (the checker's cost
@@ -247,18 +246,17 @@ def part_online_rl(cfg, mesh, rng, name: str):
   iteration = rl_loop.Iteration(algo, rl_loop.Inputs(data, TOK, frozen, None, mesh, seed, None,
                                                      {}))
   got, walls = [], []
-  last = _ITERATIONS.value
   with jax.set_mesh(mesh):
-    for step in range(1 + last):
-      with (jax.profiler.trace(f'{_PROFILE.value}/{name}') if _PROFILE.value and step == last
-            else contextlib.nullcontext()):
-        start = time.perf_counter()
-        state, m = iteration(state, step)
-        walls.append(time.perf_counter() - start)
+    for step in range(1 + _ITERATIONS.value):
+      start = time.perf_counter()
+      state, m = iteration(state, step)
+      walls.append(time.perf_counter() - start)
       got.append(m)
-  if _PROFILE.value:
-    kernel_profile.print_top(kernel_profile.seconds_by_kind(f'{_PROFILE.value}/{name}'),
-                             title=f'{name.upper()} iteration {last} (traced)')
+    if _PROFILE.value:  # one more iteration, traced (tracing slows it: not timed)
+      with jax.profiler.trace(f'{_PROFILE.value}/{name}'):
+        state, _ = iteration(state, 1 + _ITERATIONS.value)
+      kernel_profile.print_top(kernel_profile.seconds_by_kind(f'{_PROFILE.value}/{name}'),
+                               title=f'{name.upper()}: one more iteration, traced')
   def mean(key):
     return float(np.mean([m[key] for m in got[1:]]))
   phases = {ph: mean(f'{ph}_seconds') for ph in ('generate', 'score', 'update')}
