@@ -72,8 +72,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'timed runs per measurement (best 
 _ITERATIONS = flags.DEFINE_integer('iterations', 2, 'timed PPO iterations after the warm-up')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
 _PROFILE = flags.DEFINE_string(
-    'profile', None, 'a folder: trace the last timed PPO / GRPO iteration with jax.profiler '
-    'there and print its top kernel kinds (XLA:CPU kernels included)')
+    'profile', None, 'a folder: trace one more (untimed) PPO / GRPO iteration with '
+    'jax.profiler there and print its top kernel kinds (XLA:CPU kernels included)')
 _TORCH_THREADS = flags.DEFINE_integer(
     'torch_threads', 0, "TRL's torch intra-op threads (0: torch's default); on a loaded "
     'machine 1 thread can beat 2, whose OpenMP workers wait on each other')
