@@ -101,17 +101,16 @@ class Proj(nnx.Module):
     self.kernel = _param(rngs, kernel_shape, kernel_axes, std, param_dtype)
     self.bias = (_param(rngs, bias_shape, bias_axes, 0.0, param_dtype)
                  if bias_shape is not None else None)
+    self.n_in = n_in = kernel_inputs(eqn)
     a = b = None
     if lora is not None:
       rank, alpha = lora
-      n_in = kernel_inputs(eqn)
       self.lora_scale = alpha / rank
       a = _param(rngs, kernel_shape[:n_in] + (rank,), kernel_axes[:n_in] + (None,),
                  float(np.prod(kernel_shape[:n_in])) ** -0.5, param_dtype)
       b = _param(rngs, (rank,) + kernel_shape[n_in:], (None,) + kernel_axes[n_in:], 0.0,
                  param_dtype)
     self.lora_a, self.lora_b = a, b
-    self.n_in = kernel_inputs(eqn)
 
   def __call__(self, x):
     # One 2-D matmul of every token's features: the backward's weight gradient then
