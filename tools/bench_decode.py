@@ -338,7 +338,7 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, ad
 def main(argv):
   del argv
   if _PROFILE.value:
-    kernel_profile.enable_cpu_kernel_trace()  # before the backend starts (below)
+    kernel_profile.prepare(_PROFILE.value)  # before the backend starts (below)
   cfg = _CONFIG.value
   config_lib.validate(cfg, jax.device_count())
   if not all(x.isdigit() and int(x) > 0 for x in _BATCH.value):

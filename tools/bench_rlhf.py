@@ -643,7 +643,7 @@ def part_update(cfg, mesh, rng):
 def main(argv):
   del argv
   if _PROFILE.value:
-    kernel_profile.enable_cpu_kernel_trace()  # before the backend starts (below)
+    kernel_profile.prepare(_PROFILE.value)  # before the backend starts (below)
   cfg = _CONFIG.value
   config_lib.validate(cfg, jax.device_count())
   mesh = sharding.make_mesh(cfg)

@@ -262,7 +262,7 @@ def bench(name, cfg, peak):
 def main(argv):
   del argv
   if _PROFILE.value:
-    kernel_profile.enable_cpu_kernel_trace()  # before the backend starts (below)
+    kernel_profile.prepare(_PROFILE.value)  # before the backend starts (below)
   devices = jax.devices()
   print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); '
         f'best of {_REPEATS.value} steps')

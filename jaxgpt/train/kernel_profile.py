@@ -1,6 +1,6 @@
 """Where a compiled program's time goes: `jax.profiler` traces summed by kernel kind.
 
-    kernel_profile.enable_cpu_kernel_trace()   # before JAX starts its backend
+    kernel_profile.prepare(logdir)   # before JAX starts its backend
     with jax.profiler.trace(logdir):
       run_once()
     kernel_profile.print_top(kernel_profile.seconds_by_kind(logdir))
@@ -24,9 +24,11 @@ import jax
 CPU_TRACE_FLAG = '--xla_cpu_enable_xprof_traceme=true'
 
 
-def enable_cpu_kernel_trace():
-  """Ask XLA:CPU to record each kernel in profiler traces. Takes effect only if JAX has
-  not yet started its backend (XLA reads its flags once)."""
+def prepare(logdir: str):
+  """Make `logdir` now (a folder that cannot be made fails before any work, as an OSError
+  naming it) and ask XLA:CPU to record each kernel in profiler traces, which takes effect
+  only if JAX has not yet started its backend (XLA reads its flags once)."""
+  os.makedirs(logdir, exist_ok=True)
   flags = os.environ.get('XLA_FLAGS', '')
   if CPU_TRACE_FLAG not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {CPU_TRACE_FLAG}'.strip()
