@@ -284,11 +284,9 @@ def bench_batch(b, cfg, mcfg, mesh, graphdef, params, hf_run, mats, peak_gbs, ad
   ours = np.asarray(ours)
   rows.append(('jaxgpt', first, best, 1.0))
   if _PROFILE.value:
-    with jax.profiler.trace(f'{_PROFILE.value}/batch{b}'):
-      jax.block_until_ready(
-          sampling.sample(graphdef, params, mcfg, prompts, lengths, key, settings).tokens)
-    kernel_profile.print_top(kernel_profile.seconds_by_kind(f'{_PROFILE.value}/batch{b}'),
-                             title=f'one jaxgpt generation at batch {b}')
+    kernel_profile.traced(
+        lambda: sampling.sample(graphdef, params, mcfg, prompts, lengths, key, settings).tokens,
+        f'{_PROFILE.value}/batch{b}', f'one jaxgpt generation at batch {b}')
   if group > 1:
     grouped = dataclasses.replace(settings, prompt_group=group)
     shared, first, best = timed(

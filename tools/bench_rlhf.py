@@ -253,10 +253,9 @@ def part_online_rl(cfg, mesh, rng, name: str):
       walls.append(time.perf_counter() - start)
       got.append(m)
     if _PROFILE.value:  # one more iteration, traced (tracing slows it: not timed)
-      with jax.profiler.trace(f'{_PROFILE.value}/{name}'):
-        state, _ = iteration(state, 1 + _ITERATIONS.value)
-      kernel_profile.print_top(kernel_profile.seconds_by_kind(f'{_PROFILE.value}/{name}'),
-                               title=f'{name.upper()}: one more iteration, traced')
+      state, _ = kernel_profile.traced(lambda: iteration(state, 1 + _ITERATIONS.value),
+                                       f'{_PROFILE.value}/{name}',
+                                       f'{name.upper()}: one more iteration, traced')
   def mean(key):
     return float(np.mean([m[key] for m in got[1:]]))
   phases = {ph: mean(f'{ph}_seconds') for ph in ('generate', 'score', 'update')}

@@ -209,11 +209,8 @@ def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0, peer: bool = False):
     results.append(('jaxgpt',) + timed_steps(step, _REPEATS.value))
     if _PROFILE.value:
       kind = f'lora{lora_rank}' if lora_rank else 'full'
-      logdir = f'{_PROFILE.value}/d{mcfg.d_model}-l{mcfg.n_layers}-{kind}'
-      with jax.profiler.trace(logdir):
-        step()
-      kernel_profile.print_top(kernel_profile.seconds_by_kind(logdir),
-                               title=f'one jaxgpt step, {"LoRA" if lora_rank else "full"} update')
+      kernel_profile.traced(step, f'{_PROFILE.value}/d{mcfg.d_model}-l{mcfg.n_layers}-{kind}',
+                            f'one jaxgpt step, {"LoRA" if lora_rank else "full"} update')
   else:
     del step  # its state (never stepped): what the peer's peak memory is measured above
     torch_step, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank)

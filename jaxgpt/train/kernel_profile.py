@@ -1,9 +1,8 @@
 """Where a compiled program's time goes: `jax.profiler` traces summed by kernel kind.
 
     kernel_profile.prepare(logdir)   # before JAX starts its backend
-    with jax.profiler.trace(logdir):
-      run_once()
-    kernel_profile.print_top(kernel_profile.seconds_by_kind(logdir))
+    ...
+    kernel_profile.traced(run_once, f'{logdir}/step', 'one step')  # prints its top kernels
 
 XLA:CPU records its kernels in a trace only with `--xla_cpu_enable_xprof_traceme=true`
 (GPU and TPU traces carry theirs anyway). A kernel's kind is its HLO name without the
@@ -67,3 +66,12 @@ def print_top(rows: list[tuple[str, float, int]], top: int = 10, title: str = 'k
   for kind, s, n in rows[:top]:
     print(f'{kind[:48]:48s} {s:8.3f} {100 * s / total:5.1f}% {n:8d}')
   print(f'{"all kernels":48s} {total:8.3f} {100.0:5.1f}% {sum(n for *_, n in rows):8d}')
+
+
+def traced(fn, logdir: str, title: str):
+  """fn() once under `jax.profiler.trace(logdir)`, then its top kernel kinds printed;
+  returns fn's output."""
+  with jax.profiler.trace(logdir):
+    out = jax.block_until_ready(fn())
+  print_top(seconds_by_kind(logdir), title=title)
+  return out
