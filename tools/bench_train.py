@@ -1,4 +1,4 @@
-r"""Train-step throughput, MFU and peak memory beside a PyTorch eager peer, on the same model.
+r"""Train-step throughput, MFU and peak memory beside PyTorch peers, on the same model.
 
     python tools/bench_train.py --config experiments/bench_33m.py      # + experiments/tiny.py
     python tools/bench_train.py --config experiments/bench_135m.py --also= --lora_rank=16
@@ -9,10 +9,11 @@ token rows of config.train.batch_size x config.data.seq_len:
 * jaxgpt:  the pretraining step (`trainer.make_train_step` with the LM loss, the optax
            chain of config.train, `jit_train_step`: compiled once, state donated);
 * pytorch: the Hugging Face model of the same architecture holding the same weights
-           (`jaxgpt.hf.torch_peer`), eager (no torch.compile): forward, mean
-           cross-entropy, backward, global-norm clipping and AdamW with the same
-           hyper-parameters (decay on matrices only); when `transformers` and `torch`
-           are installed (`--nopytorch` skips it).
+           (`jaxgpt.hf.torch_peer`): forward, mean cross-entropy, backward,
+           global-norm clipping and AdamW with the same hyper-parameters (decay on
+           matrices only); eager, then with the model under `torch.compile` (inductor;
+           its first step compiles; `--notorch_compile` skips it); when `transformers`
+           and `torch` are installed (`--nopytorch` skips both).
 
 With `config.train.loss_positions` > 0 the loss is on that many positions at the end of
 each row (SFT-style: a reply after its prompt); jaxgpt runs its LM head there only, the
@@ -56,6 +57,9 @@ _ALSO = flags.DEFINE_list('also', ['experiments/tiny.py'],
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed steps per peer (best is reported)')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
 _PYTORCH = flags.DEFINE_bool('pytorch', True, 'also time the PyTorch eager peer (when installed)')
+_TORCH_COMPILE = flags.DEFINE_bool(
+    'torch_compile', True, 'also time the PyTorch peer under torch.compile (with --pytorch; '
+    'a compile that fails here is one line)')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'peak FLOP/s in TFLOP/s; 0: measured here')
 _PROFILE = flags.DEFINE_string(
@@ -139,8 +143,9 @@ def jaxgpt_step(cfg, mcfg, mesh, rows):
   return step, params
 
 
-def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
-  """(step() of the eager PyTorch peer, or None, and the line saying why not)."""
+def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0, compiled: bool = False):
+  """(step() of the PyTorch peer, eager or under `torch.compile` (`compiled`), or None,
+  and the line saying why not)."""
   peer = torch_peer.causal_lm(mcfg, params, threads=_TORCH_THREADS.value)
   if peer is None:
     return None, 'transformers / torch not installed: no PyTorch peer (pip install .[hf])'
@@ -156,6 +161,9 @@ def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
         r=lora_rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets))
     about += f', peft {peft.__version__} LoRA r={lora_rank}'
   model.train()
+  if compiled:  # the forward and (through AOTAutograd) the backward; the optimizer eager
+    model = torch.compile(model)
+    about += ', torch.compile (inductor)'
   print(f'pytorch peer: {about}')
   t = cfg.train
   trained = [p for p in model.parameters() if p.requires_grad]
@@ -192,6 +200,9 @@ def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0):
 # -- main --------------------------------------------------------------------------------------
 
 
+PEERS = {False: 'pytorch eager', True: 'torch.compile'}
+
+
 def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0, peer: bool = False):
   """[(peer, first s, best s, peak MiB)] of one kind of update (full, or LoRA of
   `lora_rank`) by jaxgpt, or by the PyTorch peer (`peer`), the model's parameter count
@@ -213,11 +224,19 @@ def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0, peer: bool = False):
                             f'one jaxgpt step, {"LoRA" if lora_rank else "full"} update')
   else:
     del step  # its state (never stepped): what the peer's peak memory is measured above
-    torch_step, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank)
-    if torch_step is None:
-      print(why_not)
-    else:
-      results.append(('pytorch eager',) + timed_steps(torch_step, _REPEATS.value))
+    for compiled in (False, True) if _TORCH_COMPILE.value else (False,):
+      torch_step, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank,
+                                         compiled)
+      if torch_step is None:
+        print(why_not)
+        break
+      try:
+        results.append((PEERS[compiled],) + timed_steps(torch_step, _REPEATS.value))
+      except Exception as e:  # pylint: disable=broad-except  # inductor needs a C++ compiler
+        if not compiled:
+          raise
+        print(f'torch.compile peer: not measured ({type(e).__name__}: '
+              f'{str(e).strip().splitlines()[0][:200] if str(e).strip() else ""})')
   return results, model_lib.count_params(params), n_adapters
 
 
@@ -245,15 +264,16 @@ def bench(name, cfg, peak):
         f'layers={mcfg.n_layers}, heads={mcfg.n_heads}, d_ff={mcfg.d_ff}, '
         f'vocab={mcfg.vocab_size}, {mcfg.dtype.name}; batch {b} x {t} = {b * t} tokens, '
         f'{loss_on}; MFLOP/token ' + ', '.join(f'{k} {v / 1e6:.1f}' for k, v in fpt.items()))
-  print(f'{"":25s} {"first s":>8s} {"best s":>8s} {"tokens/s":>9s} {"MFU":>7s} {"vs torch":>9s} '
-        f'{"peak MiB":>9s}')
+  print(f'{"":25s} {"first s":>8s} {"best s":>8s} {"tokens/s":>9s} {"MFU":>7s} {"vs eager":>9s} '
+        f'{"vs compile":>11s} {"peak MiB":>9s}')
   for kind, results, _, _ in timed:
-    torch_best = dict((r[0], r[2]) for r in results).get('pytorch eager')
+    best_of = dict((r[0], r[2]) for r in results)
     for peer_name, first, best, peak_mib in results:
       tps = b * t / best
-      ratio = f'{torch_best / best:8.2f}x' if torch_best else '        -'
+      ratios = [f'{best_of[p] / best:{w - 1}.2f}x' if p in best_of else ' ' * (w - 1) + '-'
+                for p, w in ((PEERS[False], 9), (PEERS[True], 11))]
       print(f'{peer_name + ", " + kind:25s} {first:8.2f} {best:8.3f} {tps:9.0f} '
-            f'{100 * tps * fpt[kind] / peak:6.2f}% {ratio} {peak_mib:9.0f}')
+            f'{100 * tps * fpt[kind] / peak:6.2f}% {" ".join(ratios)} {peak_mib:9.0f}')
 
 
 def main(argv):
