@@ -56,7 +56,7 @@ _ALSO = flags.DEFINE_list('also', ['experiments/tiny.py'],
                           'more experiment files to measure the same way ("" for none)')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed steps per peer (best is reported)')
 _SEED = flags.DEFINE_integer('seed', 0, 'parameter and data seed')
-_PYTORCH = flags.DEFINE_bool('pytorch', True, 'also time the PyTorch eager peer (when installed)')
+_PYTORCH = flags.DEFINE_bool('pytorch', True, 'also time the PyTorch peers (when installed)')
 _TORCH_COMPILE = flags.DEFINE_bool(
     'torch_compile', True, 'also time the PyTorch peer under torch.compile (with --pytorch; '
     'a compile that fails here is one line)')
@@ -235,8 +235,8 @@ def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0, peer: bool = False):
       except Exception as e:  # pylint: disable=broad-except  # inductor needs a C++ compiler
         if not compiled:
           raise
-        print(f'torch.compile peer: not measured ({type(e).__name__}: '
-              f'{str(e).strip().splitlines()[0][:200] if str(e).strip() else ""})')
+        first_line = (str(e).strip().splitlines() or [''])[0][:200]
+        print(f'torch.compile peer: not measured ({type(e).__name__}: {first_line})')
   return results, model_lib.count_params(params), n_adapters
 
 
