@@ -203,41 +203,54 @@ def pytorch_step(cfg, mcfg, params, rows, lora_rank: int = 0, compiled: bool = F
 PEERS = {False: 'pytorch eager', True: 'torch.compile'}
 
 
-def bench_update(cfg, mcfg, mesh, rows, lora_rank: int = 0, peer: bool = False):
-  """[(peer, first s, best s, peak MiB)] of one kind of update (full, or LoRA of
-  `lora_rank`) by jaxgpt, or by the PyTorch peer (`peer`), the model's parameter count
-  (without adapters) and the adapters' (None for a full update)."""
+def update_setup(cfg, mcfg, mesh, rows, lora_rank: int = 0):
+  """(cfg, mcfg, jaxgpt step(), params without adapters, adapter count or None) of one
+  kind of update: full, or LoRA of `lora_rank`."""
   if lora_rank:
     cfg = cfg.copy_and_resolve_references()
     cfg.lora.rank = lora_rank
     lora.validate(cfg)
     mcfg = lora.adapted(mcfg, cfg.lora)
   step, params = jaxgpt_step(cfg, mcfg, mesh, rows)
-  n_adapters = model_lib.count_params(lora.trainable(params)) if lora_rank else None
-  params = lora.without_adapters(params) if lora_rank else params
-  results = []
-  if not peer:
-    results.append(('jaxgpt',) + timed_steps(step, _REPEATS.value))
-    if _PROFILE.value:
-      kind = f'lora{lora_rank}' if lora_rank else 'full'
-      kernel_profile.traced(step, f'{_PROFILE.value}/d{mcfg.d_model}-l{mcfg.n_layers}-{kind}',
-                            f'one jaxgpt step, {"LoRA" if lora_rank else "full"} update')
-  else:
-    del step  # its state (never stepped): what the peer's peak memory is measured above
-    for compiled in (False, True) if _TORCH_COMPILE.value else (False,):
-      torch_step, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank,
-                                         compiled)
-      if torch_step is None:
-        print(why_not)
-        break
-      try:
-        results.append((PEERS[compiled],) + timed_steps(torch_step, _REPEATS.value))
-      except Exception as e:  # pylint: disable=broad-except  # inductor needs a C++ compiler
-        if not compiled:
-          raise
-        first_line = (str(e).strip().splitlines() or [''])[0][:200]
-        print(f'torch.compile peer: not measured ({type(e).__name__}: {first_line})')
+  if not lora_rank:
+    return cfg, mcfg, step, params, None
+  return cfg, mcfg, step, lora.without_adapters(params), model_lib.count_params(
+      lora.trainable(params))
+
+
+def bench_jaxgpt(cfg, mcfg, mesh, rows, lora_rank: int = 0):
+  """[(peer, first s, best s, peak MiB)] of jaxgpt's update (full, or LoRA of
+  `lora_rank`), the model's parameter count (without adapters) and the adapters' (None
+  for a full update)."""
+  _, mcfg, step, params, n_adapters = update_setup(cfg, mcfg, mesh, rows, lora_rank)
+  results = [('jaxgpt',) + timed_steps(step, _REPEATS.value)]
+  if _PROFILE.value:
+    kind = f'lora{lora_rank}' if lora_rank else 'full'
+    kernel_profile.traced(step, f'{_PROFILE.value}/d{mcfg.d_model}-l{mcfg.n_layers}-{kind}',
+                          f'one jaxgpt step, {"LoRA" if lora_rank else "full"} update')
   return results, model_lib.count_params(params), n_adapters
+
+
+def bench_peers(cfg, mcfg, mesh, rows, lora_rank: int = 0):
+  """[(peer, first s, best s, peak MiB)] of the PyTorch peers' same update, on the seeded
+  weights jaxgpt's state starts from."""
+  cfg, mcfg, step, params, _ = update_setup(cfg, mcfg, mesh, rows, lora_rank)
+  del step  # its state (never stepped): what the peers' peak memory is measured above
+  results = []
+  for compiled in (False, True) if _TORCH_COMPILE.value else (False,):
+    torch_step, why_not = pytorch_step(cfg, lora.plain(mcfg), params, rows, lora_rank,
+                                       compiled)
+    if torch_step is None:
+      print(why_not)
+      break
+    try:
+      results.append((PEERS[compiled],) + timed_steps(torch_step, _REPEATS.value))
+    except Exception as e:  # pylint: disable=broad-except  # inductor needs a C++ compiler
+      if not compiled:
+        raise
+      first_line = (str(e).strip().splitlines() or [''])[0][:200]
+      print(f'torch.compile peer: not measured ({type(e).__name__}: {first_line})')
+  return results
 
 
 def bench(name, cfg, peak):
@@ -249,10 +262,10 @@ def bench(name, cfg, peak):
   updates = [('full', 0)] + ([(f'LoRA r={_LORA_RANK.value}', _LORA_RANK.value)]
                              if _LORA_RANK.value else [])
   # Every jaxgpt update first, then the peers: a torch run beside could slow what follows.
-  timed = [(kind,) + bench_update(cfg, mcfg, mesh, rows, rank) for kind, rank in updates]
+  timed = [(kind,) + bench_jaxgpt(cfg, mcfg, mesh, rows, rank) for kind, rank in updates]
   if _PYTORCH.value:
     for (kind, results, _, _), (_, rank) in zip(timed, updates):
-      results += bench_update(cfg, mcfg, mesh, rows, rank, peer=True)[0]
+      results += bench_peers(cfg, mcfg, mesh, rows, rank)
   n_params = timed[0][2]
   fpt = {kind: metrics.flops_per_token(mcfg, t, n_params + (n_adapters or 0),
                                        trained_params=n_adapters,
