@@ -302,6 +302,9 @@ def online_rl_fields(s: ml_collections.ConfigDict, *, reward: str) -> ml_collect
   s.epochs = 4                 # passes over each rollout batch
   s.response_tokens = 16       # max new tokens per rollout
   s.temperature = 1.0          # rollout temperature; log-probs use logits / temperature
+  s.old_logp = 'recompute'     # the update's "old" log-probs: recompute (a forward of the
+                               # policy over the rollout, as TRL) | sampler (recorded while
+                               # sampling: that forward skipped; equal up to float rounding)
   s.top_k = 0                  # must stay 0: rollouts sample the full distribution
   s.top_p = 1.0                # must stay 1.0, for the same reason
   s.lr = 1e-4                  # policy learning rate
@@ -695,6 +698,7 @@ def _validate_online_rl(cfg, name: str, batch_shards: BatchShards) -> None:
   _choice(cfg, f'{name}.on_bad_row', ('error', 'skip'))
   _choice(cfg, f'{name}.kl_estimator', ('k1', 'k2', 'k3'))
   _choice(cfg, f'{name}.frozen_dtype', DTYPES)
+  _choice(cfg, f'{name}.old_logp', ('recompute', 'sampler'))
   if s.top_k != 0 or s.top_p != 1.0:
     raise ConfigError(
         f'config.{name}.top_k={s.top_k} / top_p={s.top_p}: rollouts sample the full '

@@ -104,6 +104,42 @@ def test_advantages_are_group_relative_per_reply():
   assert abs(metrics['gold'] - host.mean()) < 1e-6 and abs(metrics['kl']) < 1e-5
 
 
+def sampled_and_prepared(old_logp):
+  """A rollout of a random policy at T = 0.7 and the batch `prepare` makes of it."""
+  s = Setup(grpo_config(old_logp=old_logp), jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  b = s.cfg.grpo.rollout_batch
+  prompt = np.repeat(rng.integers(4, 256, (b // K, P)), K, axis=0).astype(np.int32)
+  length = np.repeat(rng.integers(2, P + 1, (b // K,)), K).astype(np.int32)
+  host = rng.integers(0, 2, (b,)).astype(np.float32)
+  iteration = rl_loop.Iteration(s.algo, rl_loop.Inputs(None, TOK, s.frozen, None, s.mesh, 0,
+                                                       None, {}))
+  with jax.set_mesh(s.mesh):
+    out = sampling.sample(s.algo.graphdefs['policy'], s.state['policy']['params'],
+                          s.algo.roles.policy, prompt, length, jax.random.PRNGKey(2),
+                          iteration.settings)
+    params = {'policy': s.state['policy']['params']}
+    batch, metrics = s.algo.prepare(params, s.frozen, jnp.float32(0.04), rl_loop.Rollout(
+        prompt, length, out, host, host))
+  return jax.device_get((out, batch, metrics))
+
+
+def test_old_log_probs_from_the_sampler_equal_the_recomputed_ones():
+  """config.grpo.old_logp='sampler' takes the update's old log-probs (at the rollout's
+  temperature, 0.7 here) and the entropy metric from the sampler instead of a forward of
+  the policy: the same rollout, the same batch up to float rounding."""
+  out_r, batch_r, metrics_r = sampled_and_prepared('recompute')
+  out_s, batch_s, metrics_s = sampled_and_prepared('sampler')
+  np.testing.assert_array_equal(out_s.tokens, out_r.tokens)
+  assert out_r.entropy is None and out_s.entropy.shape == out_s.tokens.shape
+  assert (batch_r['mask'].sum(axis=1) > 0).all()
+  np.testing.assert_array_equal(batch_s['mask'], batch_r['mask'])
+  np.testing.assert_allclose(batch_s['old_logp'], batch_r['old_logp'], rtol=1e-4, atol=1e-5)
+  assert np.abs(batch_r['old_logp']).sum() > 1.0  # not all zero: real log-probs compared
+  for k in ('entropy', 'kl', 'rewards'):
+    np.testing.assert_allclose(metrics_s[k], metrics_r[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 def one_update(mesh_shape, micro_batches, advantage):
   cfg = grpo_config(mesh_shape, micro_batches=micro_batches, advantage=advantage)
   cfg.train.eps = 1e-6  # see test_ppo.one_update: float-noise gradients under Adam's eps

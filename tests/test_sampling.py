@@ -225,8 +225,9 @@ def test_draws_never_leave_the_support(top_k, top_p, expected):
   n = 4000
   logits = jnp.asarray(np.log(np.tile(probs, (n, 1))), jnp.float32)
   settings = SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=top_k, top_p=top_p)
-  tokens, logprobs = jax.jit(lambda l, k: sampling.next_token(l, k, settings))(
+  tokens, logprobs, entropy = jax.jit(lambda l, k: sampling.next_token(l, k, settings))(
       logits, jax.random.PRNGKey(0))
+  assert entropy is None  # only with SamplingConfig(entropy=True)
   tokens = np.asarray(tokens)
   assert set(tokens.tolist()) == expected  # inside the support, and all of it reached
   renorm = np.zeros_like(probs)
@@ -236,6 +237,20 @@ def test_draws_never_leave_the_support(top_k, top_p, expected):
   np.testing.assert_allclose(freq, renorm, atol=0.03)
   # Log-probs are of the unfiltered distribution.
   np.testing.assert_allclose(np.asarray(logprobs), np.log(probs)[tokens], rtol=1e-5)
+
+
+def test_log_probs_and_entropy_at_another_temperature():
+  """logprob_temperature = T: the log-prob and entropy of softmax(logits / T), unfiltered,
+  whatever top-k cut the draw."""
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 3, jnp.float32))
+  settings = SamplingConfig(max_new_tokens=1, temperature=0.5, top_k=2,
+                            logprob_temperature=0.5, entropy=True)
+  tokens, logprobs, entropy = sampling.next_token(logits, jax.random.PRNGKey(0), settings)
+  want_v = np.asarray(jax.nn.log_softmax(logits / 0.5, axis=-1))
+  np.testing.assert_allclose(logprobs, want_v[0][np.asarray(tokens)], rtol=1e-5)
+  np.testing.assert_allclose(entropy, -(np.exp(want_v) * want_v).sum(-1), rtol=1e-5)
+  with pytest.raises(ValueError, match='logprob_temperature'):
+    SamplingConfig(max_new_tokens=1, logprob_temperature=0.0)
 
 
 # -- stopping, padding, host convenience ----------------------------------------------------

@@ -260,7 +260,8 @@ def online_rl_plan(cfg, stage: str, mesh, prompt_len: int) -> Plan:
     out = sampling.SampleOutput(
         tokens=b((rows, n_new), jnp.int32), logprobs=b((rows, n_new), jnp.float32),
         response_mask=b((rows, n_new), jnp.int32), lengths=b((rows,), jnp.int32),
-        finished=b((rows,), jnp.bool_))
+        finished=b((rows,), jnp.bool_),
+        entropy=b((rows, n_new), jnp.float32) if s.old_logp == 'sampler' else None)
     return (trained, frozen, _spec((), jnp.float32, repl), rl_loop.Rollout(
         b((rows, prompt), jnp.int32), b((rows,), jnp.int32), out, b((rows,), jnp.float32),
         b((rows,), jnp.float32)))

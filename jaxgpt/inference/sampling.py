@@ -21,9 +21,11 @@ running through the batched forward but nothing of it is recorded.
 Log-probs. `SampleOutput.logprobs[b, i]` is log p(token | prefix) under the *unmodified*
 model distribution: softmax of the raw float32 logits at temperature 1, without top-k /
 top-p filtering, i.e. exactly what `jaxgpt.losses.token_log_probs` gives for the same
-token on a full training forward (tested; the report's self-check). PPO and GRPO do not
-use them: they recompute log softmax(logits / T), the distribution the tokens were drawn
-from, in one forward (`jaxgpt.rl.rollout`).
+token on a full training forward (tested; the report's self-check). PPO and GRPO
+recompute log softmax(logits / T), the distribution the tokens were drawn from, in one
+forward (`jaxgpt.rl.rollout`), unless config.<section>.old_logp='sampler': then the
+sampler records them at `logprob_temperature` = T, and the entropy of that distribution
+(`entropy`), and the scoring pass of the policy is skipped.
 
 Token choice (`SamplingConfig`: greedy, or temperature then top-k then top-p, then one
 categorical draw) is `jaxgpt.inference.token_choice`. Randomness: the step-i draw uses
@@ -89,6 +91,9 @@ class SamplingConfig:
     run's rows, a 1/prompt_group share of the prefill's work for the same result. The
     batch must be a multiple of it; `sample` prefills every row when the runs' count
     does not divide over the devices rows are sharded on.
+  logprob_temperature: `logprobs` are of softmax(raw logits / this), unfiltered (1.0: the
+    unmodified model; an RL rollout's own temperature makes them the update's "old" ones).
+  entropy: also record the entropy of that distribution at each step (`SampleOutput.entropy`).
   """
   max_new_tokens: int
   temperature: float = 1.0
@@ -98,12 +103,15 @@ class SamplingConfig:
   pad_id: int = 0
   prefill_chunk: int = 512
   prompt_group: int = 1
+  logprob_temperature: float = 1.0
+  entropy: bool = False
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
     set_('stop_ids', tuple(int(i) for i in self.stop_ids))
     set_('temperature', float(self.temperature))
     set_('top_p', float(self.top_p))
+    set_('logprob_temperature', float(self.logprob_temperature))
     if int(self.max_new_tokens) < 1:
       raise ValueError(f'SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1.')
     if self.temperature < 0 or not math.isfinite(self.temperature):
@@ -116,6 +124,9 @@ class SamplingConfig:
       raise ValueError(f'SamplingConfig.prefill_chunk={self.prefill_chunk} must be >= 1.')
     if int(self.prompt_group) < 1:
       raise ValueError(f'SamplingConfig.prompt_group={self.prompt_group} must be >= 1.')
+    if not self.logprob_temperature > 0 or not math.isfinite(self.logprob_temperature):
+      raise ValueError(f'SamplingConfig.logprob_temperature={self.logprob_temperature} must '
+                       'be > 0.')
 
 
 @jax.tree_util.register_dataclass
@@ -129,12 +140,15 @@ class SampleOutput:
   response_mask: (B, N) int32, 1 on the response (up to and including the stop token).
   lengths: (B,) int32 response lengths, `response_mask.sum(1)`.
   finished: (B,) bool, the row emitted a stop id (False: cut at max_new_tokens).
+  entropy: (B, N) float32 entropy of the distribution `logprobs` are taken from, 0 where
+    `response_mask` is 0; None unless `SamplingConfig.entropy`.
   """
   tokens: jax.Array
   logprobs: jax.Array
   response_mask: jax.Array
   lengths: jax.Array
   finished: jax.Array
+  entropy: jax.Array | None = None
 
 
 # -- the decoding program -------------------------------------------------------------------
@@ -303,21 +317,24 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
     if g > 1:
       logits_bv = jnp.repeat(logits_bv, g, axis=0)
       cache = constrain_cache(kv_cache.repeat_rows(cache, g, mcfg.n_kv_heads), rules)
-    tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, 0), settings)
+    tok_b, lp_b, ent_b = next_token(logits_bv, jax.random.fold_in(rng, 0), settings)
 
     batch_axes = ('act_batch', None)
-    tokens_bn = jnp.full((b, n_new), settings.pad_id, jnp.int32).at[:, 0].set(tok_b)
-    logprobs_bn = jnp.zeros((b, n_new), jnp.float32).at[:, 0].set(lp_b)
-    mask_bn = jnp.zeros((b, n_new), jnp.int32).at[:, 0].set(1)
+    # What each step records, (B, n_new) each: its token, log-prob, liveness and entropy.
+    first = {'tokens': tok_b, 'logprobs': lp_b, 'response_mask': jnp.ones((b,), jnp.int32)}
+    fill = {'tokens': settings.pad_id, 'logprobs': 0.0, 'response_mask': 0}
+    if settings.entropy:
+      first['entropy'], fill['entropy'] = ent_b, 0.0
+    rec = {k: jnp.full((b, n_new), fill[k], x.dtype).at[:, 0].set(x) for k, x in first.items()}
     done_b = is_stop(tok_b, settings.stop_ids)
 
     def cond(carry):
-      i, _, _, _, _, done_b = carry
+      i, _, _, done_b = carry
       return (i < n_new) & ~jnp.all(done_b)
 
     def body(carry):
-      i, cache, tokens_bn, logprobs_bn, mask_bn, done_b = carry
-      prev_b = jax.lax.dynamic_index_in_dim(tokens_bn, i - 1, axis=1, keepdims=False)
+      i, cache, rec, done_b = carry
+      prev_b = jax.lax.dynamic_index_in_dim(rec['tokens'], i - 1, axis=1, keepdims=False)
       # Finished rows hold pad_id, which may be outside the vocabulary (e.g. -1): they
       # still run through the batched forward, so feed them a valid id.
       prev_b = jnp.clip(prev_b, 0, mcfg.vocab_size - 1)
@@ -326,24 +343,24 @@ def decode_fn(graphdef, mcfg, settings: SamplingConfig):
                                   constrain_cache(cache, rules), slot=p + i - 1, pad=pad,
                                   layers=layers)
       logits_bv = last_logits(model, h_b1d)
-      tok_b, lp_b = next_token(logits_bv, jax.random.fold_in(rng, i), settings)
+      tok_b, lp_b, ent_b = next_token(logits_bv, jax.random.fold_in(rng, i), settings)
       live_b = ~done_b
-      tok_b = jnp.where(live_b, tok_b, settings.pad_id)
-      lp_b = jnp.where(live_b, lp_b, 0.0)
+      step = {'tokens': tok_b, 'logprobs': lp_b, 'response_mask': live_b, 'entropy': ent_b}
 
-      def put(x_bn, x_b):
-        x_bn = jax.lax.dynamic_update_index_in_dim(x_bn, x_b.astype(x_bn.dtype), i, axis=1)
+      def put(k, x_bn):
+        x_b = jnp.where(live_b, step[k], fill[k]).astype(x_bn.dtype)
+        x_bn = jax.lax.dynamic_update_index_in_dim(x_bn, x_b, i, axis=1)
         return sharding.constrain(x_bn, batch_axes, rules)
 
+      rec = {k: put(k, x_bn) for k, x_bn in rec.items()}
       done_b = done_b | (live_b & is_stop(tok_b, settings.stop_ids))
-      return (i + 1, constrain_cache(cache, rules), put(tokens_bn, tok_b),
-              put(logprobs_bn, lp_b), put(mask_bn, live_b), done_b)
+      return i + 1, constrain_cache(cache, rules), rec, done_b
 
-    carry = (jnp.int32(1), cache, tokens_bn, logprobs_bn, mask_bn, done_b)
+    carry = (jnp.int32(1), cache, rec, done_b)
     with jax.named_scope(DECODE_LOOP):  # how jaxgpt.aot.collectives finds the per-token loop
-      _, _, tokens_bn, logprobs_bn, mask_bn, done_b = jax.lax.while_loop(cond, body, carry)
-    return SampleOutput(tokens=tokens_bn, logprobs=logprobs_bn, response_mask=mask_bn,
-                        lengths=mask_bn.sum(axis=1, dtype=jnp.int32), finished=done_b)
+      _, _, rec, done_b = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(lengths=rec['response_mask'].sum(axis=1, dtype=jnp.int32),
+                        finished=done_b, **rec)
 
   return run
 
@@ -377,7 +394,8 @@ def _jitted(graphdef, mcfg, settings, mesh, param_treedef, param_shardings):
   batch_sh = sharding.batch_sharding(mesh, mcfg.rules)
   param_sh = jax.tree.unflatten(param_treedef, param_shardings)
   out_sh = SampleOutput(tokens=batch_sh, logprobs=batch_sh, response_mask=batch_sh,
-                        lengths=batch_sh, finished=batch_sh)
+                        lengths=batch_sh, finished=batch_sh,
+                        entropy=batch_sh if settings.entropy else None)
   return jax.jit(decode_fn(graphdef, mcfg, settings),
                  in_shardings=(param_sh, batch_sh, batch_sh, sharding.replicated(mesh)),
                  out_shardings=out_sh)

@@ -46,10 +46,12 @@ def filter_logits(logits_bv, top_k: int = 0, top_p: float = 1.0):
 
 
 def next_token(logits_bv, key, settings):
-  """(tokens_b int32, logprobs_b float32) from one step's raw float32 logits, chosen as
-  `settings` (a `sampling.SamplingConfig`) says.
+  """(tokens_b int32, logprobs_b float32, entropy_b float32 or None) from one step's raw
+  float32 logits, chosen as `settings` (a `sampling.SamplingConfig`) says.
 
-  The log-prob is that of the chosen token under softmax(raw logits).
+  The log-prob is that of the chosen token under softmax(raw logits /
+  settings.logprob_temperature), unfiltered; with settings.entropy, entropy_b is that
+  distribution's entropy (else None).
   """
   logits_bv = logits_bv.astype(jnp.float32)
   if settings.temperature == 0.0:
@@ -58,9 +60,12 @@ def next_token(logits_bv, key, settings):
     scaled_bv = filter_logits(logits_bv / settings.temperature, settings.top_k, settings.top_p)
     tokens_b = jax.random.categorical(key, scaled_bv, axis=-1)
   tokens_b = tokens_b.astype(jnp.int32)
+  if settings.logprob_temperature != 1.0:
+    logits_bv = logits_bv / settings.logprob_temperature
   logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
   logprobs_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
-  return tokens_b, logprobs_b
+  entropy_b = -jnp.sum(jnp.exp(logp_bv) * logp_bv, axis=-1) if settings.entropy else None
+  return tokens_b, logprobs_b, entropy_b
 
 
 def is_stop(tokens_b, stop_ids):

@@ -224,7 +224,9 @@ class Iteration:
     self.settings = sampling.SamplingConfig(
         max_new_tokens=s.response_tokens, temperature=s.temperature,
         stop_ids=sampling.default_stop_ids(tok), pad_id=tok.pad_id,
-        prompt_group=algo.group_size)  # group_rows: each prompt prefilled once a group
+        prompt_group=algo.group_size,  # group_rows: each prompt prefilled once a group
+        # old_logp='sampler': the update's old log-probs and the entropy metric recorded here
+        logprob_temperature=s.temperature, entropy=s.old_logp == 'sampler')
     self.oversample = int(s.get('oversample', 1))
     # With LoRA the sampler runs the merged weights (W + scale A B, folded once an iteration)
     # on the plain model: no low-rank terms in every decoding step.
@@ -271,7 +273,8 @@ class Iteration:
     def rows(tree):
       return loop.global_batch({f: process_rows(x)[keep] for f, x in tree.items()}, inp.mesh,
                                self.rules)
-    out = type(out)(**rows({f.name: getattr(out, f.name) for f in dataclasses.fields(out)}))
+    out = type(out)(**rows({f.name: getattr(out, f.name) for f in dataclasses.fields(out)
+                            if getattr(out, f.name) is not None}))
     return ({f: v[keep] for f, v in local.items()}, rows(prompts), out, rows(host)), drawn
 
   def ptx_batches(self, s):

@@ -94,10 +94,24 @@ def log_probs(model, tokens_bw, temperature: float, window_bn=None, prefix_gp=No
                                       positions_bn)
   logits_bnv = model.logits(h_bnd) / temperature
   logp_bn = losses.token_log_probs(logits_bnv, in_window(tokens_bw[:, 1:], window_bn))
-  # positions past the row are out of bounds of (W-1,) and dropped
+  return from_window(logp_bn, window_bn, tokens_bw.shape[1] - 1), logits_bnv
+
+
+def from_window(x_bn, window_bn, t: int):
+  """(b, t) float32: x at the window's positions (`reply_window`), 0 elsewhere; positions
+  past the row (>= t) are dropped."""
   scatter = jax.vmap(lambda z_t, i_n, v_n: z_t.at[i_n].add(v_n, mode='drop'))
-  logp_bt = scatter(jnp.zeros(tokens_bw[:, 1:].shape, jnp.float32), window_bn, logp_bn)
-  return logp_bt, logits_bnv
+  return scatter(jnp.zeros((x_bn.shape[0], t), jnp.float32), window_bn, x_bn)
+
+
+def sampled_log_probs(out, window_bn, t: int):
+  """The sampler's log-probs of its tokens (`SampleOutput.logprobs`, recorded at the
+  rollout's temperature) laid out as `log_probs`' logp_bt: reply token i of a row is
+  logits position start + i, the window's i-th position."""
+  n = window_bn.shape[1]
+  lp_bn = out.logprobs[:, :n]
+  lp_bn = jnp.pad(lp_bn, ((0, 0), (0, n - lp_bn.shape[1])))
+  return from_window(lp_bn, window_bn, t)
 
 
 def values(model, tokens_bw):
@@ -138,7 +152,8 @@ class Scored(NamedTuple):
   mask_bt: jnp.ndarray
   window_bn: jnp.ndarray        # the reply window (`reply_window`) the update reads too
   logp_bt: jnp.ndarray          # the policy's log-probs at logits / T (the update's "old")
-  logits_bnv: jnp.ndarray       # the policy's logits / T at the window
+  logits_bnv: jnp.ndarray | None  # the policy's logits / T at the window (None: the log-probs
+                                # came from the sampler, section.old_logp='sampler')
   ref_logp_bt: jnp.ndarray | None
   raw_b: jnp.ndarray | None     # the reward model's score (None: no model term)
   rewards_b: jnp.ndarray        # the sequence reward (`sequence_rewards`)
@@ -152,13 +167,18 @@ def score(r, policy, reference, score_fn, tok, section, *, model_weight: float,
   at least the longest reply), the reward model's score (`score_fn(tokens_bw, mask_bt,
   readout_b)`, unless None) and the sequence reward. `group = (K, prefix_width)`: rows come
   in groups of K sharing their prompt, at most `prefix_width` long, which the log-probs run
-  once a group (`group_prefix`)."""
+  once a group (`group_prefix`). With section.old_logp='sampler' the policy's log-probs are
+  the sampler's (`sampled_log_probs`) and its forward is skipped."""
   out = r.out
   tokens_bw, mask_bt, readout_b = assemble(r.prompt_bp, r.length_b, out.tokens, out.lengths,
                                            tok.reward_id, tok.pad_id, width)
   window_bn = reply_window(mask_bt, reply_width or out.tokens.shape[1])
   prefix_gp = None if group is None else group_prefix(tokens_bw, *group)
-  logp_bt, logits_bnv = log_probs(policy, tokens_bw, section.temperature, window_bn, prefix_gp)
+  if section.old_logp == 'sampler':
+    logp_bt, logits_bnv = sampled_log_probs(out, window_bn, mask_bt.shape[1]), None
+  else:
+    logp_bt, logits_bnv = log_probs(policy, tokens_bw, section.temperature, window_bn,
+                                    prefix_gp)
   ref_logp_bt = (None if reference is None else
                  log_probs(reference, tokens_bw, section.temperature, window_bn, prefix_gp)[0])
   raw_b = None if score_fn is None else score_fn(tokens_bw, mask_bt, readout_b)
@@ -176,7 +196,10 @@ def rollout_metrics(rollout, s: Scored, rewards_b) -> dict:
   ended their turn."""
   out, mask_bt = rollout.out, s.mask_bt
   n_tokens = jnp.maximum(mask_bt.sum(), 1.0)
-  entropy = algo.entropy_sum(s.logits_bnv, in_window(mask_bt, s.window_bn))
+  if s.logits_bnv is None:  # recorded by the sampler at the same temperature
+    entropy = jnp.sum(out.entropy * out.response_mask)
+  else:
+    entropy = algo.entropy_sum(s.logits_bnv, in_window(mask_bt, s.window_bn))
   metrics = {'rewards': rewards_b.mean(), 'host_rewards': rollout.host_reward_b.mean(),
              'gold': rollout.correct_b.mean(), 'entropy': entropy / n_tokens,
              'response_length': out.lengths.mean(), 'eot_rate': out.finished.mean(),
