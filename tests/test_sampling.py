@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 import helpers
 from jaxgpt import losses, sharding
 from jaxgpt import model as model_lib
-from jaxgpt.inference import sampling
+from jaxgpt.inference import sampling, token_choice
 from jaxgpt.inference.sampling import SamplingConfig
 from jaxgpt.model import kv_cache
 
@@ -237,6 +237,20 @@ def test_draws_never_leave_the_support(top_k, top_p, expected):
   np.testing.assert_allclose(freq, renorm, atol=0.03)
   # Log-probs are of the unfiltered distribution.
   np.testing.assert_allclose(np.asarray(logprobs), np.log(probs)[tokens], rtol=1e-5)
+
+
+def test_inverse_cdf_draw_follows_the_distribution_across_vocabulary_blocks():
+  """`draw` over a vocabulary of 2.5 blocks: the frequencies are the probabilities, mass
+  in several blocks and ids of probability 0 (-inf) at a block's end and the
+  vocabulary's are never drawn."""
+  v, n = 2 * token_choice.BLOCK + 128, 60000
+  probs = np.zeros(v)
+  probs[[0, 255, 300, 511, 600]] = [0.1, 0.25, 0.3, 0.15, 0.2]
+  logits = jnp.asarray(np.tile(np.log(np.where(probs > 0, probs, 1.0)), (n, 1)), jnp.float32)
+  logits = jnp.where(jnp.asarray(probs > 0)[None, :], logits, -jnp.inf)
+  tokens = np.asarray(jax.jit(token_choice.draw)(jax.random.PRNGKey(0), logits))
+  assert probs[tokens].min() > 0
+  np.testing.assert_allclose(np.bincount(tokens, minlength=v) / n, probs, atol=0.01)
 
 
 def test_log_probs_and_entropy_at_another_temperature():

@@ -4,7 +4,8 @@ Token choice (`SamplingConfig`), applied in this order:
 
 * temperature == 0: greedy, `argmax` of the raw logits; ties go to the lowest id.
   top_k / top_p are ignored.
-* otherwise logits / temperature, then top-k, then top-p, then one categorical draw:
+* otherwise logits / temperature, then top-k, then top-p, then one categorical draw
+  (`draw`: the inverse CDF at one uniform per row):
   - top-k keeps exactly `min(top_k, V)` tokens: the largest logits, ties broken towards
     the lower token id (`jax.lax.top_k`'s documented order);
   - top-p (nucleus) keeps the shortest prefix of the tokens sorted by (logit descending,
@@ -45,6 +46,38 @@ def filter_logits(logits_bv, top_k: int = 0, top_p: float = 1.0):
   return jnp.where(keep_bv, logits_bv, -jnp.inf)
 
 
+BLOCK = 256  # vocabulary block of the inverse-CDF draw
+
+
+def draw(key, logits_bv):
+  """One token per row from softmax(logits_bv) (-inf: probability 0), by inversion of the
+  CDF with one uniform per row, in two levels: the block of `BLOCK` ids the uniform falls
+  in (the blocks' masses), then the id inside it. The same distribution as
+  `jax.random.categorical`, whose Gumbel noise costs a random number per vocabulary entry
+  (~60 ms a step at 64 x 49,152 on a 2-core CPU, against ~2 ms here). A row always gets an
+  id of positive probability inside the vocabulary: the first whose running mass exceeds
+  the uniform's share, with the share kept below the total however the sums round."""
+  b, v = logits_bv.shape
+  n_blocks = -(-v // BLOCK)
+  m_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+  p_bv = jnp.exp(logits_bv - m_b1)
+  p_bkc = jnp.pad(p_bv, ((0, 0), (0, n_blocks * BLOCK - v))).reshape(b, n_blocks, BLOCK)
+  mass_bk = jnp.sum(p_bkc, axis=-1)
+  cum_bk = jnp.cumsum(mass_bk, axis=-1)
+  below_one = 1.0 - 2.0 ** -24
+  u_b = jax.random.uniform(key, (b,), jnp.float32, 0.0, below_one)
+  target_b = u_b * cum_bk[:, -1]
+  last_b = n_blocks - 1 - jnp.argmax(mass_bk[:, ::-1] > 0, axis=-1)  # last block with mass
+  k_b = jnp.minimum(jnp.sum(cum_bk <= target_b[:, None], axis=-1), last_b)
+  mass_b = jnp.take_along_axis(mass_bk, k_b[:, None], axis=-1)[:, 0]
+  before_b = jnp.take_along_axis(cum_bk, k_b[:, None], axis=-1)[:, 0] - mass_b
+  share_b = jnp.clip((target_b - before_b) / mass_b, 0.0, below_one)
+  p_bc = jnp.take_along_axis(p_bkc, k_b[:, None, None], axis=1)[:, 0]
+  cum_bc = jnp.cumsum(p_bc, axis=-1)
+  c_b = jnp.sum(cum_bc <= (share_b * cum_bc[:, -1])[:, None], axis=-1)
+  return (k_b * BLOCK + c_b).astype(jnp.int32)
+
+
 def next_token(logits_bv, key, settings):
   """(tokens_b int32, logprobs_b float32, entropy_b float32 or None) from one step's raw
   float32 logits, chosen as `settings` (a `sampling.SamplingConfig`) says.
@@ -58,7 +91,7 @@ def next_token(logits_bv, key, settings):
     tokens_b = jnp.argmax(logits_bv, axis=-1)
   else:
     scaled_bv = filter_logits(logits_bv / settings.temperature, settings.top_k, settings.top_p)
-    tokens_b = jax.random.categorical(key, scaled_bv, axis=-1)
+    tokens_b = draw(key, scaled_bv)
   tokens_b = tokens_b.astype(jnp.int32)
   if settings.logprob_temperature != 1.0:
     logits_bv = logits_bv / settings.logprob_temperature
