@@ -87,6 +87,8 @@ CASES = [
     ('sft-bad-row', _set(**{'sft.on_bad_row': 'ignore'}), 1, r"config\.sft\.on_bad_row='ignore'"),
     ('sft-long-row', _set(**{'sft.on_long_row': 'cut'}), 1, r"config\.sft\.on_long_row='cut'"),
     ('decay', _set(**{'train.decay': 'biases'}), 1, r"config\.train\.decay='biases'"),
+    ('old-logp', _set(**{'ppo.old_logp': 'cached'}), 1,
+     r"config\.ppo\.old_logp='cached' must be one of \('recompute', 'sampler'\)"),
     ('grpo-base-steps', _set(**{'grpo_base.steps': 0}), 1,
      r'config\.grpo\.steps=0 must be >= 1\. \(in the grpo_base stage: config\.grpo with the '
      r'fields config\.grpo_base sets'),
