@@ -140,8 +140,9 @@ def test_old_log_probs_from_the_sampler_equal_the_recomputed_ones():
     np.testing.assert_allclose(metrics_s[k], metrics_r[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def one_update(mesh_shape, micro_batches, advantage):
-  cfg = grpo_config(mesh_shape, micro_batches=micro_batches, advantage=advantage)
+def one_update(mesh_shape, micro_batches, advantage, entropy_coef=0.0):
+  cfg = grpo_config(mesh_shape, micro_batches=micro_batches, advantage=advantage,
+                    entropy_coef=entropy_coef)
   cfg.train.eps = 1e-6  # see test_ppo.one_update: float-noise gradients under Adam's eps
   s = Setup(cfg, helpers.devices_for(mesh_shape))
   rng = np.random.default_rng(3)
@@ -157,12 +158,16 @@ def one_update(mesh_shape, micro_batches, advantage):
   return jax.device_get((metrics, state['policy']['params']))
 
 
-@pytest.mark.parametrize('mesh,advantage', [((2, 2, 2), 'grpo'), ((1, 2, 4), 'dr_grpo')],
-                         ids=lambda x: 'x'.join(map(str, x)) if isinstance(x, tuple) else x)
-def test_sharded_grpo_update_equals_one_device(mesh, advantage):
-  ref_metrics, ref_policy = one_update((1, 1, 1), 1, advantage)
-  metrics, policy = one_update(mesh, 2, advantage)
-  for k in ('policy_loss', 'kl_loss', 'clipfrac', 'ratio'):
+@pytest.mark.parametrize('mesh,advantage,entropy_coef',
+                         [((2, 2, 2), 'grpo', 0.0), ((1, 2, 4), 'dr_grpo', 0.01)],
+                         ids=lambda x: 'x'.join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_sharded_grpo_update_equals_one_device(mesh, advantage, entropy_coef):
+  """With an entropy bonus too (at entropy_coef 0 the update does not compute the entropy)."""
+  ref_metrics, ref_policy = one_update((1, 1, 1), 1, advantage, entropy_coef)
+  metrics, policy = one_update(mesh, 2, advantage, entropy_coef)
+  assert ('update_entropy' in metrics) == bool(entropy_coef)
+  for k in ('policy_loss', 'kl_loss', 'clipfrac', 'ratio') + (
+      ('update_entropy',) if entropy_coef else ()):
     np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
   for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(ref_policy)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -113,13 +113,16 @@ def make_loss_fn(section):
         logp_bt, batch['old_logp'], batch['advantages'], mask, g.clip, aggregation,
         g.response_tokens, ref_logp_bt=batch.get('ref_logp'), kl_coef=kl_coef,
         kl_clamp=g.kl_clamp)
+    metrics = dict(stats, policy_loss=loss_sum)
+    if not g.entropy_coef:
+      # Not computed at all: its exponentials over the window's vocabulary were a tenth of
+      # the update at 135M parameters. (Computed and cut with stop_gradient, as PPO's, the
+      # sharded update's collectives deadlocked on the 2x2x2 CPU mesh of
+      # tests/test_grpo.py, XLA 0.10.2; left out, they do not.)
+      return loss_sum, metrics
     weights_bt, _ = group.token_loss_weights(mask, aggregation, g.response_tokens)
-    # Unlike PPO's, this entropy keeps its (zero-weighted) backward at entropy_coef 0: cut
-    # (stop_gradient, or left out of the loss), the sharded update's collectives deadlock on
-    # the 8-device CPU mesh of tests/test_grpo.py (XLA 0.10.2, 2x2x2).
     entropy = algo.entropy_sum(logits_bnv, rollout.in_window(weights_bt, window))
-    total = loss_sum - g.entropy_coef * entropy
-    return total, dict(stats, policy_loss=loss_sum, update_entropy=entropy)
+    return loss_sum - g.entropy_coef * entropy, dict(metrics, update_entropy=entropy)
 
   return policy_loss_fn
 
