@@ -11,7 +11,8 @@ before the action token t + 1.
 
 Log-probs are those of the distribution the tokens were drawn from: log softmax(logits /
 temperature), for the policy and the reference alike, so before any update the PPO ratio
-is exactly 1 and the KL of the policy to itself 0.
+is exactly 1 and the KL of the policy to itself 0 (to float rounding where the policy's
+are the sampler's, config.<section>.old_logp='sampler').
 """
 
 from __future__ import annotations
